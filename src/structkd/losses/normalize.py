@@ -1,0 +1,91 @@
+"""Min-max rescaling of feature maps to [0, 1] (the paper's psi), with an exact, cheap gradient.
+
+Autograd through ``amin``/``amax`` compares every element with the extreme value in the backward
+pass; the closed form below needs only two reductions and two scattered updates:
+with ``z = (x - m) / r`` and ``r = M - m + eps``,
+``dL/dx_j = (g_j - [j = argmin] sum_i g_i (1 - z_i) - [j = argmax] sum_i g_i z_i) / r``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._checks import check_choice
+
+NORMALIZE_MODES = ("minmax", "minmax_channel", None)
+DEFAULT_EPS = 1e-6
+
+
+@dataclass
+class MinMaxStats:
+    """Per-row extremes of a (B, C, H, W) tensor; a row is a sample or a (sample, channel) pair."""
+
+    low: Tensor  # broadcastable to the input: (B, 1, 1, 1) or (B, C, 1, 1)
+    inv_range: Tensor  # 1 / (max - min + eps), same shape as ``low``
+    argmin: Tensor  # (rows,) flat index of the minimum within its row
+    argmax: Tensor  # (rows,)
+    per_channel: bool
+
+    @classmethod
+    def of(cls, x: Tensor, mode: str, eps: float = DEFAULT_EPS) -> MinMaxStats:
+        """Compute the statistics of ``x`` for ``mode`` ("minmax" or "minmax_channel")."""
+        per_channel = mode == "minmax_channel"
+        b, c = x.shape[:2]
+        rows = x.reshape(b * c, -1) if per_channel else x.reshape(b, -1)
+        vmin, imin = rows.min(dim=1)
+        vmax, imax = rows.max(dim=1)
+        shape = (b, c, 1, 1) if per_channel else (b, 1, 1, 1)
+        inv_range = (vmax - vmin + eps).reciprocal()
+        return cls(vmin.view(shape), inv_range.view(shape), imin, imax, per_channel)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Rescale ``x`` (or a channel slice of it, with stats sliced by ``channels``)."""
+        return (x - self.low) * self.inv_range
+
+    def backward(self, grad_z: Tensor, sum_g: Tensor, sum_gz: Tensor) -> Tensor:
+        """Turn dL/dz into dL/dx in place, given per-row sums of g and of g*z."""
+        grad_z.mul_(self.inv_range)
+        rows = grad_z.view(self.argmin.numel(), -1)
+        inv = self.inv_range.reshape(-1)
+        rows.scatter_add_(1, self.argmin[:, None], (-(sum_g - sum_gz) * inv)[:, None])
+        rows.scatter_add_(1, self.argmax[:, None], (-sum_gz * inv)[:, None])
+        return grad_z
+
+    def row_sums(self, t: Tensor) -> Tensor:
+        """Sum ``t`` (B, C', H, W) over each row: (B,) per sample or (B, C') per channel."""
+        return t.sum(dim=(2, 3)) if self.per_channel else t.sum(dim=(1, 2, 3))
+
+
+class _MinMaxNormalize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, mode: str, eps: float) -> Tensor:  # type: ignore[override]
+        stats = MinMaxStats.of(x, mode, eps)
+        z = stats.apply(x)
+        ctx.stats = stats
+        ctx.save_for_backward(z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        stats: MinMaxStats = ctx.stats
+        grad = grad.contiguous()
+        sums_g = stats.row_sums(grad).reshape(-1)
+        sums_gz = stats.row_sums(grad * z).reshape(-1)
+        return stats.backward(grad.clone(), sums_g, sums_gz), None, None
+
+
+def minmax_normalize(x: Tensor, mode: str | None = "minmax", eps: float = DEFAULT_EPS) -> Tensor:
+    """Rescale a (B, C, H, W) tensor to [0, 1] per sample ("minmax") or per channel.
+
+    ``mode=None`` returns ``x`` unchanged. A constant map becomes all zeros (no NaN).
+    """
+    check_choice("normalize", mode, NORMALIZE_MODES)
+    if mode is None:
+        return x
+    if x.dim() != 4:
+        raise ValueError(f"minmax_normalize expects (B, C, H, W), got shape {tuple(x.shape)}")
+    return _MinMaxNormalize.apply(x.contiguous(), mode, eps)

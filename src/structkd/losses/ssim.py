@@ -1,0 +1,414 @@
+"""Structural (SSIM) feature distance of de Rijk et al., NeurIPS 2022.
+
+``ssim_map`` is the reference formula with plain autograd. ``ssim_distance``/``SSIMLoss`` compute
+the mean of ``(1 - SSIM) / 2`` with a fused kernel: channels are processed in cache-sized chunks,
+min-max normalisation happens on the fly, and the analytic gradient is formed in the same pass, so
+no full-size intermediate is kept besides the gradient itself.
+
+Windows larger than a feature level (P7 is 7x11 for an 800x1333 image, 1x1 at small inputs) are
+truncated per dimension to the largest odd size the padding allows: ``2 * dim - 1`` taps with
+"same" (reflect) padding, ``dim`` (rounded down to odd) with "valid". The truncated Gaussian is
+renormalised, so a 1-pixel dimension is not blurred at all. The loss stays finite, is zero for
+identical maps and positive for different ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_pair, check_window
+from .normalize import DEFAULT_EPS, NORMALIZE_MODES, MinMaxStats, minmax_normalize
+
+PADDINGS = ("same", "valid")
+# Elements of one quantity per chunk; keeps the ~16 live chunk tensors inside the CPU caches.
+CHUNK_ELEMENTS = 1 << 18
+CHANNELS_LAST = True
+
+
+def gaussian_window(
+    size: int, sigma: float, *, dtype: torch.dtype = torch.float32, device=None
+) -> Tensor:
+    """A normalised 1-D Gaussian of odd ``size`` taps."""
+    check_window(size, sigma)
+    coords = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-(coords**2) / (2.0 * sigma**2))
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def window_taps(dim: int, window_size: int, padding: str) -> int:
+    """Taps used along a dimension of length ``dim`` (the window truncated to fit)."""
+    if padding == "same":
+        return min(window_size, 2 * dim - 1)
+    return min(window_size, dim if dim % 2 else dim - 1)
+
+
+class GaussianBlur:
+    """Separable depthwise Gaussian blur for one spatial size, with its exact adjoint."""
+
+    def __init__(
+        self, height: int, width: int, *, window_size: int, sigma: float, padding: str,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        self.padding = padding
+        self.kh = window_taps(height, window_size, padding)
+        self.kw = window_taps(width, window_size, padding)
+        self.gh = gaussian_window(self.kh, sigma, dtype=dtype, device=device)
+        self.gw = gaussian_window(self.kw, sigma, dtype=dtype, device=device)
+        self.ph, self.pw = (self.kh // 2, self.kw // 2) if padding == "same" else (0, 0)
+        self._weights: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _w(self, groups: int) -> tuple[Tensor, Tensor]:
+        if groups not in self._weights:
+            wh = self.gh.view(1, 1, -1, 1).expand(groups, 1, self.kh, 1).contiguous()
+            ww = self.gw.view(1, 1, 1, -1).expand(groups, 1, 1, self.kw).contiguous()
+            self._weights[groups] = (wh, ww)
+        return self._weights[groups]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Blur every channel of (B, G, H, W); "same" keeps H, W, "valid" shrinks them."""
+        if CHANNELS_LAST:
+            return self._blur(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self._blur(x)
+
+    def _blur(self, x: Tensor) -> Tensor:
+        wh, ww = self._w(x.shape[1])
+        if self.ph or self.pw:
+            x = F.pad(x, (self.pw, self.pw, self.ph, self.ph), mode="reflect")
+        if self.kw > 1:
+            x = F.conv2d(x, ww, groups=x.shape[1])
+        if self.kh > 1:
+            x = F.conv2d(x, wh, groups=x.shape[1])
+        return x
+
+    def adjoint(self, u: Tensor, height: int, width: int) -> Tensor:
+        """The transpose of ``__call__``: maps an output-sized gradient to the input size."""
+        if CHANNELS_LAST:
+            u = u.contiguous(memory_format=torch.channels_last)
+            return self._adjoint(u, height, width).contiguous()
+        return self._adjoint(u, height, width)
+
+    def _adjoint(self, u: Tensor, height: int, width: int) -> Tensor:
+        wh, ww = self._w(u.shape[1])
+        if self.kh > 1:
+            u = F.conv2d(u, wh, groups=u.shape[1], padding=(self.kh - 1, 0))
+        if self.kw > 1:
+            u = F.conv2d(u, ww, groups=u.shape[1], padding=(0, self.kw - 1))
+        if self.ph or self.pw:
+            shape = (*u.shape[:2], height, width)
+            like = u.new_empty(()).expand(shape)
+            u = torch.ops.aten.reflection_pad2d_backward(
+                u, like, [self.pw, self.pw, self.ph, self.ph]
+            )
+        return u
+
+
+@dataclass(frozen=True)
+class SSIMConfig:
+    """SSIM constants; C1 = (k1 L)^2, C2 = (k2 L)^2, C3 = C2 / 2 with L = ``data_range``."""
+
+    window_size: int = 11
+    sigma: float = 1.5
+    k1: float = 0.01
+    k2: float = 0.03
+    data_range: float = 1.0
+    padding: str = "same"
+    components: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        check_window(self.window_size, self.sigma)
+        check_choice("padding", self.padding, PADDINGS)
+        if not self.data_range > 0:
+            raise ValueError(f"data_range={self.data_range!r} must be > 0")
+        for name, k in (("k1", self.k1), ("k2", self.k2)):
+            if not k > 0:
+                raise ValueError(f"{name}={k!r} must be > 0")
+        comps = tuple(float(c) for c in self.components)
+        if len(comps) != 3 or any(not c >= 0 or math.isinf(c) for c in comps):
+            raise ValueError(
+                f"components={self.components!r} must be three finite exponents >= 0 "
+                "(luminance, contrast, structure)"
+            )
+        if comps == (0.0, 0.0, 0.0):
+            raise ValueError("components=(0, 0, 0) leaves nothing to compare")
+        object.__setattr__(self, "components", comps)
+
+    @property
+    def c1(self) -> float:
+        return (self.k1 * self.data_range) ** 2
+
+    @property
+    def c2(self) -> float:
+        return (self.k2 * self.data_range) ** 2
+
+    @property
+    def fused(self) -> bool:
+        """True where the fused kernel applies: standard SSIM, or contrast x structure."""
+        return self.components in ((1.0, 1.0, 1.0), (0.0, 1.0, 1.0))
+
+    def blur(self, x: Tensor) -> GaussianBlur:
+        h, w = x.shape[-2:]
+        return GaussianBlur(
+            h, w, window_size=self.window_size, sigma=self.sigma, padding=self.padding,
+            dtype=x.dtype, device=x.device,
+        )
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _moments(zx: Tensor, zy: Tensor, blur: GaussianBlur) -> tuple[Tensor, ...]:
+    k = zx.shape[1]
+    q = torch.cat([zx, zy, zx * zx, zy * zy, zx * zy], dim=1)
+    return blur(q).split(k, dim=1)
+
+
+def ssim_map(
+    x: Tensor, y: Tensor, *, window_size: int = 11, sigma: float = 1.5, k1: float = 0.01,
+    k2: float = 0.03, data_range: float = 1.0, padding: str = "same",
+    components: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> Tensor:
+    """SSIM per channel and position, shape (B, C, H', W'), computed in fp32 (or fp64).
+
+    ``components`` are the exponents of luminance, contrast and structure; (1, 1, 1) is the
+    usual two-factor SSIM. The structure term keeps its sign: ``sign(s) * |s| ** gamma``.
+    """
+    cfg = SSIMConfig(window_size, sigma, k1, k2, data_range, padding, components)
+    check_pair(x, y)
+    dtype = _compute_dtype(x)
+    with _no_autocast(x.device.type):
+        x, y = x.to(dtype), y.to(dtype)
+        return _ssim_map(x, y, cfg)
+
+
+def _ssim_map(x: Tensor, y: Tensor, cfg: SSIMConfig) -> Tensor:
+    a, b, g = cfg.components
+    c1, c2 = cfg.c1, cfg.c2
+    mu_x, mu_y, e_xx, e_yy, e_xy = _moments(x, y, cfg.blur(x))
+    var_x = e_xx - mu_x * mu_x
+    var_y = e_yy - mu_y * mu_y
+    cov = e_xy - mu_x * mu_y
+    out = torch.ones_like(mu_x)
+    if a:
+        lum = (2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)
+        out = lum if a == 1 else lum.pow(a)
+    if b == 1 and g == 1:  # c * s collapses to one ratio when C3 = C2 / 2
+        return out * (2 * cov + c2) / (var_x + var_y + c2)
+    sd_x = var_x.clamp_min(1e-12).sqrt()
+    sd_y = var_y.clamp_min(1e-12).sqrt()
+    if b:
+        con = (2 * sd_x * sd_y + c2) / (var_x + var_y + c2)
+        out = out * (con if b == 1 else con.pow(b))
+    if g:
+        c3 = c2 / 2
+        st = (cov + c3) / (sd_x * sd_y + c3)
+        out = out * (st if g == 1 else st.sign() * st.abs().pow(g))
+    return out
+
+
+def _chunk_size(x: Tensor) -> int:
+    b, c, h, w = x.shape
+    return max(1, min(c, CHUNK_ELEMENTS // (b * h * w)))
+
+
+class _FusedSSIMDistance(torch.autograd.Function):
+    """mean((1 - SSIM) / 2) of min-max-normalised maps, gradient formed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x, y, cfg, stats_x, stats_y):  # type: ignore[override]
+        b, c, h, w = x.shape
+        blur = cfg.blur(x)
+        c1, c2 = cfg.c1, cfg.c2
+        lum = cfg.components[0] == 1.0
+        # Gradients in the caller's (contiguous) layout: min-max's argmin/argmax index into it.
+        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        grad_y = y.new_empty(y.shape) if ctx.needs_input_grad[1] else None
+        sums = {}
+        for name, stats in (("x", stats_x), ("y", stats_y)):
+            if stats is not None:
+                rows = (b, c) if stats.per_channel else (b,)
+                sums[name] = (x.new_zeros(rows), x.new_zeros(rows))
+        partial = []
+        n_out = None
+        step = _chunk_size(x)
+        for c0 in range(0, c, step):
+            sl = slice(c0, min(c, c0 + step))
+            zx = _normalise_slice(x[:, sl], stats_x, sl)
+            zy = _normalise_slice(y[:, sl], stats_y, sl)
+            mu_x, mu_y, e_xx, e_yy, e_xy = _moments(zx, zy, blur)
+            mu_xy = mu_x * mu_y
+            mu_xx = mu_x * mu_x
+            mu_yy = mu_y * mu_y
+            a2 = (e_xy - mu_xy).mul_(2).add_(c2)
+            b2 = (e_xx - mu_xx).add_(e_yy).sub_(mu_yy).add_(c2)
+            if lum:
+                a1 = (mu_xy * 2).add_(c1)
+                b1 = (mu_xx + mu_yy).add_(c1)
+                inv_den = (b1 * b2).reciprocal_()
+                s = a1 * a2 * inv_den
+            else:
+                inv_den = b2.reciprocal()
+                s = a2 * inv_den
+            partial.append(s.sum(dtype=torch.float64))
+            n_out = (n_out or 0) + s.numel()
+            if grad_x is None and grad_y is None:
+                continue
+            # dS/d(blurred moments); dS/dE_xx = dS/dE_yy = -S / B2 and dS/dE_xy = 2 A1 / (B1 B2).
+            s_over_b2 = s / b2
+            if lum:
+                d_a = (a2 - a1).mul_(inv_den).mul_(2)  # 2 (A2 - A1) / (B1 B2)
+                d_b = (b1.reciprocal_().neg_().add_(b2.reciprocal_())).mul_(s).mul_(2)
+                d_exy = a1.mul_(inv_den).mul_(2)
+            else:
+                d_a = inv_den.mul(-2)  # dS/dmu_x = 2 (mu_x S - mu_y) / B2
+                d_b = s_over_b2.mul(2)
+                d_exy = inv_den.mul(2)
+            maps = []
+            if grad_x is not None:
+                maps.append(d_a * mu_y + d_b * mu_x)
+            if grad_y is not None:
+                maps.append(d_a * mu_x + d_b * mu_y)
+            u = torch.cat([*maps, s_over_b2.neg_(), d_exy], dim=1)
+            adj = blur.adjoint(u, h, w).split(zx.shape[1], dim=1)
+            g_xx, g_xy = adj[-2], adj[-1]
+            if grad_x is not None:
+                gz = torch.addcmul(adj[0], zx, g_xx, value=2).addcmul_(zy, g_xy)
+                _store(grad_x, gz, zx, stats_x, sums.get("x"), sl)
+            if grad_y is not None:
+                gz = torch.addcmul(adj[-3], zy, g_xx, value=2).addcmul_(zx, g_xy)
+                _store(grad_y, gz, zy, stats_y, sums.get("y"), sl)
+        scale = -0.5 / n_out  # d mean((1 - S) / 2) / dS
+        for grad, stats, name in ((grad_x, stats_x, "x"), (grad_y, stats_y, "y")):
+            if grad is not None:
+                grad.mul_(scale)
+                if stats is not None:
+                    sum_g, sum_gz = (t.mul_(scale).reshape(-1) for t in sums[name])
+                    stats.backward(grad, sum_g, sum_gz)
+        ctx.save_for_backward(*(g for g in (grad_x, grad_y) if g is not None))
+        ctx.has = (grad_x is not None, grad_y is not None)
+        total = torch.stack(partial).sum()
+        return (0.5 - 0.5 * total / n_out).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        saved = list(ctx.saved_tensors)
+        gx = saved.pop(0) * grad_out if ctx.has[0] else None
+        gy = saved.pop(0) * grad_out if ctx.has[1] else None
+        return gx, gy, None, None, None
+
+
+def _normalise_slice(t: Tensor, stats: MinMaxStats | None, sl: slice) -> Tensor:
+    if stats is None:
+        return t.clone()
+    if stats.per_channel:
+        return (t - stats.low[:, sl]).mul_(stats.inv_range[:, sl])
+    return (t - stats.low).mul_(stats.inv_range)
+
+
+def _store(grad: Tensor, gz: Tensor, z: Tensor, stats, sums, sl: slice) -> None:
+    """Write dS/dz of a chunk and accumulate the row sums min-max's backward needs."""
+    grad[:, sl] = gz
+    if stats is None:
+        return
+    sum_g, sum_gz = sums
+    if stats.per_channel:
+        sum_g[:, sl] += gz.sum(dim=(2, 3))
+        sum_gz[:, sl] += (gz * z).sum(dim=(2, 3))
+    else:
+        sum_g += gz.sum(dim=(1, 2, 3))
+        sum_gz += (gz * z).sum(dim=(1, 2, 3))
+
+
+def ssim_distance(
+    student: Tensor, teacher: Tensor, *, normalize: str | None = "minmax",
+    eps: float = DEFAULT_EPS, window_size: int = 11, sigma: float = 1.5, k1: float = 0.01,
+    k2: float = 0.03, data_range: float = 1.0, padding: str = "same",
+    components: tuple[float, float, float] = (1.0, 1.0, 1.0), check_finite: bool = True,
+) -> Tensor:
+    """Mean of ``(1 - SSIM) / 2`` between two (B, C, H, W) maps, after min-max rescaling.
+
+    The result is in [0, 1]; 0 for identical maps. Computed and returned in fp32 (fp64 for fp64
+    inputs) even under autocast or with bf16/fp16 inputs.
+    """
+    cfg = SSIMConfig(window_size, sigma, k1, k2, data_range, padding, components)
+    return _ssim_distance(student, teacher, cfg, normalize, eps, check_finite)
+
+
+def _ssim_distance(
+    student: Tensor, teacher: Tensor, cfg: SSIMConfig, normalize: str | None, eps: float,
+    check_finite: bool,
+) -> Tensor:
+    check_choice("normalize", normalize, NORMALIZE_MODES)
+    # With min-max on, non-finite values show up in the extremes, so skip the full scan.
+    check_pair(student, teacher, check_finite=check_finite and normalize is None)
+    dtype = _compute_dtype(student)
+    with _no_autocast(student.device.type):
+        x = student.to(dtype).contiguous()
+        y = teacher.to(dtype).contiguous()
+        if not cfg.fused:
+            zx, zy = minmax_normalize(x, normalize, eps), minmax_normalize(y, normalize, eps)
+            if check_finite and normalize is not None:
+                _check_finite_pair(zx, zy)
+            return ((1 - _ssim_map(zx, zy, cfg)) / 2).mean()
+        stats = [None, None]
+        if normalize is not None:
+            with torch.no_grad():
+                stats = [MinMaxStats.of(t, normalize, eps) for t in (x, y)]
+            if check_finite:
+                _check_finite_stats(stats)
+        return _FusedSSIMDistance.apply(x, y, cfg, *stats)
+
+
+def _check_finite_stats(stats: list[MinMaxStats]) -> None:
+    for name, s in zip(("student", "teacher"), stats, strict=True):
+        if not bool(torch.isfinite(s.low).all() & torch.isfinite(s.inv_range).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _check_finite_pair(zx: Tensor, zy: Tensor) -> None:
+    for name, z in (("student", zx), ("teacher", zy)):
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+
+
+class SSIMLoss(nn.Module):
+    """Structural distance ``mean((1 - SSIM) / 2)`` between student and teacher feature maps.
+
+    ``normalize`` rescales each map to [0, 1] with its own statistics: per sample over (C, H, W)
+    ("minmax", the default), per sample and channel ("minmax_channel"), or not at all (None;
+    then set ``data_range`` to the features' dynamic range).
+    """
+
+    def __init__(
+        self, *, window_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03,
+        data_range: float = 1.0, padding: str = "same",
+        components: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        normalize: str | None = "minmax", eps: float = DEFAULT_EPS, check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        check_choice("normalize", normalize, NORMALIZE_MODES)
+        self.config = SSIMConfig(window_size, sigma, k1, k2, data_range, padding, components)
+        self.normalize = normalize
+        self.eps = eps
+        self.check_finite = check_finite
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return _ssim_distance(
+            student, teacher, self.config, self.normalize, self.eps, self.check_finite
+        )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"window_size={c.window_size}, sigma={c.sigma}, padding={c.padding!r}, "
+            f"components={c.components}, normalize={self.normalize!r}"
+        )
