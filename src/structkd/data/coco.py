@@ -1,0 +1,399 @@
+"""COCO-format detection dataset for torchvision detectors.
+
+The annotation file is validated up front so that a broken dataset fails at construction with a
+message naming the file, the record and the offending value, not deep inside a training run.
+Category ids are mapped to contiguous labels ``1..K`` (0 is background), the torchvision convention.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+logger = logging.getLogger("structkd.data")
+
+IMAGE_KEYS = ("id", "file_name", "width", "height")
+ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
+CATEGORY_KEYS = ("id", "name")
+SKIP_REASONS = ("crowd", "degenerate", "outside")
+BACKGROUND_NAME = "__background__"
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _load_json(path: Path) -> Any:
+    """Read a JSON file, turning decode errors into a ValueError that names file and position."""
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist (or is not a file)")
+    try:
+        with path.open("rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 encoded JSON: {e}") from e
+
+
+def _require_keys(record: Any, keys: Sequence[str], where: str, source: Path | str) -> None:
+    """Raise if ``record`` is not a dict holding every key in ``keys``."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: {where} must be a JSON object, got {type(record).__name__}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise ValueError(
+            f"{source}: {where} is missing required key(s) {missing}; expected keys {list(keys)}"
+        )
+
+
+def _record_name(kind: str, record: Any, index: int) -> str:
+    """Human-readable name of a record for error messages: its id if it has one, else its index."""
+    key = "categories" if kind == "category" else f"{kind}s"
+    if isinstance(record, dict) and "id" in record:
+        return f"{kind} id {record['id']!r} (#{index} in '{key}')"
+    return f"{kind} #{index} in '{key}'"
+
+
+def _require_int(value: Any, what: str, source: Path | str) -> int:
+    """Return ``value`` as int, accepting only ints (or integral floats), never bools."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{source}: {what} must be an integer, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{source}: {what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _validate_categories(categories: Any, source: Path | str) -> list[dict]:
+    """Check a category list (ids unique ints, names strings) and return it sorted by id."""
+    if not isinstance(categories, list):
+        raise ValueError(f"{source}: 'categories' must be a list, got {type(categories).__name__}")
+    if not categories:
+        raise ValueError(f"{source}: 'categories' is empty; expected at least one category")
+    seen: dict[int, int] = {}
+    out = []
+    for idx, cat in enumerate(categories):
+        _require_keys(cat, CATEGORY_KEYS, _record_name("category", cat, idx), source)
+        cid = _require_int(cat["id"], f"category #{idx} 'id'", source)
+        if cid in seen:
+            raise ValueError(
+                f"{source}: duplicate category id {cid} (categories #{seen[cid]} and #{idx})"
+            )
+        if not isinstance(cat["name"], str):
+            raise ValueError(
+                f"{source}: category id {cid} 'name' must be a string, got {cat['name']!r}"
+            )
+        seen[cid] = idx
+        out.append({**cat, "id": cid})
+    return sorted(out, key=lambda c: c["id"])
+
+
+def _image_to_tensor(img: Image.Image) -> Tensor:
+    """Convert a PIL image of any common mode to a float32 RGB tensor (3, H, W) in [0, 1].
+
+    16-bit modes are scaled by 65535 (a plain ``convert("RGB")`` would clip them to 255).
+    """
+    if img.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(img).astype(np.float32) / 65535.0
+        np.clip(arr, 0.0, 1.0, out=arr)
+        chw = torch.from_numpy(np.ascontiguousarray(arr))[None].expand(3, -1, -1).contiguous()
+        return chw
+    if img.mode == "F":
+        raise ValueError(
+            "unsupported image mode 'F' (32-bit float) of unknown range; "
+            "expected 8-bit (L, P, RGB, RGBA, ...) or 16-bit (I;16, I)"
+        )
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's warning; alpha is dropped below
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # L, LA, RGBA (alpha dropped), P, CMYK, YCbCr, 1, ...
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def load_image(path: Path, image_id: int, expected_size: tuple[int, int] | None = None) -> Tensor:
+    """Load one image as a float32 RGB tensor (3, H, W) in [0, 1].
+
+    ``expected_size`` is ``(width, height)`` from the annotation file; a mismatch raises because
+    the boxes would then refer to a different image geometry. EXIF orientation is not applied:
+    COCO sizes and boxes refer to the pixels as stored.
+    """
+    try:
+        with Image.open(path) as img:
+            if expected_size is not None and img.size != tuple(expected_size):
+                raise ValueError(
+                    f"image file {path} (image id {image_id}) has size {img.size[0]}x{img.size[1]} "
+                    f"(WxH) but the annotation file says {expected_size[0]}x{expected_size[1]}"
+                )
+            img.load()
+            return _image_to_tensor(img)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"image file {path} (image id {image_id}) does not exist") from e
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"cannot decode image file {path} (image id {image_id}): {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(
+            f"cannot read image file {path} (image id {image_id}): corrupt or not an image ({e})"
+        ) from e
+
+
+class CocoDetection(Dataset):
+    """Detection dataset over a COCO-format annotation file.
+
+    ``__getitem__`` returns ``(image, target)``: ``image`` is a ``tv_tensors.Image`` float32 RGB
+    in [0, 1] of shape (3, H, W); ``target`` holds ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY,
+    float32, (N, 4)), ``labels`` (int64, (N,)) and ``image_id`` (int). ``transforms`` is applied
+    to ``(image, target)`` jointly.
+
+    Training boxes: crowd, degenerate (w or h <= 0) and fully-outside annotations are skipped and
+    counted in ``skipped``; boxes partly outside the image are clipped and counted in
+    ``num_clipped``. ``coco_gt`` keeps every annotation (crowd included) for COCO evaluation.
+
+    Args:
+        ann_file: COCO JSON with ``images``, ``annotations`` and ``categories``.
+        image_dir: directory that ``file_name`` entries are relative to.
+        transforms: joint transform ``(image, target) -> (image, target)``.
+        categories: category list to define the label mapping, e.g. the train split's
+            ``coco_gt["categories"]`` for a val split, so labels are identical across splits.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        transforms: Callable | None = None,
+        *,
+        categories: list[dict] | None = None,
+    ) -> None:
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        self.transforms = transforms
+        src = self.ann_file
+
+        data = _load_json(src)
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{src}: top level must be a JSON object with keys 'images', 'annotations', "
+                f"'categories', got {type(data).__name__}"
+            )
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise ValueError(
+                    f"{src}: missing top-level key '{key}'; expected 'images', 'annotations' "
+                    f"and 'categories'"
+                )
+        for key in ("images", "annotations"):
+            if not isinstance(data[key], list):
+                raise ValueError(
+                    f"{src}: top-level key '{key}' must be a list, got {type(data[key]).__name__}"
+                )
+
+        # Categories: the label mapping comes from `categories` if given, else from the file.
+        file_cats = _validate_categories(data["categories"], src)
+        if categories is not None:
+            cats = _validate_categories(list(categories), "categories argument")
+            known = {c["id"]: c["name"] for c in cats}
+            for c in file_cats:
+                if c["id"] in known and known[c["id"]] != c["name"]:
+                    raise ValueError(
+                        f"{src}: category id {c['id']} is named {c['name']!r} but the given "
+                        f"categories name it {known[c['id']]!r}"
+                    )
+            extra = sorted(c["id"] for c in file_cats if c["id"] not in known)
+            if extra:
+                logger.warning(
+                    "%s: category ids %s are not in the given categories; "
+                    "annotations using them raise",
+                    src,
+                    extra,
+                )
+        else:
+            cats = file_cats
+        self.categories: list[dict] = cats
+        self.cat_id_to_label: dict[int, int] = {c["id"]: i + 1 for i, c in enumerate(cats)}
+        self.label_to_cat_id: dict[int, int] = {v: k for k, v in self.cat_id_to_label.items()}
+        self.class_names: list[str] = [BACKGROUND_NAME] + [c["name"] for c in cats]
+        self.num_classes: int = len(cats) + 1
+
+        # Images.
+        if not data["images"]:
+            raise ValueError(f"{src}: 'images' is empty; a split needs at least one image")
+        images: list[dict] = []
+        index_of: dict[int, int] = {}
+        for idx, rec in enumerate(data["images"]):
+            _require_keys(rec, IMAGE_KEYS, _record_name("image", rec, idx), src)
+            iid = _require_int(rec["id"], f"image #{idx} 'id'", src)
+            if iid in index_of:
+                raise ValueError(
+                    f"{src}: duplicate image id {iid} (images #{index_of[iid]} and #{idx})"
+                )
+            w = _require_int(rec["width"], f"image id {iid} 'width'", src)
+            h = _require_int(rec["height"], f"image id {iid} 'height'", src)
+            if w <= 0 or h <= 0:
+                raise ValueError(
+                    f"{src}: image id {iid} has width={w}, height={h}; expected positive sizes"
+                )
+            if not isinstance(rec["file_name"], str) or not rec["file_name"]:
+                raise ValueError(
+                    f"{src}: image id {iid} 'file_name' must be a non-empty string, "
+                    f"got {rec['file_name']!r}"
+                )
+            index_of[iid] = idx
+            images.append({**rec, "id": iid, "width": w, "height": h})
+
+        # Annotations.
+        per_image_boxes: list[list[list[float]]] = [[] for _ in images]
+        per_image_labels: list[list[int]] = [[] for _ in images]
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
+        num_clipped = 0
+        gt_anns: list[dict] = []
+        seen_ann: set[int] = set()
+        for idx, ann in enumerate(data["annotations"]):
+            _require_keys(ann, ANNOTATION_KEYS, _record_name("annotation", ann, idx), src)
+            aid = _require_int(ann["id"], f"annotation #{idx} 'id'", src)
+            if aid in seen_ann:
+                raise ValueError(f"{src}: duplicate annotation id {aid} (annotation #{idx})")
+            seen_ann.add(aid)
+            iid = _require_int(ann["image_id"], f"annotation id {aid} 'image_id'", src)
+            cid = _require_int(ann["category_id"], f"annotation id {aid} 'category_id'", src)
+            if iid not in index_of:
+                raise ValueError(f"{src}: annotation id {aid} refers to unknown image_id {iid}")
+            if cid not in self.cat_id_to_label:
+                raise ValueError(
+                    f"{src}: annotation id {aid} refers to unknown category_id {cid}; "
+                    f"known category ids {sorted(self.cat_id_to_label)}"
+                )
+            bbox = ann["bbox"]
+            if (
+                not isinstance(bbox, list)
+                or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+                or not all(math.isfinite(v) for v in bbox)
+            ):
+                raise ValueError(
+                    f"{src}: annotation id {aid} has bbox {bbox!r}; expected [x, y, width, height] "
+                    f"of 4 finite numbers"
+                )
+            crowd = ann.get("iscrowd", 0)
+            if crowd not in (0, 1):
+                raise ValueError(
+                    f"{src}: annotation id {aid} has iscrowd={crowd!r}; expected 0 or 1"
+                )
+            x, y, bw, bh = (float(v) for v in bbox)
+            area = ann.get("area", max(bw, 0.0) * max(bh, 0.0))
+            if isinstance(area, bool) or not isinstance(area, (int, float)) or area < 0:
+                raise ValueError(
+                    f"{src}: annotation id {aid} has area {area!r}; expected a number >= 0"
+                )
+            gt_anns.append(
+                {
+                    **ann,
+                    "id": aid,
+                    "image_id": iid,
+                    "category_id": cid,
+                    "iscrowd": int(crowd),
+                    "area": float(area),
+                }
+            )
+            k = index_of[iid]
+            width, height = images[k]["width"], images[k]["height"]
+            if crowd:
+                skipped["crowd"] += 1
+                continue
+            if bw <= 0 or bh <= 0:
+                skipped["degenerate"] += 1
+                continue
+            x1, y1, x2, y2 = x, y, x + bw, y + bh
+            if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+                skipped["outside"] += 1
+                continue
+            cx1, cy1 = max(x1, 0.0), max(y1, 0.0)
+            cx2, cy2 = min(x2, float(width)), min(y2, float(height))
+            if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+                num_clipped += 1
+            per_image_boxes[k].append([cx1, cy1, cx2, cy2])
+            per_image_labels[k].append(self.cat_id_to_label[cid])
+
+        self.image_ids: list[int] = [im["id"] for im in images]
+        self._files: list[str] = [im["file_name"] for im in images]
+        self._sizes: list[tuple[int, int]] = [(im["height"], im["width"]) for im in images]
+        self._boxes: list[np.ndarray] = [
+            np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in per_image_boxes
+        ]
+        self._labels: list[np.ndarray] = [np.asarray(lb, dtype=np.int64) for lb in per_image_labels]
+        self.skipped: dict[str, int] = skipped
+        self.num_clipped: int = num_clipped
+        self.coco_gt: dict = {"images": images, "annotations": gt_anns, "categories": cats}
+        if "info" in data:
+            self.coco_gt["info"] = data["info"]
+
+        num_used = sum(len(lb) for lb in per_image_labels)
+        num_empty = sum(1 for lb in per_image_labels if not lb)
+        logger.info(
+            "%s: %d images (%d without boxes), %d categories, %d of %d annotations used; "
+            "skipped crowd=%d degenerate=%d outside=%d; clipped=%d",
+            src,
+            len(images),
+            num_empty,
+            len(cats),
+            num_used,
+            len(gt_anns),
+            skipped["crowd"],
+            skipped["degenerate"],
+            skipped["outside"],
+            num_clipped,
+        )
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> Path:
+        """Path of the image file at ``index``."""
+        return self.image_dir / self._files[index]
+
+    def load_image(self, index: int) -> tv_tensors.Image:
+        """Load the image at ``index`` (checked against the annotated size), without transforms."""
+        h, w = self._sizes[index]
+        img = load_image(self.image_path(index), self.image_ids[index], (w, h))
+        return tv_tensors.Image(img)
+
+    def load_target(self, index: int) -> dict[str, Any]:
+        """The untransformed target of the image at ``index``."""
+        h, w = self._sizes[index]
+        boxes = tv_tensors.BoundingBoxes(
+            torch.tensor(self._boxes[index]), format="XYXY", canvas_size=(h, w)
+        )
+        labels = torch.tensor(self._labels[index])
+        return {"boxes": boxes, "labels": labels, "image_id": self.image_ids[index]}
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        image, target = self.load_image(index), self.load_target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(ann_file={str(self.ann_file)!r}, images={len(self)}, "
+            f"num_classes={self.num_classes})"
+        )
+
+
+def collate_fn(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
+    """Batch detection samples as lists (images differ in size; the detector batches them)."""
+    images = [sample[0] for sample in batch]
+    targets = [sample[1] for sample in batch]
+    return images, targets
