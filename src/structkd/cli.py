@@ -1,0 +1,227 @@
+"""``structkd`` command line: a thin layer over ``structkd.engine`` and ``structkd.data``.
+
+    structkd train   -c CONFIG [--set key=value ...]
+    structkd distill -c CONFIG --teacher PATH [--method ssim|l1|mse|none] [--set ...]
+    structkd eval    CHECKPOINT -c CONFIG [--out metrics.json]
+    structkd data make|show ...
+    structkd demo [--quick]
+    structkd benchmark [--seeds 3]
+    structkd configs            (list the shipped configs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("structkd")
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Configs shipped inside the package, by name (file stem)."""
+    root = resources.files("structkd") / "configs"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A file path, or the name of a shipped config (``structkd configs`` lists them)."""
+    if name is None:
+        return None
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    if name in shipped:
+        return shipped[name]
+    raise FileNotFoundError(
+        f"config {name!r} is neither a file nor a shipped config; shipped: {sorted(shipped)}"
+    )
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None):
+    from .config import load_config
+
+    cfg = load_config(resolve_config_path(args.config), [*(extra or []), *args.set])
+    print("# resolved config\n" + cfg.to_yaml(), flush=True)
+    return cfg
+
+
+def _print_metrics(name: str, metrics: dict) -> None:
+    from .evaluation import format_metrics_table
+
+    print(format_metrics_table({name: metrics}))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import train
+
+    r = train(_load(args))
+    _print_metrics(str(r.out_dir), r.metrics)
+    print(f"student exported to {r.export_prefix}.safetensors")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .engine import distill
+
+    extra = []
+    if args.teacher:
+        extra.append(f"teacher.checkpoint={args.teacher}")
+    if args.method:
+        extra.append(f"distill.distance={args.method}")
+    r = distill(_load(args, extra))
+    _print_metrics(str(r.out_dir), r.metrics)
+    print(f"student exported to {r.export_prefix}.safetensors")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine import evaluate
+
+    metrics = evaluate(args.checkpoint, _load(args), out_json=args.out, device=args.device)
+    _print_metrics(str(args.checkpoint), metrics)
+    if metrics.get("per_class"):
+        print("per-class AP: " + json.dumps({k: round(v, 1) for k, v in
+                                             metrics["per_class"].items()}))
+    return 0
+
+
+def cmd_data_make(args: argparse.Namespace) -> int:
+    from .data import make_synthetic_coco
+
+    p = make_synthetic_coco(args.root, num_train=args.num_train, num_val=args.num_val,
+                            image_size=args.size, seed=args.seed, overwrite=args.overwrite)
+    print(f"train: {p.train_ann} ({p.train_images})\nval:   {p.val_ann} ({p.val_images})")
+    return 0
+
+
+def cmd_data_show(args: argparse.Namespace) -> int:
+    from .data import draw_samples
+
+    root = Path(args.root)
+    ann = Path(args.ann) if args.ann else root / f"{args.split}.json"
+    images = Path(args.images) if args.images else root / args.split
+    preds = json.loads(Path(args.predictions).read_text()) if args.predictions else None
+    out = draw_samples(ann, images, args.out, num=args.num, seed=args.seed, predictions=preds)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    for name, path in sorted(shipped_configs().items()):
+        first = path.read_text().splitlines()[0].lstrip("# ").strip()
+        print(f"{name:<34} {first}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, cache=args.cache, seed=args.seed,
+             overrides=args.set)
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .demo import run_benchmark
+
+    run_benchmark(out=args.out, seeds=args.seeds, quick=args.quick, cache=args.cache,
+                  results_md=args.results_md, methods=args.methods)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="structkd", description="Structural (SSIM) knowledge distillation for detectors.")
+    p.add_argument("--version", action="version", version=f"structkd {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", help="YAML file or shipped config name")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=0.02 (repeatable)")
+
+    sp = sub.add_parser("train", help="train a plain detector (a teacher or a baseline)")
+    with_config(sp)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("distill", help="distil a teacher into a student")
+    with_config(sp)
+    sp.add_argument("--teacher", help="teacher export prefix or .ckpt (teacher.checkpoint)")
+    sp.add_argument("--method", choices=["ssim", "l1", "mse", "l2", "none"],
+                    help="distance (distill.distance)")
+    sp.set_defaults(func=cmd_distill)
+
+    sp = sub.add_parser("eval", help="COCO box metrics of a saved detector on the val split")
+    sp.add_argument("checkpoint", help="export prefix, .safetensors or .ckpt")
+    with_config(sp)
+    sp.add_argument("--out", help="write the metrics to this JSON file")
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="the built-in synthetic dataset").add_subparsers(
+        dest="data_command", required=True)
+    sp = data.add_parser("make", help="generate (or reuse) the synthetic COCO dataset")
+    sp.add_argument("--root", default="~/.cache/structkd/synthetic")
+    sp.add_argument("--num-train", type=int, default=512)
+    sp.add_argument("--num-val", type=int, default=128)
+    sp.add_argument("--size", type=int, default=256)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_data_make)
+    sp = data.add_parser("show", help="render sample images with their boxes to a PNG")
+    sp.add_argument("--root", default="~/.cache/structkd/synthetic")
+    sp.add_argument("--split", default="val", choices=["train", "val"])
+    sp.add_argument("--ann", help="annotation JSON (default ROOT/SPLIT.json)")
+    sp.add_argument("--images", help="image folder (default ROOT/SPLIT)")
+    sp.add_argument("--predictions", help="COCO results JSON to draw as well")
+    sp.add_argument("--out", default="samples.png")
+    sp.add_argument("--num", type=int, default=8)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_data_show)
+
+    sp = sub.add_parser("configs", help="list the shipped configs")
+    sp.set_defaults(func=cmd_configs)
+
+    sp = sub.add_parser("demo", help="teacher + students (none, L2, SSIM) on the built-in data")
+    sp.add_argument("--out", default="structkd_demo")
+    sp.add_argument("--quick", action="store_true", help="a ~3 minute smoke version")
+    sp.add_argument("--cache", default="~/.cache/structkd", help="data and teacher cache")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of every run's config")
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("benchmark", help="the seed study behind the demo's claim")
+    sp.add_argument("--out", default="structkd_benchmark")
+    sp.add_argument("--seeds", type=int, default=3)
+    sp.add_argument("--quick", action="store_true")
+    sp.add_argument("--cache", default="~/.cache/structkd")
+    sp.add_argument("--results-md", default="benchmarks/RESULTS.md")
+    sp.add_argument("--methods", nargs="+", help="subset of the study's method names")
+    sp.set_defaults(func=cmd_benchmark)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"structkd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
