@@ -245,4 +245,6 @@ def _finalise(cfg: Config) -> None:
         raise ValueError(f"data.batch_size={cfg.data.batch_size}; expected > 0")
     lo, hi = cfg.data.scale_range if len(cfg.data.scale_range) == 2 else (0, -1)
     if not 0 < lo <= hi:
-        raise ValueError(f"data.scale_range={cfg.data.scale_range}; expected [lo, hi], 0 < lo <= hi")
+        raise ValueError(
+            f"data.scale_range={cfg.data.scale_range}; expected [lo, hi] with 0 < lo <= hi"
+        )

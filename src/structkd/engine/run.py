@@ -217,7 +217,7 @@ def distill(cfg: Config) -> RunResult:
 def evaluate(checkpoint: str | Path, cfg: Config, *, out_json: str | Path | None = None,
              device: str = "cpu") -> dict[str, Any]:
     """COCO box metrics of a saved detector on ``cfg``'s val split."""
-    model, spec, meta = load_detector(checkpoint)
+    model, spec, _ = load_detector(checkpoint)
     paths = resolve_data(cfg.data)
     train_ds, val_ds = load_datasets(cfg.data, paths)
     if spec.num_classes != train_ds.num_classes:
