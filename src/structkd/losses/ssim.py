@@ -27,7 +27,6 @@ from .normalize import DEFAULT_EPS, NORMALIZE_MODES, MinMaxStats, minmax_normali
 PADDINGS = ("same", "valid")
 # Elements of one quantity per chunk; keeps the ~16 live chunk tensors inside the CPU caches.
 CHUNK_ELEMENTS = 1 << 18
-CHANNELS_LAST = True
 
 
 def gaussian_window(
@@ -70,41 +69,66 @@ class GaussianBlur:
         return self._weights[groups]
 
     def __call__(self, x: Tensor) -> Tensor:
-        """Blur every channel of (B, G, H, W); "same" keeps H, W, "valid" shrinks them."""
-        if CHANNELS_LAST:
-            return self._blur(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        return self._blur(x)
+        """Blur every channel of (B, G, H, W); "same" keeps H, W, "valid" shrinks them.
 
-    def _blur(self, x: Tensor) -> Tensor:
+        Runs in the input's memory layout; channels-last is many times faster on CPU.
+        """
         wh, ww = self._w(x.shape[1])
-        if self.ph or self.pw:
-            x = F.pad(x, (self.pw, self.pw, self.ph, self.ph), mode="reflect")
-        if self.kw > 1:
-            x = F.conv2d(x, ww, groups=x.shape[1])
+        if self.kw > 1:  # pad and blur one axis at a time: the W pass then skips the H border
+            x = F.conv2d(reflect_pad(x, 0, self.pw) if self.pw else x, ww, groups=x.shape[1])
         if self.kh > 1:
-            x = F.conv2d(x, wh, groups=x.shape[1])
+            x = F.conv2d(reflect_pad(x, self.ph, 0) if self.ph else x, wh, groups=x.shape[1])
         return x
 
-    def adjoint(self, u: Tensor, height: int, width: int) -> Tensor:
+    def apply_adjoint(self, u: Tensor) -> Tensor:
         """The transpose of ``__call__``: maps an output-sized gradient to the input size."""
-        if CHANNELS_LAST:
-            u = u.contiguous(memory_format=torch.channels_last)
-            return self._adjoint(u, height, width).contiguous()
-        return self._adjoint(u, height, width)
-
-    def _adjoint(self, u: Tensor, height: int, width: int) -> Tensor:
         wh, ww = self._w(u.shape[1])
         if self.kh > 1:
             u = F.conv2d(u, wh, groups=u.shape[1], padding=(self.kh - 1, 0))
+            if self.ph:
+                u = reflect_pad_adjoint(u, self.ph, 0)
         if self.kw > 1:
             u = F.conv2d(u, ww, groups=u.shape[1], padding=(0, self.kw - 1))
-        if self.ph or self.pw:
-            shape = (*u.shape[:2], height, width)
-            like = u.new_empty(()).expand(shape)
-            u = torch.ops.aten.reflection_pad2d_backward(
-                u, like, [self.pw, self.pw, self.ph, self.ph]
-            )
+            if self.pw:
+                u = reflect_pad_adjoint(u, 0, self.pw)
         return u
+
+
+def reflect_pad(x: Tensor, ph: int, pw: int) -> Tensor:
+    """``F.pad(x, (pw, pw, ph, ph), mode="reflect")`` for ``ph < H``, ``pw < W``, in the layout of
+    ``x``; differentiable. Built from slice copies because F.pad's channels-last kernel is about
+    8x slower than these on CPU."""
+    b, c, h, w = x.shape
+    out = torch.empty((b, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if _is_cl(x) else torch.contiguous_format)
+    out[:, :, ph : ph + h, pw : pw + w] = x
+    if pw:
+        out[:, :, ph : ph + h, :pw] = x[..., 1 : pw + 1].flip(-1)
+        out[:, :, ph : ph + h, pw + w :] = x[..., w - pw - 1 : w - 1].flip(-1)
+    if ph:  # rows reflect the already column-padded rows, so the corners come out right
+        out[:, :, :ph] = out[:, :, ph + 1 : 2 * ph + 1].flip(-2)
+        out[:, :, ph + h :] = out[:, :, h - 1 : h + ph - 1].flip(-2)
+    return out
+
+
+def reflect_pad_adjoint(u: Tensor, ph: int, pw: int) -> Tensor:
+    """The transpose of ``reflect_pad``: folds the border of ``u`` back in (``u`` is modified)."""
+    h, w = u.shape[-2] - 2 * ph, u.shape[-1] - 2 * pw
+    if ph:
+        u[:, :, ph + 1 : 2 * ph + 1] += u[:, :, :ph].flip(-2)
+        u[:, :, h - 1 : h + ph - 1] += u[:, :, ph + h :].flip(-2)
+    v = u[:, :, ph : ph + h]
+    g = v[..., pw : pw + w].clone()
+    if pw:
+        g[..., 1 : pw + 1] += v[..., :pw].flip(-1)
+        g[..., w - pw - 1 : w - 1] += v[..., pw + w :].flip(-1)
+    return g
+
+
+def _is_cl(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not (
+        x.is_contiguous()
+    )
 
 
 @dataclass(frozen=True)
@@ -220,98 +244,140 @@ def _chunk_size(x: Tensor) -> int:
     return max(1, min(c, CHUNK_ELEMENTS // (b * h * w)))
 
 
+def _fused_ssim(
+    x: Tensor, y: Tensor, cfg: SSIMConfig, stats_x: MinMaxStats | None,
+    stats_y: MinMaxStats | None, need_gx: bool, need_gy: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """mean((1 - SSIM) / 2) of min-max-normalised maps and, where asked, its gradients.
+
+    Channels are processed in cache-sized chunks. Only four maps are blurred: z_x, z_y,
+    z_x^2 + z_y^2 (SSIM needs var_x + var_y only, and the blur is linear) and z_x z_y. They are
+    stacked along the *batch* axis of one channels-last tensor, so the depthwise blur runs once
+    per chunk in its fast layout and every quantity is a dense block for the element-wise work.
+    The gradient maps are formed the same way and pass through the blur's adjoint.
+    """
+    b, c, h, w = x.shape
+    blur = cfg.blur(x)
+    c1, c2 = cfg.c1, cfg.c2
+    lum = cfg.components[0] == 1.0
+    need_grad = need_gx or need_gy
+    # Gradients in the caller's (contiguous) layout: min-max's argmin/argmax index into it.
+    grad_x = x.new_empty(x.shape) if need_gx else None
+    grad_y = y.new_empty(y.shape) if need_gy else None
+    sums = {}
+    for name, stats, grad in (("x", stats_x, grad_x), ("y", stats_y, grad_y)):
+        if stats is not None and grad is not None:
+            rows = (b, c) if stats.per_channel else (b,)
+            sums[name] = (x.new_zeros(rows), x.new_zeros(rows))
+    partial = []
+    n_out = 0
+    step = _chunk_size(x)
+    for c0 in range(0, c, step):
+        sl = slice(c0, min(c, c0 + step))
+        k = sl.stop - sl.start
+        q = _empty_cl(x, (4 * b, k, h, w))
+        zx, zy, zsq, zxy = q.split(b)
+        _normalise_into(zx, x[:, sl], stats_x, sl)
+        _normalise_into(zy, y[:, sl], stats_y, sl)
+        torch.mul(zx, zx, out=zsq).addcmul_(zy, zy)
+        torch.mul(zx, zy, out=zxy)
+        mu_x, mu_y, e_sq, e_xy = blur(q).split(b)  # fresh tensor: its blocks may be overwritten
+        mu_xy = mu_x * mu_y
+        mu_sq = (mu_x * mu_x).addcmul_(mu_y, mu_y)
+        a2 = e_xy.sub_(mu_xy).mul_(2).add_(c2)  # 2 cov + C2
+        b2 = e_sq.sub_(mu_sq).add_(c2)  # var_x + var_y + C2
+        if lum:
+            a1 = mu_xy.mul_(2).add_(c1)  # 2 mu_x mu_y + C1
+            b1 = mu_sq.add_(c1)  # mu_x^2 + mu_y^2 + C1
+            if need_grad:
+                inv_b1, inv_b2 = b1.reciprocal_(), b2.reciprocal_()
+                inv_den = inv_b1 * inv_b2
+                s = (a1 * a2).mul_(inv_den)
+            else:
+                s = a1.mul_(a2).mul_(b1.mul_(b2).reciprocal_())
+        else:
+            inv_b2 = b2.reciprocal_()
+            s = a2.mul_(inv_b2) if not need_grad else a2 * inv_b2
+        partial.append(s.sum(dtype=torch.float64))
+        n_out += s.numel()
+        if not need_grad:
+            continue
+        # Half-derivatives of S w.r.t. the blurred maps (the factor 2 goes into ``scale``):
+        # mu_x -> h_a mu_y + h_b mu_x, E_sq -> -S / B2, E_xy -> h_xy.
+        n_maps = 2 + need_gx + need_gy
+        u = _empty_cl(x, (n_maps * b, k, *s.shape[-2:]))
+        parts = list(u.split(b))
+        m_sq, m_xy = parts[-2], parts[-1]
+        torch.mul(s, inv_b2, out=m_sq)  # S / B2 (dS/dE_sq = -S / B2: a minus sign below)
+        if lum:
+            torch.mul(a1, inv_den, out=m_xy)  # A1 / (B1 B2)
+            h_a = a2.sub_(a1).mul_(inv_den)  # (A2 - A1) / (B1 B2)
+            h_b = torch.addcmul(m_sq, s, inv_b1, value=-1)  # S (1 / B2 - 1 / B1)
+        else:
+            m_xy.copy_(inv_b2)  # 1 / B2
+            h_a = inv_b2.neg_()  # -1 / B2
+            h_b = m_sq
+        if need_gx:
+            torch.mul(h_a, mu_y, out=parts[0]).addcmul_(h_b, mu_x)
+        if need_gy:
+            torch.mul(h_a, mu_x, out=parts[-3]).addcmul_(h_b, mu_y)
+        adj = blur.apply_adjoint(u).split(b)
+        g_sq, g_xy = adj[-2], adj[-1]
+        if need_gx:
+            gz = torch.addcmul(adj[0], zx, g_sq, value=-1).addcmul_(zy, g_xy)
+            _store(grad_x, gz, zx, stats_x, sums.get("x"), sl)
+        if need_gy:
+            gz = torch.addcmul(adj[-3], zy, g_sq, value=-1).addcmul_(zx, g_xy)
+            _store(grad_y, gz, zy, stats_y, sums.get("y"), sl)
+    scale = -1.0 / n_out  # d mean((1 - S) / 2) / dS, times 2 for the half-derivatives
+    for grad, stats, name in ((grad_x, stats_x, "x"), (grad_y, stats_y, "y")):
+        if grad is not None:
+            grad.mul_(scale)
+            if stats is not None:
+                sum_g, sum_gz = (t.mul_(scale).reshape(-1) for t in sums[name])
+                stats.backward(grad, sum_g, sum_gz)
+    total = torch.stack(partial).sum()
+    return (0.5 - 0.5 * total / n_out).to(x.dtype), grad_x, grad_y
+
+
 class _FusedSSIMDistance(torch.autograd.Function):
-    """mean((1 - SSIM) / 2) of min-max-normalised maps, gradient formed in the forward pass."""
+    """``_fused_ssim`` under autograd: the gradient is formed in the forward pass and scaled in
+    the backward. Not twice differentiable: ``create_graph=True`` raises instead of silently
+    dropping the second-order term."""
 
     @staticmethod
     def forward(ctx, x, y, cfg, stats_x, stats_y):  # type: ignore[override]
-        b, c, h, w = x.shape
-        blur = cfg.blur(x)
-        c1, c2 = cfg.c1, cfg.c2
-        lum = cfg.components[0] == 1.0
-        # Gradients in the caller's (contiguous) layout: min-max's argmin/argmax index into it.
-        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        grad_y = y.new_empty(y.shape) if ctx.needs_input_grad[1] else None
-        sums = {}
-        for name, stats in (("x", stats_x), ("y", stats_y)):
-            if stats is not None:
-                rows = (b, c) if stats.per_channel else (b,)
-                sums[name] = (x.new_zeros(rows), x.new_zeros(rows))
-        partial = []
-        n_out = None
-        step = _chunk_size(x)
-        for c0 in range(0, c, step):
-            sl = slice(c0, min(c, c0 + step))
-            zx = _normalise_slice(x[:, sl], stats_x, sl)
-            zy = _normalise_slice(y[:, sl], stats_y, sl)
-            mu_x, mu_y, e_xx, e_yy, e_xy = _moments(zx, zy, blur)
-            mu_xy = mu_x * mu_y
-            mu_xx = mu_x * mu_x
-            mu_yy = mu_y * mu_y
-            a2 = (e_xy - mu_xy).mul_(2).add_(c2)
-            b2 = (e_xx - mu_xx).add_(e_yy).sub_(mu_yy).add_(c2)
-            if lum:
-                a1 = (mu_xy * 2).add_(c1)
-                b1 = (mu_xx + mu_yy).add_(c1)
-                inv_den = (b1 * b2).reciprocal_()
-                s = a1 * a2 * inv_den
-            else:
-                inv_den = b2.reciprocal()
-                s = a2 * inv_den
-            partial.append(s.sum(dtype=torch.float64))
-            n_out = (n_out or 0) + s.numel()
-            if grad_x is None and grad_y is None:
-                continue
-            # dS/d(blurred moments); dS/dE_xx = dS/dE_yy = -S / B2 and dS/dE_xy = 2 A1 / (B1 B2).
-            s_over_b2 = s / b2
-            if lum:
-                d_a = (a2 - a1).mul_(inv_den).mul_(2)  # 2 (A2 - A1) / (B1 B2)
-                d_b = (b1.reciprocal_().neg_().add_(b2.reciprocal_())).mul_(s).mul_(2)
-                d_exy = a1.mul_(inv_den).mul_(2)
-            else:
-                d_a = inv_den.mul(-2)  # dS/dmu_x = 2 (mu_x S - mu_y) / B2
-                d_b = s_over_b2.mul(2)
-                d_exy = inv_den.mul(2)
-            maps = []
-            if grad_x is not None:
-                maps.append(d_a * mu_y + d_b * mu_x)
-            if grad_y is not None:
-                maps.append(d_a * mu_x + d_b * mu_y)
-            u = torch.cat([*maps, s_over_b2.neg_(), d_exy], dim=1)
-            adj = blur.adjoint(u, h, w).split(zx.shape[1], dim=1)
-            g_xx, g_xy = adj[-2], adj[-1]
-            if grad_x is not None:
-                gz = torch.addcmul(adj[0], zx, g_xx, value=2).addcmul_(zy, g_xy)
-                _store(grad_x, gz, zx, stats_x, sums.get("x"), sl)
-            if grad_y is not None:
-                gz = torch.addcmul(adj[-3], zy, g_xx, value=2).addcmul_(zx, g_xy)
-                _store(grad_y, gz, zy, stats_y, sums.get("y"), sl)
-        scale = -0.5 / n_out  # d mean((1 - S) / 2) / dS
-        for grad, stats, name in ((grad_x, stats_x, "x"), (grad_y, stats_y, "y")):
-            if grad is not None:
-                grad.mul_(scale)
-                if stats is not None:
-                    sum_g, sum_gz = (t.mul_(scale).reshape(-1) for t in sums[name])
-                    stats.backward(grad, sum_g, sum_gz)
-        ctx.save_for_backward(*(g for g in (grad_x, grad_y) if g is not None))
-        ctx.has = (grad_x is not None, grad_y is not None)
-        total = torch.stack(partial).sum()
-        return (0.5 - 0.5 * total / n_out).to(x.dtype)
+        loss, gx, gy = _fused_ssim(x, y, cfg, stats_x, stats_y, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(*(g for g in (gx, gy) if g is not None))
+        ctx.has = (gx is not None, gy is not None)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(
+                "ssim_distance/SSIMLoss is not twice differentiable (create_graph=True); use "
+                "ssim_map, which runs on plain autograd, for higher-order gradients"
+            )
         saved = list(ctx.saved_tensors)
         gx = saved.pop(0) * grad_out if ctx.has[0] else None
         gy = saved.pop(0) * grad_out if ctx.has[1] else None
         return gx, gy, None, None, None
 
 
-def _normalise_slice(t: Tensor, stats: MinMaxStats | None, sl: slice) -> Tensor:
+def _empty_cl(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last)
+
+
+def _normalise_into(out: Tensor, t: Tensor, stats: MinMaxStats | None, sl: slice) -> None:
+    """Write the min-max-rescaled channel slice ``t`` into ``out`` (any layout)."""
     if stats is None:
-        return t.clone()
-    if stats.per_channel:
-        return (t - stats.low[:, sl]).mul_(stats.inv_range[:, sl])
-    return (t - stats.low).mul_(stats.inv_range)
+        out.copy_(t)
+    elif stats.per_channel:
+        torch.addcmul(stats.shift[:, sl], t, stats.inv_range[:, sl], out=out)
+    else:
+        torch.addcmul(stats.shift, t, stats.inv_range, out=out)
 
 
 def _store(grad: Tensor, gz: Tensor, z: Tensor, stats, sums, sl: slice) -> None:
@@ -359,18 +425,22 @@ def _ssim_distance(
             if check_finite and normalize is not None:
                 _check_finite_pair(zx, zy)
             return ((1 - _ssim_map(zx, zy, cfg)) / 2).mean()
+        grads = [torch.is_grad_enabled() and t.requires_grad for t in (x, y)]
         stats = [None, None]
         if normalize is not None:
             with torch.no_grad():
-                stats = [MinMaxStats.of(t, normalize, eps) for t in (x, y)]
+                stats = [MinMaxStats.of(t, normalize, eps, index=g)
+                         for t, g in zip((x, y), grads, strict=True)]
             if check_finite:
                 _check_finite_stats(stats)
-        return _FusedSSIMDistance.apply(x, y, cfg, *stats)
+        if any(grads):
+            return _FusedSSIMDistance.apply(x, y, cfg, *stats)
+        return _fused_ssim(x, y, cfg, *stats, False, False)[0]  # no gradient work
 
 
 def _check_finite_stats(stats: list[MinMaxStats]) -> None:
     for name, s in zip(("student", "teacher"), stats, strict=True):
-        if not bool(torch.isfinite(s.low).all() & torch.isfinite(s.inv_range).all()):
+        if not bool(torch.isfinite(s.low).all() & torch.isfinite(s.high).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
 
 
