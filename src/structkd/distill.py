@@ -28,6 +28,16 @@ from .losses import FeatureDistillLoss
 DRY_RUN_SIZE = 512  # divisible by the largest FPN stride (128), so strides come out exact
 
 
+def check_detector(model: nn.Module, role: str) -> None:
+    """Raise unless ``model`` looks like a torchvision detector (``transform`` + ``backbone``)."""
+    for attr in ("transform", "backbone"):
+        if not hasattr(model, attr):
+            raise ValueError(
+                f"{role} ({type(model).__name__}) has no '{attr}' attribute; expected a "
+                "torchvision detection model (RetinaNet, FCOS, FasterRCNN, ...)"
+            )
+
+
 class NeckRecorder:
     """Records a torchvision detector's transformed batch and neck (backbone+FPN) outputs.
 
@@ -36,12 +46,7 @@ class NeckRecorder:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        for attr in ("transform", "backbone"):
-            if not hasattr(model, attr):
-                raise ValueError(
-                    f"{type(model).__name__} has no '{attr}' attribute; expected a torchvision "
-                    "detection model (RetinaNet, FCOS, FasterRCNN, ...)"
-                )
+        check_detector(model, "model")
         self.images: Tensor | None = None
         self.features: OrderedDict[str, Tensor] | None = None
         self._handles = [
@@ -138,6 +143,8 @@ class Distiller(nn.Module):
         **distance_options,
     ) -> None:
         super().__init__()
+        check_detector(student, "student")
+        check_detector(teacher, "teacher")
         self.student = student
         self._teacher = [teacher.eval().requires_grad_(False)]  # a list keeps it unregistered
         self.pairs = pair_levels(student, teacher)

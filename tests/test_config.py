@@ -1,0 +1,207 @@
+"""Configuration: defaults, YAML + ``--set`` overrides, strict keys and types, presets, LR."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from structkd.config import (
+    PRESETS,
+    Config,
+    DataConfig,
+    ScheduleConfig,
+    load_config,
+    parse_override,
+)
+from structkd.engine import lr_factor
+
+SECTIONS = ["data", "model", "teacher", "distill", "optim", "schedule", "trainer"]
+
+
+def test_defaults_load() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert list(cfg.to_dict()) == SECTIONS
+    assert cfg.model.arch == "retinanet" and cfg.model.backbone == "resnet18"
+    assert cfg.distill.distance == "ssim" and cfg.distill.weight == 2.0
+    assert cfg.distill.levels is None and cfg.distill.options == {}
+    assert cfg.teacher.checkpoint is None and cfg.teacher.strict_classes is True
+    assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.01
+    assert cfg.schedule.epochs == 12 and cfg.schedule.milestones == [8, 11]
+    assert cfg.schedule.preset is None
+    assert cfg.data.train_ann is None and cfg.data.scale_range == [1.0, 1.0]
+    # Fresh objects each time: mutable defaults are not shared between configs.
+    other = load_config()
+    other.schedule.milestones.append(99)
+    assert cfg.schedule.milestones == [8, 11]
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"arch": "fcos", "fpn_channels": 64},
+        "optim": {"lr": 0.05, "name": "adamw"},
+        "distill": {"distance": "mse", "levels": ["s32"]},
+        "teacher": {"checkpoint": "runs/teacher/student"},
+    }))
+    cfg = load_config(path, [
+        "optim.lr=0.02",
+        "distill.levels=[s8,s16]",
+        "teacher.checkpoint=null",
+        "data.scale_range=[0.5, 1]",
+        "trainer.progress=false",
+        "distill.options={window_size: 7, sigma: 1.0}",
+        "schedule.max_steps=3",
+    ])
+    # YAML values survive where not overridden...
+    assert cfg.model.arch == "fcos" and cfg.model.fpn_channels == 64
+    assert cfg.optim.name == "adamw" and cfg.distill.distance == "mse"
+    # ...and overrides win, with YAML-typed values.
+    assert cfg.optim.lr == 0.02 and isinstance(cfg.optim.lr, float)
+    assert cfg.distill.levels == ["s8", "s16"]
+    assert cfg.teacher.checkpoint is None
+    assert cfg.data.scale_range == [0.5, 1.0] and all(
+        isinstance(v, float) for v in cfg.data.scale_range)
+    assert cfg.trainer.progress is False
+    assert cfg.distill.options == {"window_size": 7, "sigma": 1.0}
+    assert cfg.schedule.max_steps == 3
+    # Untouched keys keep their defaults.
+    assert cfg.optim.momentum == 0.9 and cfg.model.backbone == "resnet18"
+
+
+def test_int_promoted_to_float_and_later_override_wins() -> None:
+    cfg = load_config(overrides=["optim.lr=1", "optim.lr=0.5", "distill.weight=4"])
+    assert cfg.optim.lr == 0.5
+    assert cfg.distill.weight == 4.0 and isinstance(cfg.distill.weight, float)
+
+
+def test_scientific_notation_float() -> None:
+    """PyYAML (YAML 1.1) reads '1e-3' as a string; float keys must still accept it."""
+    assert load_config(overrides=["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)
+    assert load_config(overrides=["optim.lr=5E-4"]).optim.lr == pytest.approx(5e-4)
+    assert load_config(base={"optim": {"weight_decay": "1e-4"}}).optim.weight_decay == 1e-4
+    with pytest.raises(ValueError, match=r"optim\.lr='fast': expected float"):
+        load_config(overrides=["optim.lr=fast"])
+    with pytest.raises(ValueError, match=r"optim\.lr='nan': expected float"):
+        load_config(overrides=["optim.lr=nan"])
+
+
+def test_yaml_resolved_config_roundtrip(tmp_path: Path) -> None:
+    cfg = load_config(overrides=["schedule.preset=2x", "distill.levels=[s8]", "optim.lr=0.03"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg
+
+
+def test_parse_override() -> None:
+    assert parse_override("a.b.c=[1, 2]") == (["a", "b", "c"], [1, 2])
+    assert parse_override("a=") == (["a"], None)
+    assert parse_override("a=x=y") == (["a"], "x=y")
+    with pytest.raises(ValueError, match=r"section\.key=value"):
+        parse_override("optim.lr")
+    with pytest.raises(ValueError, match="empty key"):
+        parse_override("=3")
+    with pytest.raises(ValueError, match="cannot parse value"):
+        parse_override("optim.lr=[1, 2")
+
+
+@pytest.mark.parametrize(("override", "key", "valid"), [
+    ("optimm.lr=0.1", "optimm", SECTIONS),
+    ("optim.lrr=0.1", "optim.lrr", [f.name for f in dataclasses.fields(Config().optim)]),
+    ("data.bach_size=2", "data.bach_size", [f.name for f in dataclasses.fields(DataConfig)]),
+])
+def test_unknown_keys_name_key_and_list_valid(override: str, key: str, valid: list[str]) -> None:
+    with pytest.raises(ValueError) as info:
+        load_config(overrides=[override])
+    msg = str(info.value)
+    assert f"'{key}'" in msg
+    for name in valid:
+        assert name in msg
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  arch: fcos\n  fpn_chanels: 64\n")
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert str(path) in msg and "'model.fpn_chanels'" in msg and "fpn_channels" in msg
+
+
+def test_missing_and_invalid_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml: invalid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(("override", "fragments"), [
+    ("optim.lr=fast", ["optim.lr", "'fast'", "float"]),
+    ("schedule.epochs=2.5", ["schedule.epochs", "2.5", "int"]),
+    ("trainer.progress=1", ["trainer.progress", "1", "bool"]),
+    ("distill.weight=true", ["distill.weight", "True", "float"]),
+    ("data.scale_range=0.5", ["data.scale_range", "0.5", "list"]),
+    ("distill.levels=[s8, 16]", ["distill.levels[1]", "16", "str"]),
+    ("model.weights=3", ["model.weights", "3", "str"]),
+    ("distill.options=3", ["distill.options", "3", "mapping"]),
+    ("optim=3", ["optim", "3", "mapping"]),
+])
+def test_wrong_types_name_key_and_value(override: str, fragments: list[str]) -> None:
+    with pytest.raises(ValueError) as info:
+        load_config(overrides=[override])
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("schedule.epochs=0", "schedule.epochs=0"),
+    ("optim.name=rmsprop", "optim.name='rmsprop'"),
+    ("data.batch_size=0", "data.batch_size=0"),
+    ("data.scale_range=[1.2, 0.8]", "data.scale_range"),
+    ("data.scale_range=[1.0]", "data.scale_range"),
+    ("schedule.preset=3x", "schedule.preset='3x'"),
+])
+def test_invalid_values(override: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=None) as info:
+        load_config(overrides=[override])
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(("preset", "epochs", "milestones"), [
+    ("1x", 12, [8, 11]), ("2x", 24, [16, 22]),
+])
+def test_presets(preset: str, epochs: int, milestones: list[int]) -> None:
+    cfg = load_config(overrides=[f"schedule.preset={preset}", "schedule.milestones=[1]"])
+    assert (cfg.schedule.epochs, cfg.schedule.milestones) == (epochs, milestones)
+    assert PRESETS[preset] == (epochs, milestones)
+    # The preset's milestone list is a copy: mutating it must not change the preset.
+    cfg.schedule.milestones.append(100)
+    assert PRESETS[preset][1] == milestones
+
+
+def test_lr_factor_warmup_and_steps() -> None:
+    s = ScheduleConfig(warmup_iters=10, warmup_ratio=0.1, milestones=[2, 3], gamma=0.1)
+    spe = 5.0  # steps per epoch
+    assert lr_factor(0, spe, s) == pytest.approx(0.1)
+    assert lr_factor(4, spe, s) == pytest.approx(0.1 + 0.9 * 0.4)
+    assert lr_factor(5, spe, s) == pytest.approx(0.55)  # epoch 1, still warming up
+    assert lr_factor(9, spe, s) == pytest.approx(0.91)
+    assert lr_factor(10, spe, s) == pytest.approx(0.1)  # warm-up done, epoch 2: first drop
+    assert lr_factor(14, spe, s) == pytest.approx(0.1)
+    assert lr_factor(15, spe, s) == pytest.approx(0.01)  # epoch 3: second drop
+    assert lr_factor(1000, spe, s) == pytest.approx(0.01)
+    # Warm-up is monotonic and continuous into the plateau.
+    values = [lr_factor(i, 100.0, s) for i in range(12)]
+    assert values == sorted(values) and values[-1] == 1.0
+    # Unknown epoch length (before Lightning knows the loader): no decay.
+    assert lr_factor(10_000, math.inf, s) == 1.0
+    # No warm-up at all.
+    assert lr_factor(0, spe, ScheduleConfig(warmup_iters=0, milestones=[1])) == 1.0
+    assert lr_factor(5, spe, ScheduleConfig(warmup_iters=0, milestones=[1], gamma=0.5)) == 0.5
