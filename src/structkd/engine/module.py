@@ -56,6 +56,7 @@ class DetectionModule(L.LightningModule):
         self.step_times: list[float] = []
         self._t0: float | None = None
         self.last_metrics: dict[str, Any] = {}
+        self.metrics_step: int | None = None  # global step at which last_metrics were measured
 
     @property
     def student(self) -> nn.Module:
@@ -137,6 +138,7 @@ class DetectionModule(L.LightningModule):
             self.eval_info["coco_gt"], detections, class_names=self.eval_info.get("class_names")
         )
         self.last_metrics = metrics
+        self.metrics_step = self.global_step
         scalars = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         self.log_dict(scalars, sync_dist=False, rank_zero_only=True)
         self.log("AP", float(metrics["AP"]), prog_bar=True, logger=False, rank_zero_only=True)

@@ -132,18 +132,23 @@ def _load_teacher(cfg: Config, num_classes: int) -> nn.Module:
     return teacher
 
 
-def _trainer(cfg: Config, out_dir: Path, *, validate: bool) -> L.Trainer:
+def _trainer(cfg: Config, out_dir: Path) -> L.Trainer:
+    """One trainer for fit and the final validation, so both log into the same CSV/TensorBoard
+    files (a second trainer would start them afresh and lose the training curves)."""
     t, s = cfg.trainer, cfg.schedule
-    ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0,
-                           every_n_epochs=t.checkpoint_every)
+    # One rolling file, checkpoints/last.ckpt, rewritten every ``checkpoint_every`` epochs and at
+    # the end (Lightning 2.6 writes save_last only next to a top-k save, so top-1 is used).
+    ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_top_k=1,
+                           enable_version_counter=False, every_n_epochs=t.checkpoint_every)
     loggers = [CSVLogger(out_dir, name="", version=""),
                TensorBoardLogger(out_dir, name="tb", version="")]
     return L.Trainer(
         max_epochs=s.epochs, max_steps=s.max_steps or -1, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
         gradient_clip_val=cfg.optim.grad_clip, deterministic=t.deterministic,
-        check_val_every_n_epoch=t.val_every if validate else None,
-        limit_val_batches=1.0 if validate else 0, log_every_n_steps=t.log_every,
+        # val_every=0: no validation while fitting (the final one still runs).
+        check_val_every_n_epoch=t.val_every if t.val_every > 0 else s.epochs + 1,
+        log_every_n_steps=t.log_every,
         enable_progress_bar=t.progress, use_distributed_sampler=False, default_root_dir=out_dir,
         num_sanity_val_steps=0, enable_model_summary=False, callbacks=[ckpt], logger=loggers,
     )
@@ -178,11 +183,10 @@ def fit(cfg: Config, *, distill: bool) -> RunResult:
         schedule=cfg.schedule, eval_info=_eval_info(train_ds, val_ds),
     )
     data = _DataModule(cfg, train_ds, val_ds)
-    trainer = _trainer(cfg, out_dir, validate=t.val_every > 0)
+    trainer = _trainer(cfg, out_dir)
     trainer.fit(module, datamodule=data, ckpt_path=_resume_path(cfg, out_dir))
-    final = _trainer(cfg, out_dir, validate=True)
-    final_module = module
-    final.validate(final_module, datamodule=data, verbose=False)
+    if module.metrics_step != trainer.global_step:  # the last epoch was not validated yet
+        trainer.validate(module, datamodule=data, verbose=False)
     metrics = module.last_metrics
     step_time = statistics.median(module.step_times) if module.step_times else None
     result = RunResult(out_dir, metrics, None, step_time, count_parameters(student))

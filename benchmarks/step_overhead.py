@@ -1,0 +1,122 @@
+"""Training-step time of a distilled student vs a plain one (forward, backward, optimiser step).
+
+Student: RetinaNet ResNet-18 FPN; teacher: RetinaNet ResNet-50 FPN (frozen, eval mode, backbone
+and neck only), both at the same input size, random initialisation, synthetic images with boxes.
+Modes: ``none`` (plain student), ``mse`` and ``ssim`` (``Distiller`` with lambda = 2). The modes
+run in one process, interleaved step by step, so slow drifts of a shared machine hit all alike;
+the table gives the median step time and the ratios the issue's targets are stated in.
+
+    python benchmarks/step_overhead.py                       # CPU, 256 px, batch 4
+    python benchmarks/step_overhead.py --json step.json      # and JSON
+    python benchmarks/step_overhead.py --device cuda --size 800 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from structkd.distill import DetectorLosses, Distiller
+from structkd.models import build_detector
+
+MODES = ("none", "mse", "ssim")
+
+
+def _batch(n: int, size: int, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(n)]
+    targets = []
+    for _ in range(n):
+        k = 3
+        xy = torch.rand(k, 2, generator=g) * size * 0.6
+        wh = 16 + torch.rand(k, 2, generator=g) * size * 0.35
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
+        labels = torch.randint(1, 7, (k,), generator=g)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def build(mode: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    common = {"num_classes": 7, "fpn_channels": args.fpn, "min_size": args.size,
+              "max_size": args.size}
+    student = build_detector(arch="retinanet", backbone=args.student, **common)
+    if mode == "none":
+        net: torch.nn.Module = DetectorLosses(student)
+    else:
+        teacher = build_detector(arch="retinanet", backbone=args.teacher, **common)
+        net = Distiller(student, teacher, distance=mode, weight=2.0)
+    net = net.to(args.device).train()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3,
+                          momentum=0.9)
+    return net, opt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--fpn", type=int, default=256)
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--teacher", default="resnet50")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per mode (interleaved)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    runs = {m: build(m, args) for m in MODES}
+    batches = [_batch(args.batch, args.size, args.device, s) for s in range(2)]
+
+    def step(mode: str, i: int) -> float:
+        net, opt = runs[mode]
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses = net(*batches[i % 2])
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for m in MODES:  # warm-up
+        step(m, 0)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for i in range(args.steps):
+        for m in MODES:
+            times[m].append(step(m, i))
+    med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
+    print(f"device={args.device} threads={args.threads} size={args.size} batch={args.batch} "
+          f"student=retinanet/{args.student} teacher=retinanet/{args.teacher} "
+          f"fpn={args.fpn} steps={args.steps} ({platform.processor() or platform.machine()})")
+    print("| mode | median ms/step | min ms/step | vs none |")
+    print("|---|---:|---:|---:|")
+    for m in MODES:
+        print(f"| {m} | {med[m]:.0f} | {min(times[m]) * 1e3:.0f} | {med[m] / med['none']:.3f} |")
+    ratios = {"ssim_over_mse": med["ssim"] / med["mse"],
+              "ssim_over_none": med["ssim"] / med["none"],
+              "mse_over_none": med["mse"] / med["none"]}
+    print(f"SSIM/MSE = {ratios['ssim_over_mse']:.3f} (target <= 1.10); "
+          f"distilled/plain = {ratios['ssim_over_none']:.3f} (SSIM), "
+          f"{ratios['mse_over_none']:.3f} (MSE) (target <= 1.25)")
+    if args.json:
+        meta = {**vars(args), "machine": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(), "torch": torch.__version__}
+        meta.pop("json")
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "median_ms": med, "ratios": ratios,
+                       "times_ms": {m: [t * 1e3 for t in v] for m, v in times.items()}}, f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()

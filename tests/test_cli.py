@@ -1,0 +1,135 @@
+"""The ``structkd`` command line end to end, each command in a fresh interpreter.
+
+train -> distill -> eval on the tiny generated COCO dataset, the shipped configs, DDP with two CPU
+processes, the demo's smoke run, and the error path (exit code 2 with a one-line message).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import cli_subprocess, tiny_overrides
+from structkd.config import load_config
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _ok(proc) -> str:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def test_train_distill_eval(coco_data, tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher"
+    out = _ok(cli_subprocess(["train", *_sets(tiny_overrides(
+        coco_data, teacher, "model.fpn_channels=32"))]))
+    assert out.startswith("# resolved config\n")
+    assert "| model | AP | AP50 | AP75 | APs | APm | APl |" in out
+    assert f"| {teacher} | " in out
+    assert f"student exported to {teacher / 'student'}.safetensors" in out
+    assert yaml.safe_load((teacher / "config.yaml").read_text())["model"]["fpn_channels"] == 32
+
+    student = tmp_path / "ssim"
+    out = _ok(cli_subprocess(["distill", "--teacher", str(teacher / "student"), "--method",
+                              "ssim", *_sets(tiny_overrides(coco_data, student))]))
+    resolved = load_config(student / "config.yaml")
+    assert resolved.distill.distance == "ssim"
+    assert resolved.teacher.checkpoint == str(teacher / "student")
+    assert json.loads((student / "results.json").read_text())["mode"] == "distill"
+    assert f"| {student} | " in out
+
+    metrics_json = tmp_path / "eval.json"
+    eval_sets = _sets(tiny_overrides(coco_data, tmp_path / "e"))
+    out = _ok(cli_subprocess(["eval", str(student / "student.safetensors"), "--out",
+                              str(metrics_json), *eval_sets]))
+    metrics = json.loads(metrics_json.read_text())
+    saved = json.loads((student / "results.json").read_text())["metrics"]
+    assert metrics["AP"] == pytest.approx(saved["AP"], abs=1e-9)
+    assert "per-class AP" in out
+
+
+def test_configs_lists_the_paper_recipes() -> None:
+    out = _ok(cli_subprocess(["configs"]))
+    for name in ("coco_retinanet_r101_teacher", "coco_retinanet_r50_ssim", "coco_retinanet_r50_l1",
+                 "coco_retinanet_r50_l2", "coco_faster_rcnn_r101_teacher",
+                 "coco_faster_rcnn_r50_ssim"):
+        assert name in out
+
+
+@pytest.mark.parametrize("name", ["coco_retinanet_r50_ssim", "coco_faster_rcnn_r50_l2",
+                                  "coco_retinanet_r101_teacher"])
+def test_shipped_configs_load(name: str) -> None:
+    from structkd.cli import resolve_config_path
+
+    cfg = load_config(resolve_config_path(name))
+    assert cfg.model.min_size == 800 and cfg.schedule.epochs == 12
+    assert cfg.data.train_ann and cfg.data.train_ann.endswith("instances_train2017.json")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--set", "model.fpn_chanels=3"], "unknown config key 'model.fpn_chanels'"),
+        (["train", "-c", "no_such_config"], "neither a file nor a shipped config"),
+        (["eval", "missing/student"], "does not exist"),
+        (["distill", "--set", "optim.name=rmsprop"], "optim.name='rmsprop'"),
+    ],
+)
+def test_errors_exit_2_with_a_message(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = cli_subprocess(args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "structkd: error:" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_distill_without_teacher_is_a_clear_error(coco_data, tmp_path: Path) -> None:
+    proc = cli_subprocess(["distill", *_sets(tiny_overrides(coco_data, tmp_path / "x"))])
+    assert proc.returncode == 2
+    assert "teacher.checkpoint" in proc.stderr
+
+
+def test_ddp_two_cpu_processes(coco_data, teacher_run, tmp_path: Path) -> None:
+    """Distillation under DDP (2 processes, gloo): each rank sees half of the images, the
+    evaluation gathers both halves, and only rank 0 writes the export."""
+    out = tmp_path / "ddp"
+    proc = cli_subprocess(["distill", "--teacher", str(teacher_run.export_prefix), *_sets(
+        tiny_overrides(coco_data, out, "trainer.strategy=ddp", "trainer.devices=2",
+                       "schedule.max_steps=null", "schedule.epochs=1", "data.batch_size=2",
+                       "data.val_batch_size=1"))], timeout=600)
+    _ok(proc)
+    results = json.loads((out / "results.json").read_text())
+    # 8 images, 2 per rank and step, 2 ranks: 2 optimiser steps for the epoch.
+    assert results["steps"] == 2
+    assert 0 <= results["metrics"]["AP"] <= 100
+    assert (out / "student.safetensors").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_demo_quick(tmp_path: Path) -> None:
+    """The demo's smoke run: teacher, three students, table, report, JSON and plots."""
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    stdout = _ok(cli_subprocess(["demo", "--quick", "--out", str(out), "--cache", str(cache)],
+                                timeout=900))
+    for name in ("teacher", "student-none", "student-mse", "student-ssim"):
+        assert f"| {name} |" in stdout
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["teacher", "student-none", "student-mse",
+                                         "student-ssim"]
+    keys = {"name", "method", "AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms"}
+    assert all(keys <= set(r) for r in rows)
+    for png in ("ap_per_method.png", "curves.png"):
+        assert (out / png).stat().st_size > 1000
+    assert (out / "report.md").read_text().startswith("# structkd demo")
+    # A second run reuses the cached teacher instead of training it again.
+    proc = cli_subprocess(["demo", "--quick", "--out", str(tmp_path / "again"), "--cache",
+                           str(cache)], timeout=900)
+    _ok(proc)
+    assert "reusing the cached teacher" in proc.stderr
+    assert len(list((cache / "teachers").iterdir())) == 1
