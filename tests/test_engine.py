@@ -106,6 +106,26 @@ def test_evaluate_matches_training_metrics(teacher_run, make_overrides, tmp_path
     assert ckpt_metrics["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
 
 
+def test_limit_val_evaluates_only_those_images(teacher_run, make_overrides, tmp_path) -> None:
+    """data.limit_val=2: the metrics are those of the first two images alone, the same in the
+    run's final validation and in ``evaluate`` (the other images' objects are not 'missed')."""
+    from structkd.data import CocoDetection, build_transforms
+    from structkd.evaluation import coco_metrics, predictions_to_coco
+
+    cfg = load_config(overrides=make_overrides(tmp_path / "lv", "data.limit_val=2"))
+    metrics = evaluate(teacher_run.export_prefix, cfg)
+    assert metrics["num_images"] == 2
+    model, _, _ = load_detector(teacher_run.export_prefix)
+    val = CocoDetection(cfg.data.val_ann, cfg.data.val_images, build_transforms(False))
+    images, targets = zip(*(val[i] for i in range(2)), strict=True)
+    ids = [t["image_id"] for t in targets]
+    with torch.no_grad():
+        dets = predictions_to_coco(model(list(images)), ids, val.label_to_cat_id)
+    expected = coco_metrics(val.coco_gt, dets, image_ids=ids)
+    assert metrics["AP"] == pytest.approx(expected["AP"], abs=1e-9)
+    assert metrics["AR100"] == pytest.approx(expected["AR100"], abs=1e-9)
+
+
 def _student_state(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "student.safetensors"))
 

@@ -158,6 +158,24 @@ def test_perfect_and_empty_detections() -> None:
     assert all(v == 0.0 for v in empty["per_class"].values())
 
 
+def test_image_ids_restrict_the_evaluation() -> None:
+    """Evaluating part of a split (data.limit_val) must not count the other images' objects as
+    missed: with image_ids, perfect detections on that part give AP 100."""
+    gt = make_gt()
+    first = gt["images"][0]["id"]
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+         "score": 1.0}
+        for a in gt["annotations"] if not a["iscrowd"] and a["image_id"] == first
+    ]
+    assert perfect
+    assert coco_metrics(gt, perfect)["AR100"] < 100.0  # other images' objects are missed
+    part = coco_metrics(gt, perfect, image_ids=[first])
+    assert part["AP50"] == pytest.approx(100.0) and part["AR100"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match=r"image_ids \[123456\] are not in coco_gt"):
+        coco_metrics(gt, perfect, image_ids=[first, 123456])
+
+
 def test_undefined_area_range_is_minus_one() -> None:
     gt = {
         "images": [{"id": 1, "width": 100, "height": 100}],

@@ -107,8 +107,12 @@ def coco_metrics(
     detections: Sequence[Mapping[str, Any]],
     *,
     class_names: Mapping[int, str] | None = None,
+    image_ids: Iterable[int] | None = None,
 ) -> dict[str, Any]:
     """COCO bbox metrics of ``detections`` against the ground truth dict ``coco_gt``.
+
+    ``image_ids`` restricts the evaluation to those images (e.g. when only the first N of a
+    split were run); otherwise every image of ``coco_gt`` counts, with or without detections.
 
     ``detections`` use the COCO results format (``image_id``, ``category_id``, ``bbox`` as
     ``[x, y, w, h]``, ``score``). Returns ``{key: value for key in METRIC_KEYS}`` in percent plus
@@ -120,6 +124,13 @@ def coco_metrics(
 
     _check_gt(coco_gt)
     gt = _copy_gt(coco_gt)
+    if image_ids is not None:
+        keep = {int(i) for i in image_ids}
+        unknown = sorted(keep - {int(img["id"]) for img in gt["images"]})
+        if unknown:
+            raise ValueError(f"image_ids {unknown[:5]} are not in coco_gt['images']")
+        gt["images"] = [img for img in gt["images"] if int(img["id"]) in keep]
+        gt["annotations"] = [a for a in gt["annotations"] if int(a["image_id"]) in keep]
     cat_ids = sorted(int(c["id"]) for c in gt["categories"])
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in gt["categories"]}
     names.update({int(k): str(v) for k, v in (class_names or {}).items()})
@@ -225,6 +236,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     detections: list[dict[str, Any]] = []
+    seen: set[int] = set()
     n_images = 0
     try:
         iterator: Iterable[Any] = loader
@@ -234,13 +246,14 @@ def evaluate_model(
             iterator = tqdm(loader, desc="evaluate", leave=False)
         for images, targets in iterator:
             outputs = model([img.to(device, non_blocking=True) for img in images])
-            detections += predictions_to_coco(
-                outputs, [_image_id(t) for t in targets], label_to_cat_id
-            )
+            ids = [_image_id(t) for t in targets]
+            detections += predictions_to_coco(outputs, ids, label_to_cat_id)
+            seen.update(ids)
             n_images += len(images)
     finally:
         model.train(was_training)
-    metrics = coco_metrics(coco_gt, detections, class_names=class_names)
+    # Only the images the loader yielded count (a loader over part of a split is fine).
+    metrics = coco_metrics(coco_gt, detections, class_names=class_names, image_ids=seen)
     metrics["num_images"] = n_images
     metrics["num_detections"] = len(detections)
     return metrics

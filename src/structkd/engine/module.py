@@ -124,7 +124,7 @@ class DetectionModule(L.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        detections = self._val_detections
+        detections, seen_ids = self._val_detections, set(self._val_seen)
         if self.trainer.world_size > 1:
             gathered: list[Any] = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, (sorted(self._val_seen), detections))
@@ -134,8 +134,11 @@ class DetectionModule(L.LightningModule):
                 new = set(ids) - seen
                 detections += [d for d in dets if d["image_id"] in new]
                 seen |= new
+            seen_ids = seen
+        # Only the images this pass ran count (data.limit_val may cut the split short).
         metrics = coco_metrics(
-            self.eval_info["coco_gt"], detections, class_names=self.eval_info.get("class_names")
+            self.eval_info["coco_gt"], detections, class_names=self.eval_info.get("class_names"),
+            image_ids=seen_ids,
         )
         self.last_metrics = metrics
         self.metrics_step = self.global_step
