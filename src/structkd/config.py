@@ -53,6 +53,7 @@ class ModelConfig:
     trainable_backbone_layers: int | None = None
     norm: str | None = None
     variant: str | None = None
+    anchor_size: int | None = None  # RetinaNet/Faster R-CNN; None = torchvision's 32
 
 
 @dataclass

@@ -113,7 +113,7 @@ def _build_spec(cfg: Config, num_classes: int) -> DetectorSpec:
         arch=m.arch, num_classes=num_classes, backbone=m.backbone, fpn_channels=m.fpn_channels,
         min_size=m.min_size, max_size=m.max_size, weights=m.weights,
         backbone_weights=m.backbone_weights, trainable_backbone_layers=m.trainable_backbone_layers,
-        norm=m.norm, variant=m.variant,
+        norm=m.norm, variant=m.variant, anchor_size=m.anchor_size,
     )
 
 

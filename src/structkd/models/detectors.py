@@ -171,6 +171,10 @@ class DetectorSpec:
       head, GIoU loss, P6 from C5) and Faster R-CNN (BatchNorm FPN, two-conv RPN head, 4conv-1fc box
       head). ``"tv_mobilenet"``: torchvision's MobileNetV3 Faster R-CNN level layout.
     * ``score_thresh`` / ``detections_per_img``: torchvision's per-architecture defaults.
+    * ``anchor_size``: RetinaNet / Faster R-CNN anchor size (pixels of the resized input) at
+      the finest neck level, doubling per level; torchvision's 32 (made for 800 px inputs).
+      Small inputs need smaller anchors (e.g. 16 at 128-256 px), or small objects match none.
+      FCOS has no anchors (its locations equal the strides) and takes ``None`` only.
 
     ``weights`` names a torchvision detector weight enum (teacher use), ``backbone_weights`` an
     ImageNet classification weight enum; at most one of them may be set. ``detector_kwargs`` are
@@ -190,6 +194,7 @@ class DetectorSpec:
     variant: str | None = None
     score_thresh: float | None = None
     detections_per_img: int | None = None
+    anchor_size: int | None = None
     detector_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -207,6 +212,13 @@ class DetectorSpec:
                 raise ValueError(
                     f"{name}={value!r} is invalid; expected an int >= {minimum}{extra}"
                 )
+        a = self.anchor_size
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
+            raise ValueError(f"anchor_size={a!r} is invalid; expected an int >= 1 or None")
+        if a is not None and self.arch == "fcos":
+            raise ValueError(
+                f"anchor_size={a!r} does not apply to arch='fcos' (anchor-free); expected None"
+            )
         if self.norm is not None and self.norm not in NORMS:
             raise ValueError(
                 f"norm={self.norm!r} is not supported; expected one of {NORMS} or None"
@@ -309,6 +321,9 @@ class DetectorSpec:
                 _DEFAULT_DETECTIONS[self.arch]
                 if self.detections_per_img is None
                 else self.detections_per_img
+            ),
+            anchor_size=(
+                self.anchor_size if self.anchor_size is not None or self.arch == "fcos" else 32
             ),
             detector_kwargs=copy.deepcopy(self.detector_kwargs),
         )
@@ -519,10 +534,10 @@ def _build_backbone(spec: DetectorSpec) -> BackboneWithFPN:
 
 
 def _anchor_generator(spec: DetectorSpec, n_levels: int) -> AnchorGenerator:
+    base = spec.anchor_size or 32
+    octaves = tuple(base * 2**i for i in range(5))
     if spec.arch == "retinanet":
-        sizes = tuple(
-            (s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512)
-        )
+        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in octaves)
         ratios = ((0.5, 1.0, 2.0),) * len(sizes)
     elif spec.arch == "fcos":
         sizes = (
@@ -534,10 +549,10 @@ def _anchor_generator(spec: DetectorSpec, n_levels: int) -> AnchorGenerator:
         )  # one "anchor" per location, equal to the stride
         ratios = ((1.0,),) * len(sizes)
     elif spec.variant == "tv_mobilenet":
-        sizes = ((32, 64, 128, 256, 512),) * n_levels
+        sizes = (octaves,) * n_levels
         ratios = ((0.5, 1.0, 2.0),) * n_levels
     else:
-        sizes = ((32,), (64,), (128,), (256,), (512,))
+        sizes = tuple((s,) for s in octaves)
         ratios = ((0.5, 1.0, 2.0),) * len(sizes)
     if len(sizes) != n_levels:  # would fail deep inside torchvision otherwise
         raise AssertionError(f"anchor generator has {len(sizes)} levels, the neck {n_levels}")
