@@ -334,3 +334,24 @@ def test_measure_latency() -> None:
     assert ms > 0 and model.training
     with pytest.raises(ValueError, match="iters=0"):
         measure_latency(model, 64, iters=0)
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fasterrcnn"])
+def test_anchor_size(arch: str) -> None:
+    """anchor_size sets the finest level's anchor, doubling per level; default torchvision's 32."""
+    common = {"arch": arch, "num_classes": 3, "backbone": "resnet18", "fpn_channels": 16,
+              "min_size": 64, "max_size": 64}
+    default = build_detector(common)
+    small = build_detector({**common, "anchor_size": 8})
+    gen = "anchor_generator" if arch == "retinanet" else None
+    d_sizes = (default.anchor_generator if gen else default.rpn.anchor_generator).sizes
+    s_sizes = (small.anchor_generator if gen else small.rpn.anchor_generator).sizes
+    assert [lv[0] for lv in d_sizes] == [32, 64, 128, 256, 512]
+    assert [lv[0] for lv in s_sizes] == [8, 16, 32, 64, 128]
+    assert default.structkd_spec.anchor_size == 32 and small.structkd_spec.anchor_size == 8
+    assert DetectorSpec.from_dict(small.structkd_spec.to_dict()).anchor_size == 8
+    assert build_detector({"arch": "fcos", "num_classes": 3}).structkd_spec.anchor_size is None
+    with pytest.raises(ValueError, match=r"anchor_size=8 does not apply to arch='fcos'"):
+        DetectorSpec(arch="fcos", num_classes=3, anchor_size=8)
+    with pytest.raises(ValueError, match=r"anchor_size=0 is invalid"):
+        DetectorSpec(arch=arch, num_classes=3, anchor_size=0)
