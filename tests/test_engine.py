@@ -148,6 +148,18 @@ def test_resume_is_exact(teacher_run, make_overrides, tmp_path) -> None:
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.parametrize("extra", [("trainer.val_every=0",), ("schedule.max_steps=1",)])
+def test_checkpoint_written_without_validation_and_on_early_stop(extra, make_overrides,
+                                                                 tmp_path) -> None:
+    """last.ckpt exists when no validation runs while fitting, and when max_steps ends the run
+    in the middle of an epoch."""
+    out = tmp_path / "run"
+    train(load_config(overrides=make_overrides(out, *extra)))
+    ckpt = _ckpt(out / "checkpoints" / "last.ckpt")
+    steps = json.loads((out / "results.json").read_text())["steps"]
+    assert ckpt["global_step"] == steps
+
+
 def test_resume_missing_checkpoint_is_a_clear_error(make_overrides, tmp_path) -> None:
     cfg = load_config(overrides=make_overrides(tmp_path / "fresh", "trainer.resume=last"))
     with pytest.raises(FileNotFoundError, match=r"trainer.resume='last'.*last\.ckpt"):

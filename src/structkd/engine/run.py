@@ -138,8 +138,11 @@ def _trainer(cfg: Config, out_dir: Path) -> L.Trainer:
     t, s = cfg.trainer, cfg.schedule
     # One rolling file, checkpoints/last.ckpt, rewritten every ``checkpoint_every`` epochs and at
     # the end (Lightning 2.6 writes save_last only next to a top-k save, so top-1 is used).
+    # Saved at the end of the training epoch: with val_every=0 no validation runs while fitting,
+    # and a validation-end save would never happen.
     ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_top_k=1,
-                           enable_version_counter=False, every_n_epochs=t.checkpoint_every)
+                           enable_version_counter=False, every_n_epochs=t.checkpoint_every,
+                           save_on_train_epoch_end=True)
     loggers = [CSVLogger(out_dir, name="", version=""),
                TensorBoardLogger(out_dir, name="tb", version="")]
     return L.Trainer(
