@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from tqdm.auto import tqdm
 
 logger = logging.getLogger("structkd.data")
 
@@ -224,7 +225,8 @@ def _generate(out: Path, params: dict[str, int]) -> dict[str, Any]:
         image_dir.mkdir()
         images, annotations = [], []
         dropped = 0
-        for i in range(count):
+        for i in tqdm(range(count), desc=f"synthetic {split}", unit="img", leave=False,
+                      disable=None):  # disable=None: no bar when stderr is not a terminal
             rng = np.random.default_rng([params["seed"], split_idx, i])
             pixels, objects, n_dropped = _render_image(
                 rng, params["image_size"], params["max_objects"]

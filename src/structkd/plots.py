@@ -1,0 +1,133 @@
+"""Figures of the demo: AP per method, training curves, per-level SSIM to the teacher."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+logger = logging.getLogger("structkd.plots")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ap(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Bars of AP and AP75 per model."""
+    names = [r["name"] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.5))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["AP"] or 0 for r in rows], 0.4, label="AP")
+    ax.bar([x + 0.2 for x in xs], [r["AP75"] or 0 for r in rows], 0.4, label="AP75")
+    ax.set_xticks(list(xs), names, rotation=15)
+    ax.set_ylabel("COCO box AP (val)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def read_curves(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-key (step, value) series from a Lightning ``metrics.csv``."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    if not csv_path.is_file():
+        return series
+    with csv_path.open() as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            for k, v in row.items():
+                if k.startswith("train/") and v not in ("", None):
+                    series.setdefault(k, []).append((step, float(v)))
+    return series
+
+
+def plot_curves(run_dirs: list[Path], path: Path) -> Path:
+    """Detection loss (total minus distillation term) and distillation term per step."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for d in run_dirs:
+        s = read_curves(d / "metrics.csv")
+        if "train/loss" not in s:
+            continue
+        distill = dict(s.get("train/distill", []))
+        det = [(st, v - distill.get(st, 0.0)) for st, v in s["train/loss"]]
+        axes[0].plot(*zip(*det, strict=True), label=d.name)
+        if distill:
+            axes[1].plot(*zip(*sorted(distill.items()), strict=True), label=d.name)
+    axes[0].set_title("detection loss")
+    axes[1].set_title("lambda * L_feat")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def level_ssim(student: torch.nn.Module, teacher: torch.nn.Module, images: list[torch.Tensor],
+               ) -> dict[int, float]:
+    """SSIM (1 - 2 * distance) per stride between the neck features of two detectors.
+
+    Both see the student's transformed batch; only levels with equal stride and channel count
+    are compared (no adapter: this is what the deployed student's features look like).
+    """
+    from .distill import pair_levels
+    from .losses import ssim_distance
+
+    student.eval()
+    teacher.eval()
+    batch = student.transform(images)[0].tensors
+    s_feats, t_feats = student.backbone(batch), teacher.backbone(batch)
+    out = {}
+    for p in pair_levels(student, teacher):
+        if p.student_channels == p.teacher_channels:
+            d = ssim_distance(s_feats[p.student], t_feats[p.teacher])
+            out[p.stride] = float(1 - 2 * d)
+    return out
+
+
+def plot_level_ssim(values: dict[str, dict[int, float]], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, per in values.items():
+        strides = sorted(per)
+        ax.plot(range(len(strides)), [per[s] for s in strides], marker="o", label=name)
+        ax.set_xticks(range(len(strides)), [f"P{int(s).bit_length() - 1}" for s in strides])
+    ax.set_ylabel("SSIM to teacher features")
+    ax.set_title("neck features vs teacher (val images)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_demo(out: Path, rows: list[dict[str, Any]], run_dirs: list[Path], teacher_prefix: Path,
+              plan: Any, cache: Path) -> list[Path]:
+    """All demo figures; returns their paths."""
+    from .data import CocoDetection
+    from .models import load_exported
+
+    figs = [plot_ap(rows, out / "ap_per_method.png"), plot_curves(run_dirs, out / "curves.png")]
+    teacher, _, _ = load_exported(teacher_prefix)
+    val = CocoDetection(cache / "synthetic" / "val.json", cache / "synthetic" / "val")
+    images = [val[i][0] for i in range(min(8, len(val)))]
+    values = {}
+    for d in run_dirs:
+        student, _, _ = load_exported(d / "student")
+        values[d.name] = level_ssim(student, teacher, images)
+    if any(values.values()):
+        figs.append(plot_level_ssim(values, out / "level_ssim.png"))
+    else:
+        logger.info("level SSIM plot skipped: student and teacher neck widths differ")
+    (out / "level_ssim.json").write_text(
+        json.dumps({k: {str(s): v for s, v in per.items()} for k, per in values.items()},
+                   indent=2))
+    return figs
