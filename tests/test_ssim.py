@@ -478,12 +478,15 @@ def test_gaussian_window_values():
     assert gaussian_window(11, 1.5).dtype == torch.float32
 
 
-@pytest.mark.parametrize(("h", "w"), [(1, 1), (1, 5), (2, 2), (3, 4), (7, 11), (12, 13)])
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (1, 5), (2, 2), (3, 4), (7, 11), (12, 13),
+                                    (34, 36), (9, 40), (41, 6)])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_blur_and_its_adjoint(h, w, padding, layout):
     """The blur equals the numpy reference (truncated window), and its adjoint, which the fused
-    gradient relies on, equals autograd's vector-Jacobian product of the blur."""
+    gradient relies on, equals autograd's vector-Jacobian product of the blur; for axes blurred
+    by a matrix (<= MATMUL_MAX), by a convolution (longer), and one of each."""
+    assert ssim_mod.MATMUL_MAX < 34
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     blur = GaussianBlur(h, w, window_size=11, sigma=1.5, padding=padding, dtype=F64,
                         device=torch.device("cpu"))

@@ -14,6 +14,7 @@ identical maps and positive for different ones.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -26,7 +27,9 @@ from .normalize import DEFAULT_EPS, NORMALIZE_MODES, MinMaxStats, minmax_normali
 
 PADDINGS = ("same", "valid")
 # Elements of one quantity per chunk; keeps the ~16 live chunk tensors inside the CPU caches.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 19
+# Axes up to this length are blurred by a dense matrix product instead of a convolution.
+MATMUL_MAX = 32
 
 
 def gaussian_window(
@@ -47,7 +50,12 @@ def window_taps(dim: int, window_size: int, padding: str) -> int:
 
 
 class GaussianBlur:
-    """Separable depthwise Gaussian blur for one spatial size, with its exact adjoint."""
+    """Separable Gaussian blur of every channel for one spatial size, with its exact adjoint.
+
+    An axis of up to ``MATMUL_MAX`` pixels is blurred by one small dense matrix (padding folded
+    in) applied with a matrix product; a longer axis by a depthwise convolution after reflect
+    padding. Small maps thus need no padded copies, and their adjoint is the transposed matrix.
+    """
 
     def __init__(
         self, height: int, width: int, *, window_size: int, sigma: float, padding: str,
@@ -59,6 +67,10 @@ class GaussianBlur:
         self.gh = gaussian_window(self.kh, sigma, dtype=dtype, device=device)
         self.gw = gaussian_window(self.kw, sigma, dtype=dtype, device=device)
         self.ph, self.pw = (self.kh // 2, self.kw // 2) if padding == "same" else (0, 0)
+        key = (sigma, padding, dtype, str(device))
+        small_h, small_w = self.kh > 1 and height <= MATMUL_MAX, self.kw > 1 and width <= MATMUL_MAX
+        self.rh = blur_matrix(height, self.kh, *key) if small_h else None
+        self.rw = blur_matrix(width, self.kw, *key) if small_w else None
         self._weights: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _w(self, groups: int) -> tuple[Tensor, Tensor]:
@@ -73,25 +85,73 @@ class GaussianBlur:
 
         Runs in the input's memory layout; channels-last is many times faster on CPU.
         """
-        wh, ww = self._w(x.shape[1])
-        if self.kw > 1:  # pad and blur one axis at a time: the W pass then skips the H border
-            x = F.conv2d(reflect_pad(x, 0, self.pw) if self.pw else x, ww, groups=x.shape[1])
+        if self.kw > 1:  # one axis at a time: the W pass then skips the H border
+            if self.rw is not None:
+                x = _matmul_w(x, self.rw)
+            else:
+                x = reflect_pad(x, 0, self.pw) if self.pw else x
+                x = F.conv2d(x, self._w(x.shape[1])[1], groups=x.shape[1])
         if self.kh > 1:
-            x = F.conv2d(reflect_pad(x, self.ph, 0) if self.ph else x, wh, groups=x.shape[1])
+            if self.rh is not None:
+                x = _matmul_h(x, self.rh)
+            else:
+                x = reflect_pad(x, self.ph, 0) if self.ph else x
+                x = F.conv2d(x, self._w(x.shape[1])[0], groups=x.shape[1])
         return x
 
     def apply_adjoint(self, u: Tensor) -> Tensor:
         """The transpose of ``__call__``: maps an output-sized gradient to the input size."""
-        wh, ww = self._w(u.shape[1])
         if self.kh > 1:
-            u = F.conv2d(u, wh, groups=u.shape[1], padding=(self.kh - 1, 0))
-            if self.ph:
-                u = reflect_pad_adjoint(u, self.ph, 0)
+            if self.rh is not None:
+                u = _matmul_h(u, self.rh.T)
+            else:
+                u = F.conv2d(u, self._w(u.shape[1])[0], groups=u.shape[1],
+                             padding=(self.kh - 1, 0))
+                u = reflect_pad_adjoint(u, self.ph, 0) if self.ph else u
         if self.kw > 1:
-            u = F.conv2d(u, ww, groups=u.shape[1], padding=(0, self.kw - 1))
-            if self.pw:
-                u = reflect_pad_adjoint(u, 0, self.pw)
+            if self.rw is not None:
+                u = _matmul_w(u, self.rw.T)
+            else:
+                u = F.conv2d(u, self._w(u.shape[1])[1], groups=u.shape[1],
+                             padding=(0, self.kw - 1))
+                u = reflect_pad_adjoint(u, 0, self.pw) if self.pw else u
         return u
+
+
+@functools.lru_cache(maxsize=256)
+def blur_matrix(
+    dim: int, taps: int, sigma: float, padding: str, dtype: torch.dtype, device: str
+) -> Tensor:
+    """The (out, dim) matrix of the 1-D blur along an axis of ``dim`` pixels, with reflect
+    padding ("same", out = dim) folded in, or none ("valid", out = dim - taps + 1)."""
+    g = gaussian_window(taps, sigma, dtype=torch.float64).tolist()
+    p = taps // 2
+    out = dim if padding == "same" else dim - taps + 1
+    r = torch.zeros(out, dim, dtype=torch.float64)
+    for i in range(out):
+        for t in range(taps):
+            j = i + t - p if padding == "same" else i + t
+            j = -j if j < 0 else (2 * (dim - 1) - j if j >= dim else j)
+            r[i, j] += g[t]
+    return r.to(dtype=dtype, device=device)
+
+
+def _matmul_w(x: Tensor, r: Tensor) -> Tensor:
+    """``r`` (W', W) applied along the last axis of (N, C, H, W), keeping the layout."""
+    n, c, h, w = x.shape
+    if _is_cl(x):  # memory (N, H, W, C): a batch of N*H (W, C) blocks
+        y = torch.matmul(r, x.permute(0, 2, 3, 1).reshape(n * h, w, c))
+        return y.view(n, h, -1, c).permute(0, 3, 1, 2)
+    return torch.matmul(x, r.T)
+
+
+def _matmul_h(x: Tensor, r: Tensor) -> Tensor:
+    """``r`` (H', H) applied along the height axis of (N, C, H, W), keeping the layout."""
+    n, c, h, w = x.shape
+    if _is_cl(x):  # memory (N, H, W, C): a batch of N (H, W*C) blocks
+        y = torch.matmul(r, x.permute(0, 2, 3, 1).reshape(n, h, w * c))
+        return y.view(n, -1, w, c).permute(0, 3, 1, 2)
+    return torch.matmul(r, x)
 
 
 def reflect_pad(x: Tensor, ph: int, pw: int) -> Tensor:
