@@ -133,3 +133,45 @@ def test_demo_quick(tmp_path: Path) -> None:
     _ok(proc)
     assert "reusing the cached teacher" in proc.stderr
     assert len(list((cache / "teachers").iterdir())) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("teacher_arch", "student_arch"), [
+    ("fcos", "retinanet"), ("retinanet", "fcos"), ("fcos", "fasterrcnn")])
+def test_slow_pairs_of_detectors_under_ddp(teacher_arch, student_arch, coco_data,
+                                           tmp_path: Path) -> None:
+    """Every detector as teacher and as student, two epochs under DDP with resume in between:
+    the long version of the CI tests above."""
+    teacher = tmp_path / "teacher"
+    _ok(cli_subprocess(["train", *_sets(tiny_overrides(
+        coco_data, teacher, f"model.arch={teacher_arch}", "model.fpn_channels=32",
+        "schedule.max_steps=null", "schedule.epochs=2"))], timeout=900))
+    student = tmp_path / "student"
+    common = [f"model.arch={student_arch}", "trainer.strategy=ddp", "trainer.devices=2",
+              "schedule.max_steps=null", "data.batch_size=2"]
+    _ok(cli_subprocess(["distill", "--teacher", str(teacher / "student"), *_sets(
+        tiny_overrides(coco_data, student, *common, "schedule.epochs=1"))], timeout=900))
+    _ok(cli_subprocess(["distill", "--teacher", str(teacher / "student"), *_sets(
+        tiny_overrides(coco_data, student, *common, "schedule.epochs=2",
+                       "trainer.resume=last"))], timeout=900))
+    results = json.loads((student / "results.json").read_text())
+    assert results["steps"] == 4 and results["mode"] == "distill"
+
+
+def test_benchmark_quick_writes_results_and_resumes(tmp_path: Path) -> None:
+    """The seed study's smoke run: RESULTS.md with the command, the table and the verdict;
+    run again, it reuses every finished run instead of training it again."""
+    args = ["benchmark", "--quick", "--seeds", "2", "--methods", "none", "ssim", "--out",
+            str(tmp_path / "study"), "--cache", str(tmp_path / "cache"), "--results-md",
+            str(tmp_path / "RESULTS.md")]
+    _ok(cli_subprocess(args, timeout=900))
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.startswith("# Seed study on the built-in dataset")
+    assert "Command: `structkd benchmark --seeds 2 --quick`" in text
+    assert "| none | 2 |" in text and "| ssim | 2 |" in text
+    assert "SSIM - none:" in text and "| teacher |" in text
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert summary["rows"]["ssim"]["n"] == 2 and len(summary["rows"]["ssim"]["AP_runs"]) == 2
+    again = cli_subprocess(args, timeout=900)
+    _ok(again)
+    assert again.stderr.count("reusing the finished run") == 4

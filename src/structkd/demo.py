@@ -134,13 +134,27 @@ def ensure_teacher(plan: Plan, cache: Path, overrides: list[str]) -> tuple[Path,
 
 
 def run_student(plan: Plan, method: str, teacher: Path, cache: Path, out_dir: Path, seed: int,
-                overrides: list[str]) -> dict[str, Any]:
-    """Train one student with ``method``; returns its results.json content."""
+                overrides: list[str], *, reuse: bool = False) -> dict[str, Any]:
+    """Train one student with ``method``; returns its results.json content.
+
+    ``reuse=True`` returns the results already in ``out_dir`` instead when that run finished
+    with exactly this config (how an interrupted study resumes); anything else is retrained.
+    """
     part = {**plan.student, "distill": plan.methods[method],
             "teacher": {"checkpoint": str(teacher)}}
     cfg = _section(part, plan.data, cache, out_dir, seed, overrides)
+    done = out_dir / "results.json"
+    if reuse and done.is_file() and (out_dir / "student.safetensors").is_file():
+        try:
+            same = load_config(out_dir / "config.yaml").to_dict() == cfg.to_dict()
+        except (OSError, ValueError):
+            same = False
+        if same:
+            logger.info("reusing the finished run in %s", out_dir)
+            return json.loads(done.read_text())
+        logger.info("%s holds a run of another config; training it again", out_dir)
     fit(cfg, distill=method != "none")
-    return json.loads((out_dir / "results.json").read_text())
+    return json.loads(done.read_text())
 
 
 def _latency(prefix: Path, size: int) -> float:
@@ -245,13 +259,9 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for seed in range(seeds):
         for m in methods:
-            d = out / f"seed{seed}" / m
-            if (d / "results.json").is_file() and (d / "student.safetensors").is_file():
-                res = json.loads((d / "results.json").read_text())  # resume a broken study
-            else:
-                logger.info("benchmark: seed %d, method %s", seed, m)
-                res = run_student(plan, m, teacher, cache, d, seed, [])
-            runs[m].append(res)
+            logger.info("benchmark: seed %d, method %s", seed, m)
+            runs[m].append(run_student(plan, m, teacher, cache, out / f"seed{seed}" / m, seed,
+                                       [], reuse=True))
     summary = _summarise(runs, t_res, teacher, plan, cache)
     summary["elapsed_min"] = (time.perf_counter() - t_start) / 60
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
