@@ -175,3 +175,5 @@ def test_benchmark_quick_writes_results_and_resumes(tmp_path: Path) -> None:
     again = cli_subprocess(args, timeout=900)
     _ok(again)
     assert again.stderr.count("reusing the finished run") == 4
+    assert "4 of the 4 student runs were reused" in (tmp_path / "RESULTS.md").read_text()
+    assert "were reused" not in text  # the first invocation trained every run

@@ -151,7 +151,7 @@ def run_student(plan: Plan, method: str, teacher: Path, cache: Path, out_dir: Pa
             same = False
         if same:
             logger.info("reusing the finished run in %s", out_dir)
-            return json.loads(done.read_text())
+            return {**json.loads(done.read_text()), "reused": True}
         logger.info("%s holds a run of another config; training it again", out_dir)
     fit(cfg, distill=method != "none")
     return json.loads(done.read_text())
@@ -264,6 +264,10 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
                                        [], reuse=True))
     summary = _summarise(runs, t_res, teacher, plan, cache)
     summary["elapsed_min"] = (time.perf_counter() - t_start) / 60
+    summary["runs"] = sum(len(rs) for rs in runs.values())
+    summary["reused_runs"] = sum(bool(r.get("reused")) for rs in runs.values() for r in rs)
+    summary["run_minutes"] = sum(_wall_s(out / f"seed{s}" / m) for s in range(seeds)
+                                 for m in methods) / 60
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     text = _results_markdown(summary, seeds, quick, plan)
     print(text)
@@ -271,6 +275,11 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
         Path(results_md).parent.mkdir(parents=True, exist_ok=True)
         Path(results_md).write_text(text)
     return summary
+
+
+def _wall_s(run_dir: Path) -> float:
+    """A finished run's wall time: config.yaml is written first and results.json last."""
+    return (run_dir / "results.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
 
 
 def _summarise(runs, t_res, teacher: Path, plan: Plan, cache: Path) -> dict[str, Any]:
@@ -325,7 +334,11 @@ def _results_markdown(s: dict[str, Any], seeds: int, quick: bool, plan: Plan) ->
         "# Seed study on the built-in dataset", "",
         f"Command: `{cmd}` (structkd {__version__}, torch {torch.__version__}); "
         f"{now}; {os.cpu_count()} CPU cores ({cpu}, {platform.system()}), "
-        f"threads {torch.get_num_threads()}; {s['elapsed_min']:.0f} min.", "",
+        f"threads {torch.get_num_threads()}; {s['elapsed_min']:.0f} min"
+        + (f" ({s['reused_runs']} of the {s['runs']} student runs were reused from an "
+           "interrupted invocation, so this time covers the rest only)" if s.get("reused_runs")
+           else "") + f"; the student runs took {s['run_minutes']:.0f} min in all "
+        "(sum of their wall times).", "",
         f"Invoked as: `{shlex.join(sys.argv)}`", "",
         "Teacher: " + json.dumps(plan.teacher["model"]) + "; student: "
         + json.dumps(plan.student["model"]) + "; student schedule: "
