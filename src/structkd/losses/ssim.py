@@ -330,7 +330,9 @@ def _fused_ssim(
             rows = (b, c) if stats.per_channel else (b,)
             sums[name] = (x.new_zeros(rows), x.new_zeros(rows))
     partial = []
-    n_out = 0
+    oh, ow = (h, w) if cfg.padding == "same" else (h - blur.kh + 1, w - blur.kw + 1)
+    n_out = b * c * oh * ow
+    scale = -1.0 / n_out  # d mean((1 - S) / 2) / dS, times 2 for the half-derivatives
     step = _chunk_size(x)
     for c0 in range(0, c, step):
         sl = slice(c0, min(c, c0 + step))
@@ -359,7 +361,6 @@ def _fused_ssim(
             inv_b2 = b2.reciprocal_()
             s = a2.mul_(inv_b2) if not need_grad else a2 * inv_b2
         partial.append(s.sum(dtype=torch.float64))
-        n_out += s.numel()
         if not need_grad:
             continue
         # Half-derivatives of S w.r.t. the blurred maps (the factor 2 goes into ``scale``):
@@ -385,17 +386,14 @@ def _fused_ssim(
         g_sq, g_xy = adj[-2], adj[-1]
         if need_gx:
             gz = torch.addcmul(adj[0], zx, g_sq, value=-1).addcmul_(zy, g_xy)
-            _store(grad_x, gz, zx, stats_x, sums.get("x"), sl)
+            _store(grad_x, gz, zx, stats_x, sums.get("x"), sl, scale)
         if need_gy:
             gz = torch.addcmul(adj[-3], zy, g_sq, value=-1).addcmul_(zx, g_xy)
-            _store(grad_y, gz, zy, stats_y, sums.get("y"), sl)
-    scale = -1.0 / n_out  # d mean((1 - S) / 2) / dS, times 2 for the half-derivatives
+            _store(grad_y, gz, zy, stats_y, sums.get("y"), sl, scale)
     for grad, stats, name in ((grad_x, stats_x, "x"), (grad_y, stats_y, "y")):
-        if grad is not None:
-            grad.mul_(scale)
-            if stats is not None:
-                sum_g, sum_gz = (t.mul_(scale).reshape(-1) for t in sums[name])
-                stats.backward(grad, sum_g, sum_gz)
+        if grad is not None and stats is not None:
+            sum_g, sum_gz = (t.mul_(scale).reshape(-1) for t in sums[name])
+            stats.backward(grad, sum_g, sum_gz)
     total = torch.stack(partial).sum()
     return (0.5 - 0.5 * total / n_out).to(x.dtype), grad_x, grad_y
 
@@ -440,18 +438,26 @@ def _normalise_into(out: Tensor, t: Tensor, stats: MinMaxStats | None, sl: slice
         torch.addcmul(stats.shift, t, stats.inv_range, out=out)
 
 
-def _store(grad: Tensor, gz: Tensor, z: Tensor, stats, sums, sl: slice) -> None:
-    """Write dS/dz of a chunk and accumulate the row sums min-max's backward needs."""
-    grad[:, sl] = gz
+def _store(grad: Tensor, gz: Tensor, z: Tensor, stats, sums, sl: slice, scale: float) -> None:
+    """Write ``scale`` * dS/dz of a chunk into ``grad`` (one pass, which also converts the
+    layout) and accumulate the unscaled row sums min-max's backward needs."""
+    torch.mul(gz, scale, out=grad[:, sl])
     if stats is None:
         return
     sum_g, sum_gz = sums
     if stats.per_channel:
         sum_g[:, sl] += gz.sum(dim=(2, 3))
         sum_gz[:, sl] += (gz * z).sum(dim=(2, 3))
-    else:
-        sum_g += gz.sum(dim=(1, 2, 3))
-        sum_gz += (gz * z).sum(dim=(1, 2, 3))
+    else:  # a dot product per sample over flat views: no (gz * z) temporary
+        cl = _is_cl(gz)  # both flattened in gz's memory order (views when z shares it)
+        flat_g, flat_z = (_flat_rows(t, cl) for t in (gz, z))
+        sum_g += flat_g.sum(dim=1)
+        sum_gz += torch.linalg.vecdot(flat_g, flat_z)
+
+
+def _flat_rows(t: Tensor, channels_last: bool) -> Tensor:
+    """(B, C, H, W) as (B, C*H*W), flattened in (H, W, C) order for ``channels_last``."""
+    return (t.permute(0, 2, 3, 1) if channels_last else t).reshape(t.shape[0], -1)
 
 
 def ssim_distance(
