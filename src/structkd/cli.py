@@ -136,9 +136,18 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+_HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _command(group, name: str, *, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every option's default."""
+    return group.add_parser(name, help=help, formatter_class=_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="structkd", description="Structural (SSIM) knowledge distillation for detectors.")
+        prog="structkd", description="Structural (SSIM) knowledge distillation for detectors.",
+        formatter_class=_HELP)
     p.add_argument("--version", action="version", version=f"structkd {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,63 +157,67 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.lr=0.02 (repeatable)")
 
-    sp = sub.add_parser("train", help="train a plain detector (a teacher or a baseline)")
+    sp = _command(sub, "train", help="train a plain detector (a teacher or a baseline)")
     with_config(sp)
     sp.set_defaults(func=cmd_train)
 
-    sp = sub.add_parser("distill", help="distil a teacher into a student")
+    sp = _command(sub, "distill", help="distil a teacher into a student")
     with_config(sp)
     sp.add_argument("--teacher", help="teacher export prefix or .ckpt (teacher.checkpoint)")
     sp.add_argument("--method", choices=["ssim", "l1", "mse", "l2", "none"],
                     help="distance (distill.distance)")
     sp.set_defaults(func=cmd_distill)
 
-    sp = sub.add_parser("eval", help="COCO box metrics of a saved detector on the val split")
+    sp = _command(sub, "eval", help="COCO box metrics of a saved detector on the val split")
     sp.add_argument("checkpoint", help="export prefix, .safetensors or .ckpt")
     with_config(sp)
     sp.add_argument("--out", help="write the metrics to this JSON file")
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     sp.set_defaults(func=cmd_eval)
 
-    data = sub.add_parser("data", help="the built-in synthetic dataset").add_subparsers(
+    data = _command(sub, "data", help="the built-in synthetic dataset").add_subparsers(
         dest="data_command", required=True)
-    sp = data.add_parser("make", help="generate (or reuse) the synthetic COCO dataset")
-    sp.add_argument("--root", default="~/.cache/structkd/synthetic")
-    sp.add_argument("--num-train", type=int, default=512)
-    sp.add_argument("--num-val", type=int, default=128)
-    sp.add_argument("--size", type=int, default=256)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--overwrite", action="store_true")
+    sp = _command(data, "make", help="generate (or reuse) the synthetic COCO dataset")
+    sp.add_argument("--root", default="~/.cache/structkd/synthetic", help="output folder")
+    sp.add_argument("--num-train", type=int, default=512, help="training images")
+    sp.add_argument("--num-val", type=int, default=128, help="validation images")
+    sp.add_argument("--size", type=int, default=256, help="image side in pixels")
+    sp.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same data)")
+    sp.add_argument("--overwrite", action="store_true", help="regenerate even if it exists")
     sp.set_defaults(func=cmd_data_make)
-    sp = data.add_parser("show", help="render sample images with their boxes to a PNG")
-    sp.add_argument("--root", default="~/.cache/structkd/synthetic")
-    sp.add_argument("--split", default="val", choices=["train", "val"])
+    sp = _command(data, "show", help="render sample images with their boxes to a PNG")
+    sp.add_argument("--root", default="~/.cache/structkd/synthetic", help="dataset folder")
+    sp.add_argument("--split", default="val", choices=["train", "val"], help="which split")
     sp.add_argument("--ann", help="annotation JSON (default ROOT/SPLIT.json)")
     sp.add_argument("--images", help="image folder (default ROOT/SPLIT)")
     sp.add_argument("--predictions", help="COCO results JSON to draw as well")
-    sp.add_argument("--out", default="samples.png")
-    sp.add_argument("--num", type=int, default=8)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default="samples.png", help="PNG to write")
+    sp.add_argument("--num", type=int, default=8, help="number of images")
+    sp.add_argument("--seed", type=int, default=0, help="which images (random sample seed)")
     sp.set_defaults(func=cmd_data_show)
 
-    sp = sub.add_parser("configs", help="list the shipped configs")
+    sp = _command(sub, "configs", help="list the shipped configs")
     sp.set_defaults(func=cmd_configs)
 
-    sp = sub.add_parser("demo", help="teacher + students (none, L2, SSIM) on the built-in data")
-    sp.add_argument("--out", default="structkd_demo")
-    sp.add_argument("--quick", action="store_true", help="a ~3 minute smoke version")
-    sp.add_argument("--cache", default="~/.cache/structkd", help="data and teacher cache")
-    sp.add_argument("--seed", type=int, default=0)
+    sp = _command(sub, "demo", help="teacher + students (none, L2, SSIM) on the built-in data")
+    sp.add_argument("--out", default="structkd_demo",
+                    help="folder for the students' runs, report.md, results.json and plots")
+    sp.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
+    sp.add_argument("--cache", default="~/.cache/structkd",
+                    help="data and teacher cache, reused by later runs")
+    sp.add_argument("--seed", type=int, default=0, help="the students' seed")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of every run's config")
     sp.set_defaults(func=cmd_demo)
 
-    sp = sub.add_parser("benchmark", help="the seed study behind the demo's claim")
-    sp.add_argument("--out", default="structkd_benchmark")
-    sp.add_argument("--seeds", type=int, default=3)
-    sp.add_argument("--quick", action="store_true")
-    sp.add_argument("--cache", default="~/.cache/structkd")
-    sp.add_argument("--results-md", default="benchmarks/RESULTS.md")
+    sp = _command(sub, "benchmark", help="the seed study behind the demo's claim")
+    sp.add_argument("--out", default="structkd_benchmark",
+                    help="folder for every run (finished runs of the same config are reused)")
+    sp.add_argument("--seeds", type=int, default=3, help="seeds per method")
+    sp.add_argument("--quick", action="store_true", help="the smoke-sized plan")
+    sp.add_argument("--cache", default="~/.cache/structkd", help="data and teacher cache")
+    sp.add_argument("--results-md", default="benchmarks/RESULTS.md",
+                    help="where to write the study's markdown table")
     sp.add_argument("--methods", nargs="+", help="subset of the study's method names")
     sp.set_defaults(func=cmd_benchmark)
     return p
