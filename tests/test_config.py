@@ -167,6 +167,7 @@ def test_wrong_types_name_key_and_value(override: str, fragments: list[str]) -> 
     ("data.scale_range=[1.2, 0.8]", "data.scale_range"),
     ("data.scale_range=[1.0]", "data.scale_range"),
     ("schedule.preset=3x", "schedule.preset='3x'"),
+    ("distill.teacher_dtype=half", "distill.teacher_dtype='half'; expected one of"),
 ])
 def test_invalid_values(override: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=None) as info:

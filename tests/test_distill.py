@@ -299,3 +299,24 @@ def test_detector_losses_total() -> None:
     out = DetectorLosses(_detector("retinanet", 16).train())(*_batch())
     assert set(out) == {"classification", "bbox_regression", "loss"}
     assert torch.allclose(out["loss"], out["classification"] + out["bbox_regression"])
+
+
+def test_teacher_dtype_sets_the_teachers_precision(pair) -> None:
+    """bfloat16: features within a few percent of fp32, returned as fp32; float32: exact fp32
+    even inside a bf16 autocast region (the trainer's bf16-mixed)."""
+    student, teacher = (copy.deepcopy(m) for m in pair)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    ref = Distiller(student, teacher).teacher_features(x)
+    bf16 = Distiller(student, teacher, teacher_dtype="bfloat16").teacher_features(x)
+    fp32 = Distiller(student, teacher, teacher_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = fp32.teacher_features(x)
+        followed = Distiller(student, teacher).teacher_features(x)
+    for k in ref:
+        assert bf16[k].dtype == torch.float32 and exact[k].dtype == torch.float32
+        rel = float((bf16[k] - ref[k]).norm() / ref[k].norm())
+        assert 0 < rel < 0.05, (k, rel)
+        torch.testing.assert_close(exact[k], ref[k])
+    assert all(v.dtype == torch.bfloat16 for v in followed.values())  # None follows autocast
+    with pytest.raises(ValueError, match="teacher_dtype='int8'"):
+        Distiller(student, teacher, teacher_dtype="int8")

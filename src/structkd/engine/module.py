@@ -46,7 +46,7 @@ class DetectionModule(L.LightningModule):
             d = self.distill_cfg
             self.net: nn.Module = Distiller(
                 student, teacher, distance=d.distance, weight=d.weight, adapter=d.adapter,
-                levels=d.levels, **d.options,
+                levels=d.levels, teacher_dtype=d.teacher_dtype, **d.options,
             )
         else:
             self.net = DetectorLosses(student)
