@@ -27,6 +27,7 @@ import torch
 
 from . import __version__
 from .config import Config, load_config
+from .data import SyntheticPaths
 from .engine import fit
 from .evaluation import TABLE_KEYS
 
@@ -104,11 +105,16 @@ def _plan(quick: bool) -> Plan:
 
 def _section(plan_part: dict[str, Any], data: dict[str, Any], cache: Path, out_dir: Path,
              seed: int, overrides: list[str]) -> Config:
-    base = {k: v for k, v in plan_part.items()}
-    base["data"] = {**data, "synthetic_root": str(cache / "synthetic")}
+    base = dict(plan_part)
+    base["data"] = {**data, "synthetic_root": str(_synthetic(cache).root)}
     base["trainer"] = {"out_dir": str(out_dir), "seed": seed, "val_every": 0,
                        "checkpoint_every": 1}
     return load_config(base=base, overrides=overrides)
+
+
+def _synthetic(cache: Path) -> SyntheticPaths:
+    """Where the plans' generated dataset lives in the cache."""
+    return SyntheticPaths.under(cache / "synthetic")
 
 
 def _key(cfg: Config) -> str:
@@ -120,15 +126,15 @@ def _key(cfg: Config) -> str:
 
 def ensure_teacher(plan: Plan, cache: Path, overrides: list[str]) -> tuple[Path, dict[str, Any]]:
     """Train the plan's teacher unless an identical one is cached; returns (prefix, results)."""
-    probe = _section(plan.teacher, plan.data, cache, cache / "teachers" / "probe", 0, overrides)
-    out = cache / "teachers" / _key(probe)
+    cfg = _section(plan.teacher, plan.data, cache, cache / "teachers", 0, overrides)
+    out = cache / "teachers" / _key(cfg)  # the key leaves out_dir out
+    cfg.trainer.out_dir = str(out)
     done = out / "results.json"
     if done.is_file() and (out / "student.safetensors").is_file():
         logger.info("teacher: reusing the cached teacher in %s", out)
         return out / "student", json.loads(done.read_text())
     logger.info("teacher: training %s/%s into %s (cached for later runs)",
-                probe.model.arch, probe.model.backbone, out)
-    cfg = _section(plan.teacher, plan.data, cache, out, 0, overrides)
+                cfg.model.arch, cfg.model.backbone, out)
     fit(cfg, distill=False)
     return out / "student", json.loads(done.read_text())
 
@@ -215,7 +221,8 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     from .plots import plot_demo
 
-    figures = plot_demo(out, rows, [out / m for m in plan.demo_methods], teacher, plan, cache)
+    figures = plot_demo(out, rows, [out / m for m in plan.demo_methods], teacher,
+                        _synthetic(cache))
     _write_report(out, rows, table, elapsed, plan, quick, figures)
     return rows
 
@@ -262,7 +269,7 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
             logger.info("benchmark: seed %d, method %s", seed, m)
             runs[m].append(run_student(plan, m, teacher, cache, out / f"seed{seed}" / m, seed,
                                        [], reuse=True))
-    summary = _summarise(runs, t_res, teacher, plan, cache)
+    summary = _summarise(runs, t_res, teacher, plan)
     summary["elapsed_min"] = (time.perf_counter() - t_start) / 60
     summary["runs"] = sum(len(rs) for rs in runs.values())
     summary["reused_runs"] = sum(bool(r.get("reused")) for rs in runs.values() for r in rs)
@@ -282,7 +289,7 @@ def _wall_s(run_dir: Path) -> float:
     return (run_dir / "results.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
 
 
-def _summarise(runs, t_res, teacher: Path, plan: Plan, cache: Path) -> dict[str, Any]:
+def _summarise(runs, t_res, teacher: Path, plan: Plan) -> dict[str, Any]:
     base = [r["metrics"]["AP"] for r in runs.get("none", [])]
     rows = {}
     for m, rs in runs.items():

@@ -6,13 +6,16 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+
+if TYPE_CHECKING:
+    from .data import SyntheticPaths
 
 logger = logging.getLogger("structkd.plots")
 
@@ -110,14 +113,14 @@ def plot_level_ssim(values: dict[str, dict[int, float]], path: Path) -> Path:
 
 
 def plot_demo(out: Path, rows: list[dict[str, Any]], run_dirs: list[Path], teacher_prefix: Path,
-              plan: Any, cache: Path) -> list[Path]:
-    """All demo figures; returns their paths."""
+              data: SyntheticPaths) -> list[Path]:
+    """All demo figures (level SSIM on the first val images of ``data``); returns their paths."""
     from .data import CocoDetection
     from .models import load_exported
 
     figs = [plot_ap(rows, out / "ap_per_method.png"), plot_curves(run_dirs, out / "curves.png")]
     teacher, _, _ = load_exported(teacher_prefix)
-    val = CocoDetection(cache / "synthetic" / "val.json", cache / "synthetic" / "val")
+    val = CocoDetection(data.val_ann, data.val_images)
     images = [val[i][0] for i in range(min(8, len(val)))]
     values = {}
     for d in run_dirs:
