@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .config import TEACHER_DTYPES
 from .losses import FeatureDistillLoss
 
 logger = logging.getLogger("structkd.distill")
@@ -122,12 +123,11 @@ def pair_levels(student: nn.Module, teacher: nn.Module) -> list[LevelPair]:
 
 
 def _as_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    dtype = getattr(torch, str(value), None)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"teacher_dtype={value!r}; expected float32, bfloat16, float16 or None")
-    return dtype
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if value not in TEACHER_DTYPES:
+        raise ValueError(f"teacher_dtype={value!r}; expected one of {list(TEACHER_DTYPES)}")
+    return None if value is None else getattr(torch, value)
 
 
 def _norm_stats(model: nn.Module) -> tuple[list[float], list[float]]:
