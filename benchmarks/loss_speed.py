@@ -4,6 +4,14 @@ Inputs: the five RetinaNet neck levels of an 800x1333 image (P3 100x168 ... P7 7
 256 channels; the loss is min-max normalisation + distance + mean, summed over levels, with the
 gradient taken w.r.t. the student (the teacher needs none).
 
+The ``method-*`` rows are whole distillation methods built by ``structkd.methods.build_method``
+for the five levels (``Level`` objects, one ``DistillContext`` per step, default options and
+presets): their trainable parts (MGD's generators, FGD's GcBlocks) are in the timing and receive
+gradients too; FGD gets four random ground-truth boxes per image. ``method-ssim`` is SSIM through
+the same API (adapter "auto": none at equal widths; weight 1), beside the bare ``structkd-ssim``
+loss, whose value it must equal.
+``fussim`` (a CUDA SSIM) is a row only where it is importable and the device is CUDA.
+
 Timing: all methods run in one process, interleaved round by round, so that the slow drifts of a
 shared machine hit every method alike; the table gives the median over rounds. Peak memory: each
 method once in its own subprocess (resident-set high-water mark on CPU, max allocated on CUDA).
@@ -13,7 +21,8 @@ dimension and structkd truncates the window (see ``structkd.losses.ssim``).
 
     python benchmarks/loss_speed.py                    # table
     python benchmarks/loss_speed.py --json out.json    # and JSON
-    python benchmarks/loss_speed.py --device cuda      # on a GPU
+    python benchmarks/loss_speed.py --device cuda      # on a GPU (synchronised timings)
+    python benchmarks/loss_speed.py --rounds 2 --methods structkd-ssim method-pkd method-fgd
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ import time
 import warnings
 
 LEVELS = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
+BATCH_SHAPE = (800, 1344)  # the padded batch of an 800x1333 image (size divisor 32)
+IMAGE_SIZE = (800, 1333)
+BOXES_PER_IMAGE = 4
 METHODS = {
     "structkd-ssim": "structkd SSIMLoss (same/reflect, the default)",
     "structkd-ssim-valid": "structkd SSIMLoss (valid, pytorch-msssim's numerics)",
@@ -36,8 +48,28 @@ METHODS = {
     "torch-mse": "F.mse_loss, no normalisation",
     "pytorch-msssim": "pytorch_msssim.ssim (valid), autograd min-max",
     "kornia": "kornia ssim_loss (reflect), autograd min-max",
+    "fussim": "fussim fused_ssim (valid, CUDA only), autograd min-max",
+    "method-ssim": "build_method('ssim', adapter='auto', weight=1): SSIM through the method API",
+    "method-pkd": "build_method('pkd'): PKD, RetinaNet preset",
+    "method-cwd": "build_method('cwd'): CWD, tau 1",
+    "method-mgd": "build_method('mgd'): MGD, RetinaNet preset, generators trained",
+    "method-fgd": "build_method('fgd'): FGD, RetinaNet preset, 4 boxes per image",
 }
 REFERENCE = "pytorch-msssim"
+SSIM_ROW = "structkd-ssim"
+# method-ssim: no adapter and weight 1, so that it differs from structkd-ssim by the API only.
+METHOD_OPTIONS = {"ssim": {"adapter": "auto", "weight": 1.0}}
+
+
+def _fussim_available(device: str) -> bool:
+    import importlib.util
+
+    return device.startswith("cuda") and importlib.util.find_spec("fussim") is not None
+
+
+def default_methods(device: str) -> list[str]:
+    """Every row that can run on ``device`` (fussim only where importable, on CUDA)."""
+    return [m for m in METHODS if m != "fussim" or _fussim_available(device)]
 
 
 def _rss_kib(field: str) -> int:
@@ -82,6 +114,14 @@ def _build(method: str):
             return kornia.losses.ssim_loss(_autograd_minmax(s), _autograd_minmax(t), 11)
 
         return kornia_loss
+    if method == "fussim":
+        from fussim import fused_ssim
+
+        def fussim_loss(s, t):
+            z_s, z_t = _autograd_minmax(s), _autograd_minmax(t)
+            return (1 - fused_ssim(z_s, z_t, padding="valid")) / 2
+
+        return fussim_loss
     raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
 
 
@@ -96,10 +136,61 @@ def _inputs(device: str):
     return students, teachers
 
 
+def _random_boxes(device: str):
+    """``BOXES_PER_IMAGE`` random boxes (x1, y1, x2, y2) inside each image, fixed seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    h, w = IMAGE_SIZE
+    boxes = []
+    for _ in range(2):
+        xy = torch.rand(BOXES_PER_IMAGE, 2, generator=gen) * torch.tensor([w * 0.8, h * 0.8])
+        wh = (0.02 + 0.4 * torch.rand(BOXES_PER_IMAGE, 2, generator=gen)) * torch.tensor([w, h])
+        box = torch.cat([xy, (xy + wh).minimum(torch.tensor([w, h]))], dim=1)
+        boxes.append(box.to(device))
+    return boxes
+
+
+def _method_stepper(method: str, device: str):
+    """Like ``_stepper`` for a ``structkd.methods`` method (trainable parts included)."""
+    import torch
+
+    from structkd.methods import DistillContext, Level, build_method
+
+    levels = [Level(f"p{i + 3}", 8 * 2**i, 256, 256) for i in range(len(LEVELS))]
+    name = method.removeprefix("method-")
+    dist = build_method(name, levels, **METHOD_OPTIONS.get(name, {})).to(device)
+    students, teachers = _inputs(device)
+    ctx = DistillContext(
+        student={lv.name: s for lv, s in zip(levels, students, strict=True)},
+        teacher={lv.name: t for lv, t in zip(levels, teachers, strict=True)},
+        levels={lv.name: lv for lv in levels}, batch_shape=BATCH_SHAPE,
+        image_sizes=None, boxes=_random_boxes(device),
+    )
+    cuda = device.startswith("cuda")
+
+    def step() -> tuple[float, float]:
+        terms = dist(ctx)
+        loss = sum(terms.values())
+        loss.backward()
+        for s in students:
+            s.grad = None
+        for p in dist.parameters():
+            p.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        p3_p6 = dist.weight * sum(float(dist.level_values[lv.name]) for lv in levels[:4])
+        return float(loss.detach()), p3_p6
+
+    return step
+
+
 def _stepper(method: str, device: str):
     """A closure running one forward+backward of ``method``; returns (loss, loss on P3-P6)."""
     import torch
 
+    if method.startswith("method-"):
+        return _method_stepper(method, device)
     fn = _build(method)
     students, teachers = _inputs(device)
     cuda = device.startswith("cuda")
@@ -148,8 +239,11 @@ def time_methods(methods: list[str], device: str, rounds: int, threads: int) -> 
     steps = {m: _stepper(m, device) for m in methods}
     values = {m: steps[m]() for m in methods}  # warm-up, and the loss values
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cuda = device.startswith("cuda")
     for _ in range(rounds):
         for m in methods:
+            if cuda:  # every step also ends with a synchronisation
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             steps[m]()
             times[m].append((time.perf_counter() - t0) * 1e3)
@@ -162,16 +256,26 @@ def time_methods(methods: list[str], device: str, rounds: int, threads: int) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--rounds", type=int, default=9, help="timed steps per method (interleaved)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS),
+                   help="rows to run (default: all that can run on the device)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_of:
         print(json.dumps(peak_memory(args.memory_of, args.device)))
         return
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(f"--device {args.device}: CUDA is not available")
+    if args.methods is None:
+        args.methods = default_methods(args.device)
+    elif "fussim" in args.methods and not _fussim_available(args.device):
+        sys.exit("fussim needs the fussim package and --device cuda")
     memory = {}
     for m in args.methods:
         cmd = [sys.executable, __file__, "--memory-of", m, "--device", args.device]
@@ -182,26 +286,31 @@ def main() -> None:
         memory[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     rows = time_methods(args.methods, args.device, args.rounds, args.threads)
     ref = {r["method"]: r for r in rows}.get(REFERENCE)
+    ssim = {r["method"]: r for r in rows}.get(SSIM_ROW)
     print(f"device={args.device} threads={args.threads} rounds={args.rounds} "
           f"levels={LEVELS} batch=2 channels=256 ({platform.processor() or platform.machine()})")
     print(f"| {'method':<20} | {'median ms':>9} | {'min ms':>7} | {'vs msssim':>9} | "
-          f"{'peak MiB':>8} | {'loss':>9} | {'P3-P6 - msssim':>14} |")
-    print(f"|{'-' * 22}|{'-' * 11}:|{'-' * 8}:|{'-' * 10}:|{'-' * 9}:|{'-' * 10}:|{'-' * 15}:|")
+          f"{'time/ssim':>9} | {'peak MiB':>8} | {'loss':>10} | {'P3-P6 - msssim':>14} |")
+    print(f"|{'-' * 22}|{'-' * 11}:|{'-' * 8}:|{'-' * 10}:|{'-' * 10}:|{'-' * 9}:|{'-' * 11}:|"
+          f"{'-' * 15}:|")
     for r in rows:
         r["peak_mib"] = memory[r["method"]]
         r["speedup_vs_msssim"] = ref["ms"] / r["ms"] if ref else None
+        r["time_vs_ssim"] = r["ms"] / ssim["ms"] if ssim else None
         diff = r["loss_p3_p6"] - ref["loss_p3_p6"] if ref else float("nan")
         r["numerics_diff_p3_p6"] = diff if r["method"].endswith("ssim-valid") else None
         ratio = f"{r['speedup_vs_msssim']:.2f}x" if ref else "-"
+        vs_ssim = f"{r['time_vs_ssim']:.2f}x" if ssim else "-"
         dtxt = f"{diff:+.1e}" if r["numerics_diff_p3_p6"] is not None else ""
         print(f"| {r['method']:<20} | {r['ms']:>9.1f} | {r['ms_min']:>7.1f} | {ratio:>9} | "
-              f"{r['peak_mib']:>8.0f} | {r['loss']:>9.5f} | {dtxt:>14} |")
+              f"{vs_ssim:>9} | {r['peak_mib']:>8.0f} | {r['loss']:>10.6g} | {dtxt:>14} |")
     if args.json:
         import torch
 
         meta = {"device": args.device, "threads": args.threads, "rounds": args.rounds,
                 "machine": platform.processor() or platform.machine(),
-                "cpu_count": os.cpu_count(), "torch": torch.__version__, "levels": LEVELS}
+                "cpu_count": os.cpu_count(), "torch": torch.__version__, "levels": LEVELS,
+                "methods": {m: METHODS[m] for m in args.methods}}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)
 

@@ -40,7 +40,7 @@ def test_train_distill_eval(coco_data, tmp_path: Path) -> None:
     out = _ok(cli_subprocess(["distill", "--teacher", str(teacher / "student"), "--method",
                               "ssim", *_sets(tiny_overrides(coco_data, student))]))
     resolved = load_config(student / "config.yaml")
-    assert resolved.distill.distance == "ssim"
+    assert resolved.distill.method == "ssim"
     assert resolved.teacher.checkpoint == str(teacher / "student")
     assert json.loads((student / "results.json").read_text())["mode"] == "distill"
     assert f"| {student} | " in out

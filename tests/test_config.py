@@ -27,7 +27,7 @@ def test_defaults_load() -> None:
     assert isinstance(cfg, Config)
     assert list(cfg.to_dict()) == SECTIONS
     assert cfg.model.arch == "retinanet" and cfg.model.backbone == "resnet18"
-    assert cfg.distill.distance == "ssim" and cfg.distill.weight == 2.0
+    assert cfg.distill.method == "ssim" and cfg.distill.weight is None
     assert cfg.distill.levels is None and cfg.distill.options == {}
     assert cfg.teacher.checkpoint is None and cfg.teacher.strict_classes is True
     assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.01
@@ -45,7 +45,7 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({
         "model": {"arch": "fcos", "fpn_channels": 64},
         "optim": {"lr": 0.05, "name": "adamw"},
-        "distill": {"distance": "mse", "levels": ["s32"]},
+        "distill": {"method": "ssim", "levels": ["s32"]},
         "teacher": {"checkpoint": "runs/teacher/student"},
     }))
     cfg = load_config(path, [
@@ -59,7 +59,7 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
     ])
     # YAML values survive where not overridden...
     assert cfg.model.arch == "fcos" and cfg.model.fpn_channels == 64
-    assert cfg.optim.name == "adamw" and cfg.distill.distance == "mse"
+    assert cfg.optim.name == "adamw" and cfg.distill.method == "ssim"
     # ...and overrides win, with YAML-typed values.
     assert cfg.optim.lr == 0.02 and isinstance(cfg.optim.lr, float)
     assert cfg.distill.levels == ["s8", "s16"]

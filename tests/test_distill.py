@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from structkd.distill import DetectorLosses, Distiller, pair_levels
+from structkd.distill import DetectorLosses, Distiller
 from structkd.models import build_detector
 
 SIZE = 64
@@ -50,7 +50,7 @@ def pair() -> tuple[nn.Module, nn.Module]:
 def distiller(pair) -> Distiller:
     student, teacher = (copy.deepcopy(m) for m in pair)
     torch.manual_seed(0)
-    return Distiller(student.train(), teacher, distance="ssim", weight=2.0)
+    return Distiller(student.train(), teacher, "ssim", weight=2.0)
 
 
 def test_levels_pair_by_stride_with_adapters(distiller: Distiller) -> None:
@@ -61,21 +61,21 @@ def test_levels_pair_by_stride_with_adapters(distiller: Distiller) -> None:
         "s64": ("pool", "p6", 64),
     }
     assert all((p.student_channels, p.teacher_channels) == (16, 32) for p in distiller.pairs)
-    adapters = distiller.feature_loss.adapters
+    adapters = distiller.method.adapters
     assert list(adapters) == SHARED
     for name in SHARED:
         conv = adapters[name]
         assert isinstance(conv, nn.Conv2d)
         assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (16, 32, (1, 1))
     # The teacher-only stride 128 and the student-only stride 4 are not distilled.
-    assert pair_levels(distiller.student, distiller.teacher) == distiller.pairs
+    assert [p.stride for p in distiller.pairs] == [8, 16, 32, 64]
 
 
 def test_level_selection(pair) -> None:
     student, teacher = (copy.deepcopy(m) for m in pair)
     d = Distiller(student, teacher, levels=["s16", "s8"])
     assert [p.name for p in d.pairs] == ["s8", "s16"]
-    assert list(d.feature_loss.adapters) == ["s8", "s16"]
+    assert list(d.method.adapters) == ["s8", "s16"]
     with pytest.raises(ValueError, match=r"\['s4'\].*s8.*s64"):
         Distiller(student, teacher, levels=["s4"])
 
@@ -89,9 +89,9 @@ def test_teacher_is_outside_the_module_tree(distiller: Distiller) -> None:
     assert not any("teacher" in n for n, _ in distiller.named_modules())
     assert all(teacher is not m for m in distiller.modules())
     # Everything registered is the student or the adapters.
-    assert {k.split(".")[0] for k in distiller.state_dict()} == {"student", "feature_loss"}
+    assert {k.split(".")[0] for k in distiller.state_dict()} == {"student", "method"}
     student_ids = {id(p) for p in distiller.student.parameters()}
-    adapter_ids = {id(p) for p in distiller.feature_loss.parameters()}
+    adapter_ids = {id(p) for p in distiller.method.parameters()}
     assert {id(p) for p in own} == student_ids | adapter_ids
     assert all(not p.requires_grad for p in teacher.parameters())
 
@@ -119,17 +119,20 @@ def test_teacher_bn_frozen_student_bn_updates(distiller: Distiller) -> None:
     assert s_after["backbone.body.bn1.num_batches_tracked"] == 3
 
 
-def test_outputs_and_total(distiller: Distiller) -> None:
+def test_outputs_sum_to_the_loss(distiller: Distiller) -> None:
+    """The dict holds the detection losses and the method's terms only, so summing it (as
+    torchvision's reference loop does) gives the training loss; per-level values come from
+    ``level_values()``."""
     out = distiller(*_batch())
     det_keys = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
-    assert set(out) == det_keys | {"loss", "distill"} | {f"distill/{n}" for n in SHARED}
+    assert set(out) == det_keys | {"distill"}
     for k, v in out.items():
         assert v.ndim == 0 and torch.isfinite(v), k
-    total = sum(out[k] for k in det_keys) + out["distill"]
-    assert torch.allclose(out["loss"], total)
-    per_level = sum(out[f"distill/{n}"] for n in SHARED)
+    levels = distiller.level_values()
+    assert set(levels) == {f"distill/{n}" for n in SHARED}
+    per_level = sum(levels.values())
     assert torch.allclose(out["distill"], 2.0 * per_level)  # weight * sum over levels
-    assert all(not out[f"distill/{n}"].requires_grad for n in SHARED)  # logged values detached
+    assert all(not v.requires_grad for v in levels.values())  # logged values detached
     assert out["distill"].item() > 0
 
 
@@ -138,7 +141,7 @@ def test_teacher_sees_the_student_transformed_batch(distiller: Distiller) -> Non
     s, t = distiller.student, distiller.teacher
     hooks = [
         s.transform.register_forward_hook(lambda m, a, o: seen["student_in"].append(o[0].tensors)),
-        distiller.teacher_neck.register_forward_hook(
+        distiller.frozen_teacher.runner.register_forward_hook(
             lambda m, a, o: seen["teacher_in"].append(a[0])),
         t.head.register_forward_hook(lambda m, a, o: seen["teacher_head"].append(1)),
         t.transform.register_forward_hook(lambda m, a, o: seen["teacher_head"].append(2)),
@@ -163,7 +166,8 @@ def test_teacher_input_renormalised_when_stats_differ(pair) -> None:
     captured: dict[str, torch.Tensor] = {}
     h1 = student.transform.register_forward_hook(
         lambda m, a, o: captured.__setitem__("s", o[0].tensors))
-    h2 = d.teacher_neck.register_forward_hook(lambda m, a, o: captured.__setitem__("t", a[0]))
+    h2 = d.frozen_teacher.runner.register_forward_hook(
+        lambda m, a, o: captured.__setitem__("t", a[0]))
     try:
         d(*_batch())
     finally:
@@ -187,7 +191,7 @@ def test_student_backbone_runs_once_per_step(distiller: Distiller) -> None:
         return hook
 
     hs = [distiller.student.backbone.register_forward_hook(count("student")),
-          distiller.teacher_neck.register_forward_hook(count("teacher"))]
+          distiller.frozen_teacher.runner.register_forward_hook(count("teacher"))]
     try:
         for seed in range(2):
             distiller(*_batch(seed))
@@ -199,9 +203,9 @@ def test_student_backbone_runs_once_per_step(distiller: Distiller) -> None:
 
 def test_gradients_reach_student_and_adapters_not_teacher(distiller: Distiller) -> None:
     out = distiller(*_batch())
-    out["loss"].backward()
+    sum(out.values()).backward()
     for name in SHARED:
-        w = distiller.feature_loss.adapters[name].weight
+        w = distiller.method.adapters[name].weight
         assert w.grad is not None and w.grad.abs().sum() > 0, name
     fpn_grad = distiller.student.backbone.fpn.inner_blocks[0][0].weight.grad
     assert fpn_grad is not None and fpn_grad.abs().sum() > 0
@@ -213,7 +217,7 @@ def test_gradients_reach_student_and_adapters_not_teacher(distiller: Distiller) 
 def test_distill_gradient_flows_into_student_features(pair) -> None:
     """The distill term alone (detection losses detached) moves the student's FPN."""
     student, teacher = (copy.deepcopy(m) for m in pair)
-    d = Distiller(student.train(), teacher, distance="mse", weight=1.0)
+    d = Distiller(student.train(), teacher, "mse", weight=1.0)
     out = d(*_batch())
     out["distill"].backward()
     grad = student.backbone.fpn.layer_blocks[1][0].weight.grad  # stride 8 = s8
@@ -228,14 +232,14 @@ def test_identical_weights_give_zero_distill(distance: str, adapter: str) -> Non
     # Frozen BN: train- and eval-mode features coincide, so the copies compute the same maps.
     student = _detector("retinanet", 16, norm="frozen_bn")
     teacher = copy.deepcopy(student)
-    d = Distiller(student.train(), teacher, distance=distance, adapter=adapter, weight=3.0)
+    d = Distiller(student.train(), teacher, distance, adapter=adapter, weight=3.0)
     out = d(*_batch())
     assert [p.name for p in d.pairs] == ["s8", "s16", "s32", "s64", "s128"]
     # The teacher's BatchNorm is folded into its convolutions (float rounding of ~1e-7 relative
     # per feature): L1, linear in that difference, sums to a few 1e-6; MSE and SSIM to ~1e-12.
     assert out["distill"].item() == pytest.approx(0.0, abs=3e-5)
     for p in d.pairs:
-        assert out[f"distill/{p.name}"].item() == pytest.approx(0.0, abs=1e-5)
+        assert d.level_values()[f"distill/{p.name}"].item() == pytest.approx(0.0, abs=1e-5)
     # A perturbed teacher gives a clearly positive loss through the same path.
     with torch.no_grad():
         for prm in teacher.backbone.fpn.parameters():
@@ -253,7 +257,7 @@ def test_teacher_neck_is_fused_exact_and_follows_the_teacher(pair) -> None:
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
     d = Distiller(student.train(), teacher)
-    neck = d.teacher_neck
+    neck = d.frozen_teacher.runner
     assert not any(isinstance(m, nn.BatchNorm2d) for m in neck.modules())
     x = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -261,10 +265,10 @@ def test_teacher_neck_is_fused_exact_and_follows_the_teacher(pair) -> None:
     got = d.teacher_features(x)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5)
-    assert d.teacher_neck is neck  # unchanged teacher: no rebuild
+    assert d.frozen_teacher.runner is neck  # unchanged teacher: no rebuild
     with torch.no_grad():
         teacher.backbone.fpn.layer_blocks[0][0].weight.mul_(2)
-    assert d.teacher_neck is not neck
+    assert d.frozen_teacher.runner is not neck
     with torch.no_grad():
         expected = teacher.backbone(x)
     torch.testing.assert_close(d.teacher_features(x)["0"], expected["0"], rtol=1e-4, atol=1e-5)
@@ -287,18 +291,17 @@ def test_to_float64_moves_teacher(distiller: Distiller) -> None:
     assert all(not m.training for m in distiller.teacher.modules())
 
 
-def test_rejects_non_detectors(pair) -> None:
-    with pytest.raises(ValueError, match=r"student \(Conv2d\) has no 'transform'"):
+def test_rejects_models_without_the_tapped_module(pair) -> None:
+    with pytest.raises(ValueError, match=r"student \(Conv2d\) has no module 'backbone'"):
         Distiller(nn.Conv2d(3, 3, 1), pair[1])
-    with pytest.raises(ValueError, match=r"teacher \(Linear\) has no 'transform'"):
+    with pytest.raises(ValueError, match=r"teacher \(Linear\) has no module 'backbone'"):
         Distiller(copy.deepcopy(pair[0]), nn.Linear(2, 2))
 
 
 def test_detector_losses_total() -> None:
     torch.manual_seed(0)
     out = DetectorLosses(_detector("retinanet", 16).train())(*_batch())
-    assert set(out) == {"classification", "bbox_regression", "loss"}
-    assert torch.allclose(out["loss"], out["classification"] + out["bbox_regression"])
+    assert set(out) == {"classification", "bbox_regression"}
 
 
 def test_teacher_dtype_sets_the_teachers_precision(pair) -> None:

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from structkd.config import load_config
-from structkd.engine import distill, evaluate, load_detector, train
+from structkd.engine import distill, evaluate, train
 from structkd.engine.module import DetectionModule
+from structkd.models import load_detector, load_exported
 
 METRIC_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "per_class"}
 
@@ -40,7 +41,7 @@ def test_train_writes_every_artifact(teacher_run) -> None:
     again = load_config(out / "config.yaml")
     assert again.model.fpn_channels == 32 and again.trainer.seed == 1
     # The export rebuilds the detector that was trained, with its class names.
-    model, spec, meta = load_detector(teacher_run.export_prefix)
+    model, spec, meta = load_exported(teacher_run.export_prefix)
     assert (spec.arch, spec.backbone, spec.fpn_channels) == ("retinanet", "resnet18", 32)
     assert meta["class_names"][0] == "__background__" and len(meta["class_names"]) == 7
     assert not model.training
@@ -59,7 +60,7 @@ def test_export_equals_last_checkpoint(teacher_run) -> None:
 def test_distill_ssim_checkpoint_has_no_teacher(teacher_run, make_overrides, tmp_path) -> None:
     out = tmp_path / "ssim"
     cfg = load_config(overrides=make_overrides(
-        out, f"teacher.checkpoint={teacher_run.export_prefix}", "distill.distance=ssim",
+        out, f"teacher.checkpoint={teacher_run.export_prefix}", "distill.method=ssim",
         "distill.weight=2.0"))
     result = distill(cfg)
     results = json.loads((out / "results.json").read_text())
@@ -68,9 +69,13 @@ def test_distill_ssim_checkpoint_has_no_teacher(teacher_run, make_overrides, tmp
     keys = list(ckpt["state_dict"])
     assert not [k for k in keys if "teacher" in k]
     # Student weights plus the trainable adapters; nothing else.
-    assert {k.split(".")[1] for k in keys} == {"student", "feature_loss"}
-    assert any(k.startswith("net.feature_loss.adapters.s8.") for k in keys)
-    assert ckpt["structkd"]["distill"] == {"distance": "ssim", "weight": 2.0}
+    assert {k.split(".")[1] for k in keys} == {"student", "method"}
+    assert any(k.startswith("net.method.adapters.s8.") for k in keys)
+    method = ckpt["structkd"]["method"]
+    assert (method["name"], method["weight"]) == ("ssim", 2.0)
+    assert [lv["name"] for lv in ckpt["structkd"]["levels"]] == ["s8", "s16", "s32", "s64",
+                                                                  "s128"]
+    assert len(ckpt["structkd"]["teacher"]["fingerprint"]) == 16
     # The teacher would add its own ~same-size weights: the checkpoint stays student-sized.
     n_student = sum(v.numel() for k, v in ckpt["state_dict"].items() if ".student." in k)
     assert sum(v.numel() for v in ckpt["state_dict"].values()) < 1.2 * n_student
@@ -80,13 +85,13 @@ def test_distill_ssim_checkpoint_has_no_teacher(teacher_run, make_overrides, tmp
         header)
     # The export is the plain student detector (no adapters).
     exported = load_file(str(result.export_prefix) + ".safetensors")
-    assert not [k for k in exported if "feature_loss" in k or "teacher" in k]
+    assert not [k for k in exported if "adapters" in k or "teacher" in k]
 
 
 def test_distill_none_is_the_plain_baseline(teacher_run, make_overrides, tmp_path) -> None:
     out = tmp_path / "none"
     distill(load_config(overrides=make_overrides(
-        out, f"teacher.checkpoint={teacher_run.export_prefix}", "distill.distance=none")))
+        out, f"teacher.checkpoint={teacher_run.export_prefix}", "distill.method=none")))
     results = json.loads((out / "results.json").read_text())
     assert results["mode"] == "train"
     header = (out / "metrics.csv").read_text().splitlines()[0]
@@ -115,7 +120,7 @@ def test_limit_val_evaluates_only_those_images(teacher_run, make_overrides, tmp_
     cfg = load_config(overrides=make_overrides(tmp_path / "lv", "data.limit_val=2"))
     metrics = evaluate(teacher_run.export_prefix, cfg)
     assert metrics["num_images"] == 2
-    model, _, _ = load_detector(teacher_run.export_prefix)
+    model, _, _ = load_exported(teacher_run.export_prefix)
     val = CocoDetection(cfg.data.val_ann, cfg.data.val_images, build_transforms(False))
     images, targets = zip(*(val[i] for i in range(2)), strict=True)
     ids = [t["image_id"] for t in targets]
@@ -132,7 +137,7 @@ def _student_state(out: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_is_exact(teacher_run, make_overrides, tmp_path) -> None:
     """2 epochs in one go == 1 epoch, stop, resume from last.ckpt for the 2nd epoch."""
-    common = (f"teacher.checkpoint={teacher_run.export_prefix}", "distill.distance=ssim",
+    common = (f"teacher.checkpoint={teacher_run.export_prefix}", "distill.method=ssim",
               "schedule.max_steps=null", "data.limit_train=8", "schedule.warmup_iters=1",
               "trainer.deterministic=true")
     full = tmp_path / "full"
@@ -169,7 +174,7 @@ def test_resume_missing_checkpoint_is_a_clear_error(make_overrides, tmp_path) ->
 @pytest.mark.parametrize("arch", ["fcos", "fasterrcnn"])
 def test_train_other_detectors(arch, make_overrides, tmp_path) -> None:
     result = train(load_config(overrides=make_overrides(tmp_path / arch, f"model.arch={arch}")))
-    _, spec, _ = load_detector(result.export_prefix)
+    _, spec, _ = load_exported(result.export_prefix)
     assert spec.arch == arch
     assert set(result.metrics) >= METRIC_KEYS
 
@@ -181,11 +186,11 @@ def test_heterogeneous_pair_retinanet_teacher_fasterrcnn_student(
     out = tmp_path / "hetero"
     distill(load_config(overrides=make_overrides(
         out, f"teacher.checkpoint={teacher_run.export_prefix}", "model.arch=fasterrcnn",
-        "distill.distance=mse")))
+        "distill.method=mse")))
     ckpt = _ckpt(out / "checkpoints" / "last.ckpt")
     adapters = {k.split(".")[3] for k in ckpt["state_dict"] if ".adapters." in k}
     assert adapters == {"s8", "s16", "s32", "s64"}  # stride 4 and 128 exist on one side only
-    w = ckpt["state_dict"]["net.feature_loss.adapters.s8.weight"]
+    w = ckpt["state_dict"]["net.method.adapters.s8.weight"]
     assert tuple(w.shape) == (32, 16, 1, 1)
 
 
@@ -197,9 +202,11 @@ def test_teacher_with_other_class_count_is_rejected(teacher_run, make_overrides,
     spec = {"arch": "retinanet", "num_classes": 4, "backbone": "resnet18", "fpn_channels": 16,
             "min_size": 64, "max_size": 64}
     prefix = tmp_path / "other" / "teacher"
-    export_student(build_detector(spec), spec, prefix)
+    names = ["__background__", "a", "b", "c"]
+    export_student(build_detector(spec), spec, prefix, extra_meta={
+        "class_names": names, "label_to_cat_id": {"1": 1, "2": 2, "3": 3}})
     cfg = load_config(overrides=make_overrides(tmp_path / "x", f"teacher.checkpoint={prefix}"))
-    with pytest.raises(ValueError, match=r"num_classes=4 but the dataset has 7"):
+    with pytest.raises(ValueError, match=r"trained on other classes.*\(3 vs 6 classes\)"):
         distill(cfg)
     # Distilling from its neck anyway is allowed on request.
     cfg = load_config(overrides=make_overrides(
@@ -221,7 +228,7 @@ def test_evaluate_with_other_class_count_is_rejected(make_overrides, tmp_path) -
 def test_not_a_structkd_checkpoint(tmp_path) -> None:
     bad = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, bad)
-    with pytest.raises(ValueError, match=r"foreign\.ckpt is not a structkd checkpoint"):
+    with pytest.raises(ValueError, match=r"foreign\.ckpt is not a checkpoint of a structkd"):
         load_detector(bad)
     with pytest.raises(FileNotFoundError, match=r"missing\.ckpt does not exist"):
         load_detector(tmp_path / "missing.ckpt")
@@ -243,7 +250,6 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_last_checkpoint(
             def nan_forward(images, targets):
                 losses = real(images, targets)
                 losses["classification"] = losses["classification"] * float("nan")
-                losses["loss"] = sum(v for k, v in losses.items() if k != "loss")
                 return losses
 
             monkeypatch.setattr(self.net, "forward", nan_forward)
@@ -256,6 +262,7 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_last_checkpoint(
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(epoch 1\)") as e:
         train(cfg)
     assert "'classification': nan" in str(e.value) and "bbox_regression" in str(e.value)
+    assert "the last good checkpoint is kept" in str(e.value)
     ckpt = _ckpt(out / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] == 0 and ckpt["global_step"] == 1
 
@@ -268,7 +275,7 @@ def test_bf16_mixed_precision_distill(teacher_run, make_overrides, tmp_path) -> 
     """
     out = tmp_path / "bf16"
     result = distill(load_config(overrides=make_overrides(
-        out, f"teacher.checkpoint={teacher_run.export_prefix}", "distill.distance=ssim",
+        out, f"teacher.checkpoint={teacher_run.export_prefix}", "distill.method=ssim",
         "trainer.precision=bf16-mixed", "model.min_size=128", "model.max_size=128")))
     rows = (out / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
@@ -279,7 +286,7 @@ def test_bf16_mixed_precision_distill(teacher_run, make_overrides, tmp_path) -> 
 
 
 def test_cpu_bf16_hazard_is_named_for_small_inputs_only(make_overrides, tmp_path) -> None:
-    from structkd.engine.run import cpu_bf16_hazard
+    from structkd.engine.hazards import cpu_bf16_hazard
     from structkd.models import DetectorSpec
 
     def hazard(precision: str, size: int, arch: str = "retinanet") -> str | None:

@@ -1,8 +1,9 @@
 """``structkd`` command line: a thin layer over ``structkd.engine`` and ``structkd.data``.
 
-    structkd train   -c CONFIG [--set key=value ...]
-    structkd distill -c CONFIG --teacher PATH [--method ssim|l1|mse|none] [--set ...]
+    structkd train   -c CONFIG [--set key=value ...] [--overwrite]
+    structkd distill -c CONFIG --teacher PATH|BUILDER [--teacher-weights W] [--method M] [--set ...]
     structkd eval    CHECKPOINT -c CONFIG [--out metrics.json]
+    structkd methods            (the distillation methods, their options and papers)
     structkd data make|show ...
     structkd demo [--quick]
     structkd benchmark [--seeds 3]
@@ -58,26 +59,61 @@ def _print_metrics(name: str, metrics: dict) -> None:
     print(format_metrics_table({name: metrics}))
 
 
+def _run_flags(args: argparse.Namespace) -> list[str]:
+    return ["trainer.overwrite=true"] if args.overwrite else []
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
 
-    r = train(_load(args))
+    r = train(_load(args, _run_flags(args)))
     _print_metrics(str(r.out_dir), r.metrics)
     print(f"student exported to {r.export_prefix}.safetensors")
     return 0
 
 
+def _is_torchvision_builder(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models(torchvision.models.detection)
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from .engine import distill
 
-    extra = []
+    extra = _run_flags(args)
     if args.teacher:
-        extra.append(f"teacher.checkpoint={args.teacher}")
+        key = "torchvision" if _is_torchvision_builder(args.teacher) else "checkpoint"
+        extra.append(f"teacher.{key}={args.teacher}")
+    if args.teacher_weights:
+        extra.append(f"teacher.weights={args.teacher_weights}")
     if args.method:
-        extra.append(f"distill.distance={args.method}")
+        extra.append(f"distill.method={args.method}")
     r = distill(_load(args, extra))
     _print_metrics(str(r.out_dir), r.metrics)
     print(f"student exported to {r.export_prefix}.safetensors")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import describe_methods
+
+    for info in describe_methods():
+        print(f"{info.name}: {info.summary}")
+        print(f"    paper:   {info.paper}")
+        opts = ", ".join(f"{k}={v!r}" for k, v in info.options.items())
+        print(f"    options: {opts}")
+        for dist, extra in info.extra_options.items():
+            shown = {k: v for k, v in extra.items() if k != "check_finite"}
+            print(f"    options with distance={dist!r}: "
+                  + ", ".join(f"{k}={v!r}" for k, v in shown.items()))
+        for preset, values in info.presets.items():
+            print(f"    preset {preset}: " + ", ".join(f"{k}={v:g}" for k, v in values.items()))
+        if info.aliases:
+            print("    aliases: " + ", ".join(f"{a} = {info.name} {p}"
+                                            for a, p in info.aliases.items()))
+        if info.needs_boxes:
+            print("    needs the ground-truth boxes")
     return 0
 
 
@@ -157,16 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.lr=0.02 (repeatable)")
 
+    def with_overwrite(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in trainer.out_dir (by default a finished "
+                        "run is kept and this one goes to OUT_DIR-2, -3, ...)")
+
     sp = _command(sub, "train", help="train a plain detector (a teacher or a baseline)")
     with_config(sp)
+    with_overwrite(sp)
     sp.set_defaults(func=cmd_train)
+
+    from .methods import ALIASES, METHODS
 
     sp = _command(sub, "distill", help="distil a teacher into a student")
     with_config(sp)
-    sp.add_argument("--teacher", help="teacher export prefix or .ckpt (teacher.checkpoint)")
-    sp.add_argument("--method", choices=["ssim", "l1", "mse", "l2", "none"],
-                    help="distance (distill.distance)")
+    with_overwrite(sp)
+    sp.add_argument("--teacher", help="teacher: a structkd export prefix or .ckpt "
+                    "(teacher.checkpoint), or a torchvision detection builder name such as "
+                    "retinanet_resnet50_fpn_v2 (teacher.torchvision)")
+    sp.add_argument("--teacher-weights", help="with a torchvision builder: its weights enum "
+                    "(e.g. RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1) or a local .pth file")
+    sp.add_argument("--method", choices=[*METHODS, *ALIASES, "none"],
+                    help="distillation method (distill.method); `structkd methods` lists them")
     sp.set_defaults(func=cmd_distill)
+
+    sp = _command(sub, "methods", help="list the distillation methods with options and papers")
+    sp.set_defaults(func=cmd_methods)
 
     sp = _command(sub, "eval", help="COCO box metrics of a saved detector on the val split")
     sp.add_argument("checkpoint", help="export prefix, .safetensors or .ckpt")

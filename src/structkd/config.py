@@ -37,48 +37,85 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
     limit_train: int | None = None  # use only the first N training images (smoke runs)
     limit_val: int | None = None
+    persistent_workers: bool = False  # keep loader workers alive between epochs
 
 
-@dataclass
-class ModelConfig:
-    """The detector to train (see ``structkd.models.DetectorSpec``)."""
+# The model section mirrors ``DetectorSpec`` field by field (its one source of truth); only the
+# defaults below differ, sized for small inputs. ``num_classes`` comes from the data.
+MODEL_DEFAULTS: dict[str, Any] = {
+    "arch": "retinanet", "backbone": "resnet18", "fpn_channels": 128, "min_size": 256,
+    "max_size": 256,
+}
 
-    arch: str = "retinanet"
-    backbone: str = "resnet18"
-    fpn_channels: int = 128
-    min_size: int = 256
-    max_size: int = 256
-    weights: str | None = None
-    backbone_weights: str | None = None
-    trainable_backbone_layers: int | None = None
-    norm: str | None = None
-    variant: str | None = None
-    anchor_size: int | None = None  # RetinaNet/Faster R-CNN; None = torchvision's 32
+
+def _model_config_class() -> type:
+    from .models.spec import DetectorSpec
+
+    hints = typing.get_type_hints(DetectorSpec)
+    fields = []
+    for f in dataclasses.fields(DetectorSpec):
+        if f.name == "num_classes":
+            continue
+        if f.name in MODEL_DEFAULTS:
+            default = field(default=MODEL_DEFAULTS[f.name])
+        elif f.default_factory is not dataclasses.MISSING:
+            default = field(default_factory=f.default_factory)
+        else:
+            default = field(default=f.default)
+        fields.append((f.name, hints[f.name], default))
+    cls = dataclasses.make_dataclass("ModelConfig", fields)
+    cls.__module__ = __name__
+    cls.__doc__ = ("The detector to train: the fields of ``structkd.models.DetectorSpec`` "
+                   "(``num_classes`` comes from the data).")
+    return cls
+
+
+ModelConfig = _model_config_class()
 
 
 @dataclass
 class TeacherConfig:
-    """A trained teacher: an exported prefix (``.safetensors`` + ``.json``) or a ``.ckpt`` file."""
+    """Where the teacher comes from: one of ``checkpoint`` (a structkd export prefix, its
+    ``.safetensors``, or a Lightning ``.ckpt`` of a structkd run) or ``torchvision`` (a builder
+    name such as ``retinanet_resnet50_fpn_v2``) with ``weights`` (its weights enum, e.g.
+    ``RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1``, read from the torch.hub cache, or a local
+    ``.pth`` file of that builder's state dict)."""
 
     checkpoint: str | None = None
-    strict_classes: bool = True  # the teacher must have the dataset's class count
+    torchvision: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None  # torchvision builder without COCO weights only
+    strict_classes: bool = True  # the teacher's label set must be the dataset's
 
 
 @dataclass
 class DistillConfig:
-    """The feature loss: ``L = L_det + weight * sum_levels distance(adapter(S), T)``."""
+    """The distillation method (``structkd methods`` lists them with their options).
 
-    distance: str = "ssim"  # ssim | l1 | mse | l2 | none
-    weight: float = 2.0
-    adapter: str = "conv1x1"
+    ``method``: a method name or alias (ssim, l1, mse, pkd, cwd, mgd, fgd, ...) or "none".
+    ``weight``: the method's overall weight (None: its paper default). ``options``: the method's
+    other options. ``student_layers`` / ``teacher_layers``: module path(s) to tap.
+    """
+
+    method: str = "ssim"
+    weight: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
     levels: list[str] | None = None  # e.g. ["s8", "s16"]; None = every shared stride
-    options: dict[str, Any] = field(default_factory=dict)  # passed to the distance
+    student_layers: Any = "backbone"  # a module path or a list of paths
+    teacher_layers: Any = "backbone"
+    teacher_root: str = "backbone"  # the teacher module that takes the batched images
     # The teacher's compute dtype: None follows the trainer's precision; "bfloat16" halves the
     # teacher's forward time on CPUs with native bf16 (features then differ by about 1%).
     teacher_dtype: str | None = None  # None | float32 | bfloat16 | float16
 
-
-TEACHER_DTYPES = (None, "float32", "bfloat16", "float16")
+    def method_options(self) -> dict[str, Any]:
+        """The keyword options for ``build_method``: ``options`` plus ``weight`` when set."""
+        if "weight" in self.options:
+            raise ValueError("distill.options.weight: set distill.weight instead")
+        out = dict(self.options)
+        if self.weight is not None:
+            out["weight"] = self.weight
+        return out
 
 
 @dataclass
@@ -119,6 +156,8 @@ class TrainerConfig:
     progress: bool = True
     resume: str | None = None  # "last" or a checkpoint path
     threads: int | None = None  # torch CPU threads per process
+    overwrite: bool = False  # replace a run already in out_dir (else a fresh out_dir-2, -3, ...)
+    divergence_factor: float = 100.0  # stop when the loss exceeds this x its running median
 
 
 @dataclass
@@ -138,6 +177,8 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Keys of earlier versions, and where they went.
+RENAMED = {"distill.distance": "distill.method", "distill.adapter": "distill.options.adapter"}
 PRESETS = {"1x": (12, [8, 11]), "2x": (24, [16, 22])}
 
 
@@ -169,6 +210,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}={value!r}: expected a mapping")
         return dict(value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}={value!r}: expected a finite number")
         return float(value)
     if tp is float and isinstance(value, str):
         # YAML 1.1 (PyYAML) reads "1e-3" as a string; accept finite numbers written that way.
@@ -195,7 +238,8 @@ def _merge(obj: Any, data: dict[str, Any], where: str) -> None:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise ValueError(f"unknown config key '{path}'; expected one of {names}")
+            hint = f" ('{path}' is now '{RENAMED[path]}')" if path in RENAMED else ""
+            raise ValueError(f"unknown config key '{path}'{hint}; expected one of {names}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, path)
@@ -255,9 +299,18 @@ def _finalise(cfg: Config) -> None:
         s.epochs, s.milestones = PRESETS[s.preset][0], list(PRESETS[s.preset][1])
     if s.epochs <= 0:
         raise ValueError(f"schedule.epochs={s.epochs}; expected > 0")
+    from .distill.teacher import TEACHER_DTYPES
+
     if cfg.distill.teacher_dtype not in TEACHER_DTYPES:
         raise ValueError(f"distill.teacher_dtype={cfg.distill.teacher_dtype!r}; expected one of "
                          f"{list(TEACHER_DTYPES)}")
+    if cfg.distill.method != "none":
+        from .methods import check_method_options
+
+        try:
+            check_method_options(cfg.distill.method, cfg.distill.method_options())
+        except ValueError as e:
+            raise ValueError(f"distill.method={cfg.distill.method!r}: {e}") from None
     if cfg.optim.name not in ("sgd", "adamw"):
         raise ValueError(f"optim.name={cfg.optim.name!r}; expected 'sgd' or 'adamw'")
     if cfg.data.batch_size <= 0:

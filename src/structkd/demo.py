@@ -28,7 +28,7 @@ import torch
 from . import __version__
 from .config import Config, load_config
 from .data import SyntheticPaths
-from .engine import fit
+from .engine import run_config
 from .evaluation import TABLE_KEYS
 
 logger = logging.getLogger("structkd.demo")
@@ -55,17 +55,17 @@ _MODEL = {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 128, "min
           "max_size": 128, "anchor_size": 16}
 
 METHODS: dict[str, dict[str, Any]] = {
-    "none": {"distance": "none"},
-    "l1": {"distance": "l1", "weight": 2.0},
-    "mse": {"distance": "mse", "weight": 2.0},
-    "ssim": {"distance": "ssim", "weight": 2.0},
-    "ssim_s": {"distance": "ssim", "weight": 2.0, "options": {"components": [0.0, 0.0, 1.0]}},
-    "ssim_cs": {"distance": "ssim", "weight": 2.0, "options": {"components": [0.0, 1.0, 1.0]}},
-    "ssim_w1": {"distance": "ssim", "weight": 1.0},
-    "ssim_w4": {"distance": "ssim", "weight": 4.0},
+    "none": {"method": "none"},
+    "l1": {"method": "l1", "weight": 2.0},
+    "mse": {"method": "mse", "weight": 2.0},
+    "ssim": {"method": "ssim", "weight": 2.0},
+    "ssim_s": {"method": "ssim", "weight": 2.0, "options": {"components": [0.0, 0.0, 1.0]}},
+    "ssim_cs": {"method": "ssim", "weight": 2.0, "options": {"components": [0.0, 1.0, 1.0]}},
+    "ssim_w1": {"method": "ssim", "weight": 1.0},
+    "ssim_w4": {"method": "ssim", "weight": 4.0},
     # The L2 term is about 10x smaller than the SSIM term at equal lambda (measured at the start
     # of training here), so L2 also runs with a lambda that matches the SSIM term's size.
-    "mse_w20": {"distance": "mse", "weight": 20.0},
+    "mse_w20": {"method": "mse", "weight": 20.0},
 }
 
 # The teacher is the student's architecture trained 5x longer: on 2 CPU cores a bigger backbone
@@ -135,7 +135,8 @@ def ensure_teacher(plan: Plan, cache: Path, overrides: list[str]) -> tuple[Path,
         return out / "student", json.loads(done.read_text())
     logger.info("teacher: training %s/%s into %s (cached for later runs)",
                 cfg.model.arch, cfg.model.backbone, out)
-    fit(cfg, distill=False)
+    cfg.distill.method = "none"
+    run_config(cfg)
     return out / "student", json.loads(done.read_text())
 
 
@@ -159,7 +160,7 @@ def run_student(plan: Plan, method: str, teacher: Path, cache: Path, out_dir: Pa
             logger.info("reusing the finished run in %s", out_dir)
             return {**json.loads(done.read_text()), "reused": True}
         logger.info("%s holds a run of another config; training it again", out_dir)
-    fit(cfg, distill=method != "none")
+    run_config(cfg)
     return json.loads(done.read_text())
 
 

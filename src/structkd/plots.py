@@ -84,15 +84,18 @@ def level_ssim(student: torch.nn.Module, teacher: torch.nn.Module, images: list[
     Both see the student's transformed batch; only levels with equal stride and channel count
     are compared (no adapter: this is what the deployed student's features look like).
     """
-    from .distill import pair_levels
+    from .distill import FeatureTap, measure_levels, pair_levels
     from .losses import ssim_distance
 
     student.eval()
     teacher.eval()
+    with FeatureTap(student) as s_tap, FeatureTap(teacher) as t_tap:
+        pairs = pair_levels(measure_levels(student, s_tap, "backbone"),
+                            measure_levels(teacher, t_tap, "backbone"))
     batch = student.transform(images)[0].tensors
     s_feats, t_feats = student.backbone(batch), teacher.backbone(batch)
     out = {}
-    for p in pair_levels(student, teacher):
+    for p in pairs:
         if p.student_channels == p.teacher_channels:
             d = ssim_distance(s_feats[p.student], t_feats[p.teacher])
             out[p.stride] = float(1 - 2 * d)

@@ -1,9 +1,10 @@
-"""Training engine on Lightning: ``train``, ``distill`` and ``evaluate`` from a ``Config``."""
+"""Training engine on Lightning: ``fit`` on objects, and the config path over it."""
 
-from .module import DetectionModule, lr_factor
-from .run import RunResult, distill, evaluate, fit, load_detector, train
+from .fit import RunResult, fit, run
+from .from_config import distill, evaluate, load_teacher, run_config, train
+from .module import DetectionModule, EvalInfo, lr_factor
 
 __all__ = [
-    "DetectionModule", "RunResult", "distill", "evaluate", "fit", "load_detector", "lr_factor",
-    "train",
+    "DetectionModule", "EvalInfo", "RunResult", "distill", "evaluate", "fit", "load_teacher",
+    "lr_factor", "run", "run_config", "train",
 ]

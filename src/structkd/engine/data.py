@@ -1,8 +1,11 @@
 """Datasets and loaders for training runs: deterministic per (seed, epoch), so resume is exact.
 
-Shuffling comes from a sampler whose permutation depends only on the seed and the epoch, and
-each sample's augmentation RNG is seeded from (seed, epoch, index): the batches of epoch ``e``
-are the same whether the run was interrupted or not, and whatever the number of workers.
+Shuffling comes from a sampler whose permutation depends only on the seed and the epoch, and it
+hands each index to the dataset together with that epoch, so each sample's augmentation RNG is
+seeded from (seed, epoch, index) in whichever process loads it: the batches of epoch ``e`` are
+the same whether the run was interrupted or not, whatever the number of workers, persistent or
+not. Loaders draw their worker seeds from their own generator, never from the global RNG that
+the detectors' samplers use.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -31,38 +35,47 @@ class DataPaths:
 
 
 def resolve_data(cfg: DataConfig) -> DataPaths:
-    """The annotation/image paths of a config, generating the built-in dataset if none given."""
-    if cfg.train_ann is None:
+    """The annotation/image paths of a config; the built-in dataset only when none is given."""
+    keys = ("train_ann", "train_images", "val_ann", "val_images")
+    given = {k: getattr(cfg, k) for k in keys}
+    if all(v is None for v in given.values()):
         root = Path(cfg.synthetic_root).expanduser()
+        logger.info("data: no data paths given (data.train_ann, ...); using the built-in "
+                    "synthetic dataset in %s", root)
         p = make_synthetic_coco(
             root, num_train=cfg.synthetic_train, num_val=cfg.synthetic_val,
             image_size=cfg.synthetic_size, seed=cfg.synthetic_seed,
         )
         return DataPaths(p.train_ann, p.train_images, p.val_ann, p.val_images)
-    missing = [k for k in ("train_images", "val_ann", "val_images") if getattr(cfg, k) is None]
+    missing = [f"data.{k}" for k, v in given.items() if v is None]
     if missing:
-        raise ValueError(f"data.train_ann is set but {['data.' + k for k in missing]} are not")
-    return DataPaths(
-        Path(cfg.train_ann), Path(cfg.train_images), Path(cfg.val_ann), Path(cfg.val_images)
-    )
+        have = [f"data.{k}" for k, v in given.items() if v is not None]
+        raise ValueError(f"{missing} not set while {have} are; give all four data paths (or "
+                         "none, for the built-in synthetic dataset)")
+    return DataPaths(*(Path(given[k]).expanduser() for k in keys))
 
 
 class EpochSeeded(Dataset):
-    """Wraps a dataset so each item's random augmentation is seeded by (seed, epoch, index)."""
+    """Wraps a dataset so each item's random augmentation is seeded by (seed, epoch, index).
+
+    Items are asked for as ``(epoch, index)`` (what :class:`EpochSampler` yields); a plain
+    index uses epoch 0.
+    """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
             return self.dataset[index]
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[Any]):
     """Shuffled (or ordered) indices for one replica; the order depends on seed and epoch only.
 
     Like ``DistributedSampler``, the index list is padded by repetition to a multiple of the
@@ -78,13 +91,11 @@ class EpochSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if isinstance(self.dataset, EpochSeeded):
-            self.dataset.epoch = epoch
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -93,7 +104,10 @@ class EpochSampler(Sampler[int]):
             order = list(range(n))
         total = self.num_samples * self.num_replicas
         order += order[: total - n]
-        return iter(order[self.rank : total : self.num_replicas])
+        mine = order[self.rank : total : self.num_replicas]
+        if isinstance(self.dataset, EpochSeeded):  # the epoch travels with each index
+            return iter([(self.epoch, i) for i in mine])
+        return iter(mine)
 
 
 def load_datasets(cfg: DataConfig, paths: DataPaths) -> tuple[CocoDetection, CocoDetection]:
@@ -122,11 +136,18 @@ def limit(dataset: Dataset, n: int | None) -> Dataset:
 
 def make_loader(
     dataset: Dataset, *, batch_size: int, num_workers: int, shuffle: bool, seed: int,
-    num_replicas: int = 1, rank: int = 0,
+    num_replicas: int = 1, rank: int = 0, persistent_workers: bool = False, epoch: int = 0,
 ) -> DataLoader:
+    """A loader whose order and augmentation depend on (seed, epoch) only.
+
+    ``epoch`` is the epoch the loader starts in (a resumed run's): with workers, the first
+    indices are fetched when the iterator is created, possibly before ``set_epoch`` is called.
+    """
     ds = EpochSeeded(dataset, seed) if shuffle else dataset
     sampler = EpochSampler(ds, seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank)
+    sampler.set_epoch(epoch)
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=collate_fn, persistent_workers=False, pin_memory=False,
+        collate_fn=collate_fn, persistent_workers=persistent_workers and num_workers > 0,
+        pin_memory=False, generator=torch.Generator().manual_seed(seed),
     )

@@ -12,9 +12,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
+from .adapters import make_adapters
 from .l1 import L1Loss
 from .mse import MSELoss
 from .ssim import SSIMLoss
@@ -25,7 +25,6 @@ DISTANCES: dict[str, type[nn.Module]] = {
     "mse": MSELoss,
     "l2": MSELoss,
 }
-ADAPTERS = ("conv1x1", "identity")
 
 Features = Mapping[str, Tensor] | Sequence[Tensor]
 
@@ -72,8 +71,8 @@ class FeatureDistillLoss(nn.Module):
         teacher_channels: the same for the teacher; levels are paired by name (or position).
         distance: "ssim" (default), "l1", "mse"/"l2", or an ``nn.Module`` taking (student, teacher).
         weight: lambda, the factor on the summed levels (the paper uses 2 to 4 with SSIM).
-        adapter: "conv1x1" (trainable, initialised to the identity where channels match) or
-            "identity" (only when the channel counts match).
+        adapter: "conv1x1" (trainable, initialised to the identity where channels match),
+            "auto" (a 1x1 convolution only where the widths differ) or "identity".
         **distance_options: passed to the distance, checked against its signature.
 
     ``forward(student_feats, teacher_feats)`` returns ``(total, per_level)`` where ``per_level``
@@ -94,29 +93,11 @@ class FeatureDistillLoss(nn.Module):
                 f"student levels {list(s_ch)} and teacher levels {list(t_ch)} differ; "
                 "pair the levels before building the loss"
             )
-        if adapter not in ADAPTERS:
-            raise ValueError(f"adapter={adapter!r} is not supported; expected one of {ADAPTERS}")
         if not weight >= 0:
             raise ValueError(f"weight={weight!r} must be >= 0")
         self.levels = list(s_ch)
         self.weight = float(weight)
-        self.adapters = nn.ModuleDict()
-        for name in self.levels:
-            cin, cout = s_ch[name], t_ch[name]
-            if adapter == "identity":
-                if cin != cout:
-                    raise ValueError(
-                        f"adapter='identity' needs equal channels, but level {name!r} has "
-                        f"student {cin} vs teacher {cout}; use adapter='conv1x1'"
-                    )
-                self.adapters[name] = nn.Identity()
-            else:
-                conv = nn.Conv2d(cin, cout, kernel_size=1)
-                if cin == cout:
-                    with torch.no_grad():
-                        conv.weight.copy_(torch.eye(cin).view(cin, cin, 1, 1))
-                        conv.bias.zero_()
-                self.adapters[name] = conv
+        self.adapters = make_adapters({n: (s_ch[n], t_ch[n]) for n in self.levels}, adapter)
         if isinstance(distance, str):
             self.distance = build_distance(distance, **distance_options)
         else:

@@ -1,37 +1,29 @@
-"""Detector construction, export and measurement helpers."""
+"""Detectors: the spec that describes one, building it, weights, export and latency."""
 
-from structkd.models.detectors import (
-    ARCHS,
-    BACKBONES,
-    NORMS,
-    VARIANTS,
-    DetectorSpec,
-    build_detector,
-    count_parameters,
-    export_student,
-    load_exported,
-    load_torchvision_weights,
-    measure_latency,
-    neck_channels,
-    neck_strides,
-    spec_from_json,
-    spec_to_json,
-)
+from .build import build_detector, count_parameters, neck_channels
+from .export import EXPORT_FORMAT, export_student
+from .latency import measure_latency
+from .load import DetectorInfo, load_detector, load_exported, torchvision_detector
+from .spec import ARCHS, BACKBONES, NORMS, VARIANTS, DetectorSpec, spec_from_json, spec_to_json
+from .weights import load_torchvision_weights
 
 __all__ = [
     "ARCHS",
     "BACKBONES",
+    "EXPORT_FORMAT",
     "NORMS",
     "VARIANTS",
+    "DetectorInfo",
     "DetectorSpec",
     "build_detector",
     "count_parameters",
     "export_student",
+    "load_detector",
     "load_exported",
     "load_torchvision_weights",
     "measure_latency",
     "neck_channels",
-    "neck_strides",
     "spec_from_json",
     "spec_to_json",
+    "torchvision_detector",
 ]

@@ -1,0 +1,201 @@
+"""One distillation step: student forward + taps -> teacher features -> method -> loss terms.
+
+Data flow::
+
+    images, targets -> student (its own forward: transform -> backbone -> heads -> det losses)
+                       |  taps keep the transformed batch, its image sizes and boxes, and the
+                       v  student's tapped levels
+    batch -> frozen teacher (root only, eval, no grad) -> teacher levels
+    levels paired by stride -> DistillContext -> method -> named, weighted loss terms
+
+``Distiller.forward`` returns the student's detection losses and the method's terms in one dict
+whose values sum to the training loss, as in torchvision's reference loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..methods import DistillContext, DistillMethod, build_method, resolve_method
+from .pairing import LevelPair, measure_levels, pair_levels
+from .taps import FeatureTap, find_module, unwrap
+from .teacher import FrozenTeacher, normalisation, weights_fingerprint
+
+logger = logging.getLogger("structkd.distill")
+
+__all__ = ["DetectorLosses", "Distiller", "detector_family"]
+
+
+def detector_family(model: nn.Module) -> str:
+    """"retinanet", "fcos" or "fasterrcnn": which of a method's presets fits ``model``."""
+    name = type(unwrap(model)).__name__.lower()
+    if "fcos" in name:
+        return "fcos"
+    if "rcnn" in name:
+        return "fasterrcnn"
+    return "retinanet"
+
+
+class Distiller(nn.Module):
+    """A student detector trained with a frozen teacher's features as extra targets.
+
+    Args:
+        student: a detector in torchvision's calling convention (``student(images, targets)``
+            returns a dict of losses in train mode).
+        teacher: the same kind of detector; frozen, kept out of ``parameters()`` and
+            ``state_dict()``, but moved by ``.to()``.
+        method: a registered method name or alias (``structkd methods`` lists them:
+            "ssim", "l1", "mse", "pkd", "cwd", "mgd", "fgd", ...) or a built ``DistillMethod``.
+        student_layers / teacher_layers: module path(s) to tap; default ``"backbone"`` (the
+            backbone + FPN output of torchvision detectors). A list taps one level per module.
+        teacher_root: the teacher module that takes the batched images (``"backbone"``).
+        levels: keep only these paired levels (e.g. ``["s8", "s16"]``); default all.
+        teacher_dtype: "bfloat16" runs the teacher in bf16; None follows the trainer's autocast.
+        **options: the method's options (checked against its signature).
+
+    ``forward(images, targets)`` returns the student's detection losses and the method's
+    weighted terms; ``sum(out.values())`` is the loss to back-propagate. ``level_values()``
+    gives the last step's per-level values for logging.
+
+    Example, in your own loop::
+
+        distiller = Distiller(student, teacher, method="ssim", weight=2.0)
+        opt = torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9)
+        losses = distiller(images, targets)
+        sum(losses.values()).backward(); opt.step()
+    """
+
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, method: str | DistillMethod = "ssim", *,
+        student_layers: str | Sequence[str] = "backbone",
+        teacher_layers: str | Sequence[str] = "backbone", teacher_root: str = "backbone",
+        levels: list[str] | None = None, teacher_dtype: str | torch.dtype | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        if student is teacher:
+            raise ValueError("student and teacher are the same module; pass two detectors")
+        self.student = student
+        inner = unwrap(student)
+        self._has_transform = hasattr(inner, "transform")
+        s_layers = [student_layers] if isinstance(student_layers, str) else list(student_layers)
+        # The student's batched input: torchvision's transform output, else the input of the
+        # first tapped module's top-level parent (the root that takes the images).
+        s_root = teacher_root if any(p == teacher_root or p.startswith(teacher_root + ".")
+                                     for p in s_layers) else s_layers[0].split(".")[0]
+        find_module(student, s_root, "student")
+        self._tap = FeatureTap(student, s_layers,
+                               input_path=None if self._has_transform else s_root,
+                               batch_path="transform" if self._has_transform else None)
+        self._frozen = [FrozenTeacher(teacher, root=teacher_root, layers=teacher_layers,
+                                      dtype=teacher_dtype, student_norm=normalisation(student))]
+        t_tap = self._frozen[0].tap_for_dry_run()
+        s_levels = measure_levels(student, self._tap, s_root)
+        t_levels = measure_levels(self._frozen[0].model, t_tap, teacher_root)
+        if t_tap is not self._frozen[0].tap:
+            t_tap.close()
+        self.pairs: list[LevelPair] = pair_levels(s_levels, t_levels, levels)
+        self.method_name = method if isinstance(method, str) else method.name
+        if isinstance(method, DistillMethod):
+            if options:
+                raise ValueError("method options are only accepted with a method name")
+            self.method = method
+        else:
+            cls, _ = resolve_method(method)
+            if cls.presets and options.get("preset") is None:
+                family = detector_family(student)
+                options["preset"] = family if family in cls.presets else "retinanet"
+            self.method = build_method(method, [p.level for p in self.pairs], **options)
+        missing = [p.name for p in self.pairs if p.name not in self.method.levels]
+        if missing:
+            raise ValueError(f"the method was built for levels {list(self.method.levels)}, "
+                             f"but the pair has {missing}")
+        self.options = dict(options)
+
+    # ---- the teacher, outside the module tree ---------------------------------------------
+    @property
+    def teacher(self) -> nn.Module:
+        """The teacher detector as given (frozen, eval mode)."""
+        return self._frozen[0].model
+
+    @property
+    def frozen_teacher(self) -> FrozenTeacher:
+        return self._frozen[0]
+
+    def teacher_fingerprint(self) -> str:
+        """A hash of the teacher's weights (checked when a run resumes)."""
+        return weights_fingerprint(self.teacher)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self._frozen[0].to(fn)
+        return self
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.eval()  # BatchNorm statistics of the teacher must never drift
+        return self
+
+    # ---- one step ---------------------------------------------------------------------------
+    def teacher_features(self, batch: Tensor,
+                         image_sizes: Sequence[tuple[int, int]] | None = None) -> dict:
+        """The teacher's tapped levels on the student's batched input."""
+        return self._frozen[0].features(batch, image_sizes)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        if not self.student.training:
+            raise RuntimeError("Distiller.forward computes training losses; call .train() first")
+        self._tap.clear()
+        det_losses = self.student(images, targets)
+        s_levels = self._tap.levels()
+        if self._has_transform:
+            batch, sizes, t_targets = self._tap.batch()
+        else:
+            batch, sizes, t_targets = self._tap.input()[0], None, targets
+        t_levels = self.teacher_features(batch, sizes)
+        student, teacher = {}, {}
+        for p in self.pairs:
+            s, t = s_levels[p.student], t_levels[p.teacher]
+            if s.shape[-2:] != t.shape[-2:]:
+                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+            student[p.name], teacher[p.name] = s, t
+        boxes = labels = None
+        if t_targets is not None:
+            boxes = [t["boxes"] for t in t_targets]
+            labels = [t["labels"] for t in t_targets]
+        ctx = DistillContext(student, teacher, self.method.levels,
+                             batch_shape=tuple(batch.shape[-2:]), image_sizes=sizes,
+                             boxes=boxes, labels=labels)
+        terms = self.method(ctx)
+        clash = set(terms) & set(det_losses)
+        if clash:
+            raise RuntimeError(f"method terms {sorted(clash)} clash with detection losses")
+        return {**det_losses, **terms}
+
+    def level_values(self) -> dict[str, Tensor]:
+        """``distill/<level>`` -> the last step's per-level value (detached, unweighted)."""
+        return {f"distill/{k}": v for k, v in self.method.level_values.items()}
+
+    def close(self) -> None:
+        """Remove the hooks from the student (the Distiller cannot run afterwards)."""
+        self._tap.close()
+
+
+class DetectorLosses(nn.Module):
+    """A detector without a teacher, with the same output as ``Distiller``: its loss dict."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        return dict(self.student(images, targets))
+
+    def level_values(self) -> dict[str, Tensor]:
+        return {}

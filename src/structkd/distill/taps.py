@@ -1,0 +1,182 @@
+"""Record features of any module by path (the idea of MMRazor's recorders).
+
+A :class:`FeatureTap` puts forward hooks on modules named by their path in the model
+(``"backbone"``, ``"backbone.body.layer3"``) and keeps what they output during the model's own
+forward, so the student's features come from the forward that also computes its detection
+losses. Outputs may be a dict of maps (an FPN), a list or tuple, or one tensor.
+
+Taps never stack: a new tap on a model first removes any structkd tap already on it. They are
+removed by :meth:`FeatureTap.close` or by leaving a ``with`` block, survive ``copy.deepcopy`` and
+pickling (the hooks are plain picklable objects), and see through ``DistributedDataParallel``
+and ``torch.compile`` wrappers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["FeatureTap", "as_levels", "find_module", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def find_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
+    """``model.get_submodule(path)`` with an error that lists what exists ("" is the model)."""
+    model = unwrap(model)
+    if path == "":
+        return model
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        parent, _, _ = path.rpartition(".")
+        try:
+            options = [n for n, _ in model.get_submodule(parent).named_children()]
+        except AttributeError:
+            parent, options = "", [n for n, _ in model.named_children()]
+        where = f"'{parent}'" if parent else type(model).__name__
+        raise ValueError(
+            f"{role} ({type(model).__name__}) has no module '{path}'; children of {where}: "
+            f"{options}"
+        ) from None
+
+
+def as_levels(output: Any, prefix: str = "") -> OrderedDict[str, Tensor]:
+    """A module output as named maps: dicts keep their keys, lists/tuples are numbered, one
+    tensor is ``"0"`` (each key prefixed by ``prefix/`` when given)."""
+    if isinstance(output, Tensor):
+        items: list[tuple[str, Any]] = [("0", output)]
+    elif isinstance(output, Mapping):
+        items = [(str(k), v) for k, v in output.items()]
+    elif isinstance(output, Sequence) and not isinstance(output, str | bytes):
+        items = [(str(i), v) for i, v in enumerate(output)]
+    else:
+        raise ValueError(f"a tapped module returned {type(output).__name__}; expected a tensor, "
+                         "a dict, a list or a tuple of (B, C, H, W) tensors")
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    for k, v in items:
+        if not isinstance(v, Tensor) or v.dim() != 4:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"tapped output '{k}' is {shape}; expected a (B, C, H, W) tensor")
+        key = k if not prefix else (prefix if len(items) == 1 else f"{prefix}/{k}")
+        out[key] = v
+    return out
+
+
+class _Hook:
+    """A forward hook that hands a module's output (or its inputs) to its tap."""
+
+    def __init__(self, tap: FeatureTap, key: str, inputs: bool = False) -> None:
+        self.tap, self.key, self.inputs = tap, key, inputs
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any = None) -> None:
+        self.tap._record(self.key, args if self.inputs else output)
+
+
+def _remove_hooks(model: nn.Module, owner: FeatureTap | None) -> int:
+    """Remove structkd hooks (of ``owner``, or of any tap) from every module of ``model``."""
+    removed = 0
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for hid, h in list(hooks.items()):
+                if isinstance(h, _Hook) and (owner is None or h.tap is owner):
+                    if owner is None:
+                        h.tap._closed = True
+                    del hooks[hid]
+                    removed += 1
+    return removed
+
+
+class FeatureTap:
+    """Records the outputs of modules of ``model`` named by ``paths`` during its forward.
+
+    ``paths``: one path, whose output gives the levels (e.g. ``"backbone"``: an FPN's dict), or a
+    list of paths, each giving one level named by its path (or ``path/key`` for dict outputs).
+    ``input_path`` names a module whose first positional input is recorded too (the batched
+    image tensor), e.g. the tapped root for a model without torchvision's ``transform``;
+    ``batch_path`` a torchvision ``GeneralizedRCNNTransform`` whose output (the batched images,
+    their sizes and the resized targets) is recorded (see :meth:`batch`).
+    """
+
+    def __init__(self, model: nn.Module, paths: str | Sequence[str] = "backbone", *,
+                 input_path: str | None = None, batch_path: str | None = None) -> None:
+        self.model = unwrap(model)
+        self.paths = [paths] if isinstance(paths, str) else list(paths)
+        if not self.paths:
+            raise ValueError("paths is empty; name at least one module to tap")
+        modules = {p: find_module(self.model, p) for p in self.paths}
+        _remove_hooks(self.model, None)  # never stack: an older tap on this model is closed
+        self._closed = False
+        self._store: dict[str, Any] = {}
+        for p, m in modules.items():
+            m.register_forward_hook(_Hook(self, p))
+        self.input_path = input_path
+        if input_path is not None:
+            find_module(self.model, input_path).register_forward_pre_hook(
+                _Hook(self, "__input__", inputs=True))
+        self.batch_path = batch_path
+        if batch_path is not None:
+            find_module(self.model, batch_path).register_forward_hook(_Hook(self, "__batch__"))
+
+    def _record(self, key: str, value: Any) -> None:
+        self._store[key] = value
+
+    def clear(self) -> None:
+        self._store = {}
+
+    def input(self) -> Any:
+        """The recorded input of ``input_path`` (its positional arguments), or None."""
+        return self._store.get("__input__")
+
+    def batch(self) -> tuple[Tensor, list[tuple[int, int]], Any]:
+        """(images (B, 3, H, W), [(h, w) per image], targets) recorded at ``batch_path``."""
+        if "__batch__" not in self._store:
+            raise RuntimeError(f"the module '{self.batch_path}' did not run in the last forward")
+        images, targets = self._store["__batch__"]
+        return images.tensors, [tuple(s) for s in images.image_sizes], targets
+
+    def levels(self) -> OrderedDict[str, Tensor]:
+        """The recorded maps of the last forward, by level key; raises if nothing was recorded."""
+        if self._closed:
+            raise RuntimeError("this FeatureTap was closed (or replaced by a newer tap on the "
+                               "same model); create a new one")
+        missing = [p for p in self.paths if p not in self._store]
+        if missing:
+            raise RuntimeError(f"the tapped modules {missing} did not run in the last forward")
+        if len(self.paths) == 1:
+            return as_levels(self._store[self.paths[0]])
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for p in self.paths:
+            out.update(as_levels(self._store[p], prefix=p))
+        return out
+
+    def close(self) -> None:
+        """Remove this tap's hooks; the model runs as if it had never been tapped."""
+        _remove_hooks(self.model, self)
+        self._closed = True
+        self._store = {}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> FeatureTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": {}}  # recorded tensors never travel

@@ -1,0 +1,168 @@
+"""The frozen teacher: eval mode, no gradient, a fused inference copy of the part that runs.
+
+Only the teacher's feature root (``backbone`` for torchvision detectors: trunk + FPN) runs, on
+exactly the student's transformed batch. Where the two detectors normalise images differently the
+batch is re-normalised, and the padded area set back to zero, as the teacher's own transform
+would have left it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .taps import FeatureTap, as_levels, find_module, unwrap
+
+logger = logging.getLogger("structkd.distill")
+TEACHER_DTYPES = (None, "float32", "bfloat16", "float16")
+
+
+def as_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """A teacher compute dtype from its name (or a torch.dtype); None follows autocast."""
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if value not in TEACHER_DTYPES:
+        raise ValueError(f"teacher_dtype={value!r}; expected one of {list(TEACHER_DTYPES)}")
+    return None if value is None else getattr(torch, value)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter and buffer (names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for k, v in unwrap(model).state_dict().items():
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def normalisation(model: nn.Module) -> tuple[list[float], list[float]] | None:
+    """The image mean/std of a torchvision detector's transform, or None without one."""
+    t = getattr(unwrap(model), "transform", None)
+    if t is None or not hasattr(t, "image_mean"):
+        return None
+    return list(t.image_mean), list(t.image_std)
+
+
+def fused_copy(module: nn.Module) -> nn.Module:
+    """A frozen, faster copy of ``module`` for inference: BatchNorm (also torchvision's
+    FrozenBatchNorm2d) folded into the preceding convolutions by ``torch.fx``, channels-last.
+    About 20% faster on CPU; exact up to float rounding. Untraceable modules stay unfused."""
+    from torch.fx.experimental.optimization import fuse
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    neck = copy.deepcopy(module).eval()
+    for parent in list(neck.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, FrozenBatchNorm2d):
+                bn = nn.BatchNorm2d(child.weight.numel(), eps=child.eps).eval()
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, key).data.copy_(getattr(child, key))
+                setattr(parent, name, bn)
+    try:
+        neck = fuse(neck)
+    except Exception as e:
+        logger.info("teacher features not fused (%s: %s); running them as they are",
+                    type(e).__name__, e)
+    return neck.to(memory_format=torch.channels_last).requires_grad_(False)
+
+
+class FrozenTeacher:
+    """Computes a teacher's tapped features on the student's batched input.
+
+    ``root`` is the teacher module that takes the batched image tensor (``"backbone"`` for
+    torchvision detectors); ``layers`` the tapped module path(s) inside it (the root itself by
+    default: its output levels). With the root's own output tapped, a BatchNorm-folded copy of
+    the root runs; it is rebuilt when the teacher's weights change.
+    """
+
+    def __init__(self, teacher: nn.Module, *, root: str = "backbone",
+                 layers: str | Sequence[str] = "backbone", dtype: str | torch.dtype | None = None,
+                 student_norm: tuple[list[float], list[float]] | None = None) -> None:
+        self.model = unwrap(teacher).eval().requires_grad_(False)
+        self.root = root
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self.dtype = as_dtype(dtype)
+        find_module(self.model, root, "teacher")
+        bad = [p for p in self.layers if not (p == root or p.startswith(root + ".") or not root)]
+        if bad:
+            raise ValueError(f"teacher layers {bad} are not inside the teacher root '{root}' "
+                             "(the part of the teacher that runs)")
+        self.fused = self.layers == [root]
+        self.tap = None if self.fused else FeatureTap(self.model, self.layers)
+        self._copy: list[nn.Module] = []
+        self._version = -1
+        teacher_norm = normalisation(self.model)
+        self.renormalise = (student_norm is not None and teacher_norm is not None
+                            and student_norm != teacher_norm)
+        self.scale = self.shift = None
+        if self.renormalise:
+            assert student_norm is not None and teacher_norm is not None
+            (s_mean, s_std), (t_mean, t_std) = student_norm, teacher_norm
+            self.scale = torch.tensor(s_std).div(torch.tensor(t_std)).view(3, 1, 1)
+            self.shift = (torch.tensor(s_mean) - torch.tensor(t_mean)).div(
+                torch.tensor(t_std)).view(3, 1, 1)
+
+    def tap_for_dry_run(self) -> FeatureTap:
+        """A tap on the teacher that reads the same levels as :meth:`features` returns."""
+        return self.tap if self.tap is not None else FeatureTap(self.model, self.layers)
+
+    @property
+    def runner(self) -> nn.Module:
+        """The module that runs: the fused copy of the root, or the root itself (with taps)."""
+        if not self.fused:
+            return find_module(self.model, self.root)
+        version = sum(t._version for t in (*self.model.parameters(), *self.model.buffers()))
+        if not self._copy or version != self._version:
+            self._copy = [fused_copy(find_module(self.model, self.root))]
+            self._version = version
+        return self._copy[0]
+
+    def to(self, fn) -> None:
+        """Apply a module ``_apply`` function (``.to()``, ``.cuda()``, ``.double()``)."""
+        self.model._apply(fn)
+        if self.scale is not None:
+            self.scale, self.shift = fn(self.scale), fn(self.shift)
+        self._copy = []  # re-derived from the moved teacher on next use
+
+    @torch.no_grad()
+    def features(self, batch: Tensor,
+                 image_sizes: Sequence[tuple[int, int]] | None = None) -> OrderedDict[str, Tensor]:
+        """The teacher's tapped maps on the student's batched input (B, 3, H, W).
+
+        With ``dtype`` set the teacher runs under autocast to it (float32: autocast off) and its
+        maps come back in the input's dtype.
+        """
+        x = batch
+        if self.renormalise:
+            assert self.scale is not None and self.shift is not None
+            x = x * self.scale.to(x) + self.shift.to(x)
+            if image_sizes is not None:  # the teacher's own transform pads with zeros
+                for i, (h, w) in enumerate(image_sizes):
+                    x[i, :, h:, :] = 0
+                    x[i, :, :h, w:] = 0
+        if self.fused:
+            x = x.contiguous(memory_format=torch.channels_last)
+        runner = self.runner
+        if self.dtype is None:
+            out = self._run(runner, x)
+        else:
+            with torch.autocast(x.device.type, dtype=self.dtype,
+                                enabled=self.dtype != torch.float32):
+                out = self._run(runner, x)
+        return OrderedDict((k, v.to(batch.dtype) if v.dtype != batch.dtype and
+                            self.dtype is not None else v) for k, v in out.items())
+
+    def _run(self, runner: nn.Module, x: Tensor) -> OrderedDict[str, Tensor]:
+        if self.fused:
+            return as_levels(runner(x))
+        assert self.tap is not None
+        self.tap.clear()
+        runner(x)
+        return self.tap.levels()
