@@ -6,6 +6,8 @@ import copy
 import json
 import logging
 import re
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -438,3 +440,274 @@ def test_val_transforms_convert_uint8_and_box_format() -> None:
 def test_build_transforms_rejects_bad_arguments(kwargs: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         build_transforms(True, **kwargs)
+
+
+# --------------------------------------------------------------------------- image checks
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (its pixel data is a stub)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _many_images(root: Path, n: int) -> dict[str, Any]:
+    images = [{"id": i, "file_name": f"m{i}.png", "width": W, "height": H} for i in range(n)]
+    return {"images": images, "annotations": [], "categories": copy.deepcopy(CATEGORIES)}
+
+
+def test_check_images_passes_a_good_dataset(tiny: CocoDetection, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="structkd.data"):
+        tiny.check_images()
+    assert any("3 image headers checked" in r.getMessage() for r in caplog.records)
+
+
+def test_check_images_lists_count_and_first_offenders(tmp_path: Path) -> None:
+    """Every kind of bad file is found at once; the message gives the count, the first five
+    with their problem, and the annotation file."""
+    coco = _many_images(tmp_path, 9)
+    ds = CocoDetection(write_dataset(tmp_path, coco), tmp_path)
+    (tmp_path / "m0.png").unlink()  # missing
+    (tmp_path / "m2.png").write_bytes(b"not an image at all")  # garbage
+    Image.new("RGB", (30, 10)).save(tmp_path / "m3.png")  # wrong size
+    (tmp_path / "m5.png").unlink()
+    (tmp_path / "m5.png").mkdir()  # a directory
+    (tmp_path / "m6.png").write_bytes(b"")  # empty
+    (tmp_path / "m8.png").unlink()
+    with pytest.raises(ValueError) as info:
+        ds.check_images()
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{tmp_path / 'ann.json'}: 6 of 9 image files cannot be used")
+    assert "(first 5 shown)" in msg
+    assert f"image id 0 ({tmp_path / 'm0.png'}) does not exist" in msg
+    assert f"image id 2 ({tmp_path / 'm2.png'}) is not an image PIL can read" in msg
+    assert "image id 3 " in msg and "has size 30x10 (WxH) but the annotation file says 20x10" in msg
+    assert "image id 5 " in msg and "is a directory" in msg
+    assert "image id 6 " in msg
+    assert "image id 8 " not in msg  # the sixth offender is counted, not listed
+
+
+def test_check_images_reads_headers_only(tmp_path: Path) -> None:
+    """Pixel data cut short after a valid header passes the check (nothing is decoded) and is
+    reported, naming the file, when the image is loaded."""
+    noise = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    ds = _single_image_dataset(tmp_path, Image.fromarray(noise), "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:-200])
+    ds.check_images()
+    with pytest.raises(ValueError, match=r"cut\.png \(image id 1\) is corrupt or not an image"):
+        ds[0]
+
+
+def test_check_images_progress_bar_on_large_sets(tmp_path: Path, monkeypatch, capsys) -> None:
+    from structkd.data import coco as coco_module
+
+    ds = CocoDetection(write_dataset(tmp_path, _many_images(tmp_path, 4)), tmp_path)
+    ds.check_images()
+    assert "checking ann.json images" not in capsys.readouterr().err
+    monkeypatch.setattr(coco_module, "CHECK_PROGRESS_MIN", 3)
+    ds.check_images()
+    assert "checking ann.json images" in capsys.readouterr().err
+
+
+def test_load_datasets_checks_both_splits(tmp_path: Path) -> None:
+    from structkd.config import DataConfig
+    from structkd.engine.data import DataPaths, load_datasets
+
+    train_ann = write_dataset(tmp_path / "train", base_coco(), name="train.json")
+    val_ann = write_dataset(tmp_path / "val", base_coco(), name="val.json")
+    (tmp_path / "train" / "im2.png").unlink()
+    (tmp_path / "val" / "im5.png").unlink()
+    paths = DataPaths(train_ann, tmp_path / "train", val_ann, tmp_path / "val")
+    with pytest.raises(ValueError) as info:
+        load_datasets(DataConfig(), paths)
+    msg = str(info.value)
+    assert f"{train_ann}: 1 of 3 image files cannot be used: image id 2" in msg
+    assert f"{val_ann}: 1 of 3 image files cannot be used: image id 5" in msg
+    with pytest.raises(ValueError) as info:  # evaluation needs only val's images
+        load_datasets(DataConfig(), paths, check=("val",))
+    assert str(val_ann) in str(info.value) and str(train_ann) not in str(info.value)
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+
+@pytest.fixture
+def pil_limit(monkeypatch):
+    """Restore PIL's MAX_IMAGE_PIXELS (STRUCTKD_MAX_IMAGE_PIXELS lifts it process-wide)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.delenv("STRUCTKD_MAX_IMAGE_PIXELS", raising=False)
+    return monkeypatch
+
+
+def _bomb_dataset(tmp_path: Path) -> CocoDetection:
+    (tmp_path / "huge.png").write_bytes(_png_header_only(20000, 20000))
+    coco = {
+        "images": [{"id": 4, "file_name": "huge.png", "width": 20000, "height": 20000}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    return CocoDetection(write_dataset(tmp_path, coco, images=False), tmp_path)
+
+
+def test_decompression_bomb_names_file_and_limit(tmp_path: Path, pil_limit) -> None:
+    ds = _bomb_dataset(tmp_path)
+    expected = (
+        r" has 400000000 pixels, more than PIL's limit of 178956970 against "
+        r"decompression bombs; if the file is trusted, raise the limit with the environment "
+        r"variable STRUCTKD_MAX_IMAGE_PIXELS=<pixels> \(0 = no limit\)"
+    )
+    with pytest.raises(ValueError, match=r"image id 4 \(.*huge\.png\)" + expected):
+        ds.check_images()
+    with pytest.raises(ValueError, match=r"huge\.png \(image id 4\)" + expected):
+        ds.load_image(0)
+
+
+def test_max_image_pixels_env(tmp_path: Path, pil_limit) -> None:
+    ds = _bomb_dataset(tmp_path)
+    pil_limit.setenv("STRUCTKD_MAX_IMAGE_PIXELS", "0")
+    ds.check_images()  # no limit: the 20000x20000 header passes
+    tiny = CocoDetection(write_dataset(tmp_path / "t", base_coco()), tmp_path / "t")
+    pil_limit.setenv("STRUCTKD_MAX_IMAGE_PIXELS", "100")
+    with pytest.raises(
+        ValueError,
+        match=r"has 20x10 = 200 pixels, more than the limit "
+        r"STRUCTKD_MAX_IMAGE_PIXELS=100",
+    ):
+        tiny[0]
+    pil_limit.setenv("STRUCTKD_MAX_IMAGE_PIXELS", "many")
+    with pytest.raises(ValueError, match=r"STRUCTKD_MAX_IMAGE_PIXELS='many': expected a whole"):
+        tiny.check_images()
+
+
+# --------------------------------------------------------------------------- EXIF orientation
+
+
+def _oriented_png(path: Path, orientation: int) -> Image.Image:
+    """A 6x4 (WxH) PNG with distinct pixels and an EXIF orientation; returns the stored image."""
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+    img = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif)
+    return img
+
+
+def _oriented_dataset(tmp_path: Path, orientation: int, size: tuple[int, int], **kw):
+    _oriented_png(tmp_path / "o.png", orientation)
+    coco = {
+        "images": [{"id": 1, "file_name": "o.png", "width": size[0], "height": size[1]}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 5]}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    return CocoDetection(write_dataset(tmp_path, coco, images=False), tmp_path, **kw)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, caplog) -> None:
+    """Pixels as ``ImageOps.exif_transpose`` shows them; annotated size = the displayed size."""
+    from PIL import ImageOps
+
+    displayed = (4, 6) if orientation in (6, 8) else (6, 4)
+    ds = _oriented_dataset(tmp_path, orientation, displayed)
+    with caplog.at_level(logging.INFO, logger="structkd.data"):
+        ds.check_images()
+    assert any(
+        "1 images carry an EXIF orientation; applied" in r.getMessage() for r in caplog.records
+    )
+    image, target = ds[0]
+    with Image.open(tmp_path / "o.png") as stored:
+        expected = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    assert image.shape == (3, displayed[1], displayed[0])
+    assert tuple(target["boxes"].canvas_size) == (displayed[1], displayed[0])
+    torch.testing.assert_close(
+        image.as_subclass(torch.Tensor),
+        torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255,
+    )
+
+
+def test_exif_size_mismatch_says_orientation_and_what_to_do(tmp_path: Path) -> None:
+    """Annotated with the stored size of a file whose EXIF says rotate 90°: both the start-up
+    check and the loader say that orientation is applied and what the annotation matches."""
+    ds = _oriented_dataset(tmp_path, 6, (6, 4))
+    pattern = (
+        r"has size 4x6 \(WxH\) once its EXIF orientation 6 \(rotated 90° clockwise\) is applied "
+        r"\(stored pixels 6x4\), but the annotation file says 6x4; structkd applies EXIF "
+        r"orientation.*matches the stored pixels.*remove the EXIF Orientation tag"
+    )
+    with pytest.raises(ValueError, match=r"o\.png\) " + pattern):
+        ds.check_images()
+    with pytest.raises(ValueError, match=r"o\.png \(image id 1\) " + pattern):
+        ds[0]
+
+
+def test_exif_orientation_can_be_ignored(tmp_path: Path) -> None:
+    ds = _oriented_dataset(tmp_path, 6, (6, 4), apply_exif=False)
+    ds.check_images()
+    image, _ = ds[0]
+    stored = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+    torch.testing.assert_close(
+        image.as_subclass(torch.Tensor), torch.from_numpy(stored).permute(2, 0, 1).float() / 255
+    )
+
+
+# --------------------------------------------------------------------------- counts in the log
+
+
+def test_no_usable_box_warns_with_counts_per_reason(tmp_path: Path, caplog) -> None:
+    coco = base_coco()
+    coco["annotations"] = [a for a in coco["annotations"] if a["id"] in (3, 5, 6, 7)]
+    with caplog.at_level(logging.WARNING, logger="structkd.data"):
+        ds = CocoDetection(write_dataset(tmp_path, coco), tmp_path)
+    assert ds.num_boxes == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "ann.json: no usable box in 3 images: all 4 annotations were skipped" in warnings[0]
+    assert "(crowd=1, degenerate=2, outside=1)" in warnings[0]
+
+
+def test_no_annotations_at_all_warns(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="structkd.data"):
+        CocoDetection(write_dataset(tmp_path, {**base_coco(), "annotations": []}), tmp_path)
+    assert any(
+        "no usable box in 3 images: it has no annotations" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )
+
+
+def test_usable_boxes_do_not_warn(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="structkd.data"):
+        ds = CocoDetection(write_dataset(tmp_path, base_coco()), tmp_path)
+    assert ds.num_boxes == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_absolute_and_parent_paths_are_read_and_counted(tmp_path: Path, caplog) -> None:
+    coco = base_coco()
+    root = tmp_path / "images"
+    write_dataset(tmp_path / "elsewhere", coco, name="unused.json")
+    coco["images"][0]["file_name"] = str(tmp_path / "elsewhere" / "im1.png")  # absolute
+    coco["images"][1]["file_name"] = "../elsewhere/im2.png"
+    coco["images"][2]["file_name"] = "sub/../im5.png"  # stays inside
+    (root / "sub").mkdir(parents=True)  # the OS resolves sub/.. only if sub exists
+    Image.new("RGB", (W, H)).save(root / "im5.png")
+    with caplog.at_level(logging.INFO, logger="structkd.data"):
+        ds = CocoDetection(write_dataset(tmp_path, coco, images=False), root)
+    assert ds.num_outside == 2
+    assert any(
+        f"2 of 3 images lie outside the image folder {root}" in r.getMessage()
+        for r in caplog.records
+    )
+    ds.check_images()
+    assert [ds[i][1]["image_id"] for i in range(3)] == [1, 2, 5]

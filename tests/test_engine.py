@@ -81,7 +81,7 @@ def test_distill_ssim_checkpoint_has_no_teacher(teacher_run, make_overrides, tmp
     assert sum(v.numel() for v in ckpt["state_dict"].values()) < 1.2 * n_student
     # The distillation terms are logged per step, per level.
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/distill", "train/loss", "train/distill/s8", "train/distill/s128"} <= set(
+    assert {"train/distill", "train/loss", "train/level/s8", "train/level/s128"} <= set(
         header)
     # The export is the plain student detector (no adapters).
     exported = load_file(str(result.export_prefix) + ".safetensors")

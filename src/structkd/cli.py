@@ -3,6 +3,7 @@
     structkd train   -c CONFIG [--set key=value ...] [--overwrite]
     structkd distill -c CONFIG --teacher PATH|BUILDER [--teacher-weights W] [--method M] [--set ...]
     structkd eval    CHECKPOINT -c CONFIG [--out metrics.json]
+    structkd export  RUN --onnx PATH [--size N]   (the student as ONNX, with its label map)
     structkd methods            (the distillation methods, their options and papers)
     structkd data make|show ...
     structkd demo [--quick]
@@ -95,6 +96,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .models.onnx import export_run
+
+    path = export_run(args.run, args.onnx, image_size=args.size, opset=args.opset,
+                      dynamic=args.dynamic)
+    meta = json.loads(path.with_name(path.name + ".json").read_text())
+    _, h, w = meta["input"]["shape"]
+    size = "any H, W (dynamic)" if meta["input"]["dynamic"] else f"{h}x{w}"
+    print(f"wrote {path}: {meta['arch']}, {len(meta['class_names']) - 1} classes, input one "
+          f"RGB image 3x{size} in [0, 1] -> boxes, scores, labels; label map and spec also in "
+          f"{path.name}.json")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import describe_methods
 
@@ -157,7 +172,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .apps.demo import run_demo
 
     run_demo(out=args.out, quick=args.quick, cache=args.cache, seed=args.seed,
              overrides=args.set)
@@ -165,7 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .demo import run_benchmark
+    from .apps.study import run_benchmark
 
     run_benchmark(out=args.out, seeds=args.seeds, quick=args.quick, cache=args.cache,
                   results_md=args.results_md, methods=args.methods)
@@ -216,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", choices=[*METHODS, *ALIASES, "none"],
                     help="distillation method (distill.method); `structkd methods` lists them")
     sp.set_defaults(func=cmd_distill)
+
+    sp = _command(sub, "export", help="write a run's student as ONNX (no teacher, no adapters)")
+    sp.add_argument("run", help="run directory holding student.safetensors + student.json, an "
+                    "export prefix (RUN/student) or a run's .ckpt")
+    sp.add_argument("--onnx", required=True, metavar="PATH",
+                    help="ONNX file to write; its label map also goes to PATH.json")
+    sp.add_argument("--size", type=int, metavar="N",
+                    help="input side in pixels (default: the spec's min_size)")
+    sp.add_argument("--dynamic", action="store_true",
+                    help="accept any input height/width instead of a fixed N x N")
+    sp.add_argument("--opset", type=int, default=17, help="ONNX opset (11 or later)")
+    sp.set_defaults(func=cmd_export)
 
     sp = _command(sub, "methods", help="list the distillation methods with options and papers")
     sp.set_defaults(func=cmd_methods)
@@ -275,16 +302,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rejected_trainer_settings(e: BaseException) -> str | None:
+    """``trainer.*`` values that Lightning refused while setting up its accelerator (it raises
+    MisconfigurationException, TypeError or ValueError without naming our keys), else None."""
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "__init__" and code.co_filename.endswith("accelerator_connector.py") \
+                and "lightning" in code.co_filename:
+            values = tb.tb_frame.f_locals
+            shown = [f"trainer.{k}={values[k]!r}" for k in ("accelerator", "devices")
+                     if k in values]
+            shown += [f"trainer.{k}={values[k]!r}" for k, default in
+                      (("strategy", "auto"), ("precision", "32-true"), ("num_nodes", 1))
+                      if values.get(k, default) not in (default, None)]
+            return ", ".join(shown) or "trainer.*"
+        tb = tb.tb_next
+    return None
+
+
+def _error_message(e: BaseException) -> str | None:
+    """The one-line message of an error the user can fix; None for a bug (keep the traceback).
+
+    Lightning's refusals of trainer settings name the ``trainer.*`` values; an error raised in a
+    DataLoader worker (which torch re-raises with the worker's whole traceback as its message)
+    is reduced to the worker's original message.
+    """
+    import re
+
+    settings = _rejected_trainer_settings(e)
+    if settings is not None:
+        hint = "expected e.g. trainer.accelerator=auto|cpu|gpu, trainer.devices=auto|1|[0,1]"
+        if re.search(r"trainer\.accelerator='(gpu|cuda)", settings):
+            import torch
+
+            if not torch.cuda.is_available():
+                hint = ("no usable CUDA GPU on this machine, torch.cuda.is_available() is "
+                        "False: use trainer.accelerator=cpu or auto")
+        return (f"Lightning cannot set up the trainer with {settings}: {' '.join(str(e).split())} "
+                f"({hint})")
+    lightning_misconfig = any(c.__name__ == "MisconfigurationException" and
+                              c.__module__.startswith("lightning") for c in type(e).__mro__)
+    if not lightning_misconfig and not isinstance(
+            e, (ValueError, FileNotFoundError, FloatingPointError, RuntimeError)):
+        return None
+    text = str(e)
+    wrapped = re.match(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback", text)
+    if wrapped:
+        # the worker's traceback ends with "[module.]Name: original message"
+        ends = [m.end() for m in re.finditer(rf"^(?:[\w.]+\.)?{wrapped.group(1)}: ", text, re.M)]
+        if ends:
+            text = text[ends[-1]:].strip()
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from .console import setup_console
+
+    setup_console(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
-        if args.verbose:
+    except Exception as e:
+        message = _error_message(e)
+        if message is None or args.verbose:
             raise
-        print(f"structkd: error: {e}", file=sys.stderr)
+        print(f"structkd: error: {message}", file=sys.stderr)
         return 2
 
 

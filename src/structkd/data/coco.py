@@ -10,7 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
+import time
+import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,139 @@ SKIP_REASONS = ("crowd", "degenerate", "outside")
 BACKGROUND_NAME = "__background__"
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+#: Environment variable: the largest image, in pixels, that is opened (0: no limit). Unset, PIL's
+#: decompression-bomb guard applies (it refuses images over 2 x ``PIL.Image.MAX_IMAGE_PIXELS``,
+#: about 179 million pixels).
+MAX_PIXELS_ENV = "STRUCTKD_MAX_IMAGE_PIXELS"
+_RAISE_LIMIT_HINT = (
+    f"if the file is trusted, raise the limit with the environment variable "
+    f"{MAX_PIXELS_ENV}=<pixels> (0 = no limit)"
+)
+
+_EXIF_ORIENTATION_TAG = 0x0112
+#: EXIF orientation -> (the transpose that shows the image as intended, what it does). The table
+#: of ``PIL.ImageOps.exif_transpose``; 5-8 swap width and height.
+_EXIF_TRANSPOSE: dict[int, tuple[Image.Transpose, str]] = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT, "mirrored"),
+    3: (Image.Transpose.ROTATE_180, "rotated 180°"),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM, "flipped vertically"),
+    5: (Image.Transpose.TRANSPOSE, "transposed"),
+    6: (Image.Transpose.ROTATE_270, "rotated 90° clockwise"),
+    7: (Image.Transpose.TRANSVERSE, "transversed"),
+    8: (Image.Transpose.ROTATE_90, "rotated 90° counter-clockwise"),
+}
+
+#: Datasets with more images than this get a progress bar while their headers are checked.
+CHECK_PROGRESS_MIN = 1000
+
+
+class ImageTooLarge(ValueError):
+    """An image over the decompression-bomb limit (PIL's, or ``$STRUCTKD_MAX_IMAGE_PIXELS``)."""
+
+
+def _env_pixel_limit() -> int | None:
+    """``$STRUCTKD_MAX_IMAGE_PIXELS`` as a number (0: no limit), None when unset."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(
+            f"environment variable {MAX_PIXELS_ENV}={raw!r}: expected a whole number of pixels "
+            "(0 for no limit)"
+        )
+    return value
+
+
+def _open_image(path: Path) -> Image.Image:
+    """``Image.open`` (reads the header only) under the decompression-bomb limit.
+
+    Raises :class:`ImageTooLarge` for an image over the limit, and whatever ``Image.open`` raises
+    for a missing or unreadable file. PIL's ``DecompressionBombWarning`` (images between one and
+    two times its limit, which it still opens) is left to the caller to filter.
+    """
+    limit = _env_pixel_limit()
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = None  # structkd's limit (below) replaces PIL's guard
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"has {pixels[1]} pixels" if pixels else f"is too large ({e})"
+        limit_pil = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+        raise ImageTooLarge(
+            f"{size}, more than PIL's limit of {limit_pil} against decompression bombs"
+        ) from None
+    if limit:
+        w, h = img.size
+        if w * h > limit:
+            img.close()
+            raise ImageTooLarge(
+                f"has {w}x{h} = {w * h} pixels, more than the limit {MAX_PIXELS_ENV}={limit}"
+            )
+    return img
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF (or XMP) orientation of an opened image, 1 when it has none or an invalid one.
+
+    Reads what the header holds (``Image.Image.getexif``: PNG's own ``getexif`` would decode the
+    pixels to look for an eXIf chunk after them).
+    """
+    try:
+        value = Image.Image.getexif(img).get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # a malformed EXIF block: PIL's exif_transpose would not rotate either
+        return 1
+    return value if isinstance(value, int) and value in _EXIF_TRANSPOSE else 1
+
+
+def _size_problem(
+    stored: tuple[int, int], orientation: int, expected: tuple[int, int], apply_exif: bool
+) -> str | None:
+    """Why an image of ``stored`` (W, H) pixels does not fit the annotated ``expected`` size."""
+    rotated = apply_exif and orientation in (5, 6, 7, 8)
+    shown = (stored[1], stored[0]) if rotated else stored
+    if tuple(shown) == tuple(expected):
+        return None
+    ew, eh = expected
+    if apply_exif and orientation in _EXIF_TRANSPOSE:
+        text = (
+            f"has size {shown[0]}x{shown[1]} (WxH) once its EXIF orientation {orientation} "
+            f"({_EXIF_TRANSPOSE[orientation][1]}) is applied (stored pixels "
+            f"{stored[0]}x{stored[1]}), but the annotation file says {ew}x{eh}; structkd applies "
+            "EXIF orientation like mmdetection and detectron2, so the annotated width/height and "
+            "boxes must describe the image as displayed"
+        )
+        if tuple(stored) == tuple(expected):
+            text += (
+                "; the annotation matches the stored pixels, so its boxes were probably drawn on "
+                "them: remove the EXIF Orientation tag from the file (or pass apply_exif=False "
+                "to CocoDetection)"
+            )
+        return text
+    note = ""
+    if orientation in _EXIF_TRANSPOSE:
+        note = f" (its EXIF orientation {orientation} is not applied: apply_exif=False)"
+    return f"has size {stored[0]}x{stored[1]} (WxH){note} but the annotation file says {ew}x{eh}"
+
+
+def _describe_open_error(e: BaseException) -> str:
+    """What went wrong opening an image file, for a message that names the file before it."""
+    if isinstance(e, FileNotFoundError):
+        return "does not exist"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not an image file"
+    if isinstance(e, PermissionError):
+        return "cannot be read (permission denied)"
+    if isinstance(e, ImageTooLarge):
+        return f"{e}; {_RAISE_LIMIT_HINT}"
+    if isinstance(e, UnidentifiedImageError):
+        return "is not an image PIL can read (unknown format or corrupt header)"
+    return f"is corrupt or not an image ({type(e).__name__}: {e})"
 
 
 def _load_json(path: Path) -> Any:
@@ -122,32 +260,47 @@ def _image_to_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def load_image(path: Path, image_id: int, expected_size: tuple[int, int] | None = None) -> Tensor:
+def load_image(
+    path: Path,
+    image_id: int,
+    expected_size: tuple[int, int] | None = None,
+    *,
+    apply_exif: bool = True,
+) -> Tensor:
     """Load one image as a float32 RGB tensor (3, H, W) in [0, 1].
 
-    ``expected_size`` is ``(width, height)`` from the annotation file; a mismatch raises because
-    the boxes would then refer to a different image geometry. EXIF orientation is not applied:
-    COCO sizes and boxes refer to the pixels as stored.
+    With ``apply_exif`` the image's EXIF orientation is applied (as ``PIL.ImageOps.exif_transpose``
+    does), so the tensor shows the image as displayed. ``expected_size`` is ``(width, height)``
+    from the annotation file, of the image as displayed; a mismatch raises because the boxes
+    would then refer to a different image geometry.
     """
+    where = f"image file {path} (image id {image_id})"
     try:
-        with Image.open(path) as img:
-            if expected_size is not None and img.size != tuple(expected_size):
-                raise ValueError(
-                    f"image file {path} (image id {image_id}) has size {img.size[0]}x{img.size[1]} "
-                    f"(WxH) but the annotation file says {expected_size[0]}x{expected_size[1]}"
-                )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = _open_image(path)
+        with img:
             img.load()
+            orientation = _exif_orientation(img)  # after load: PNG may keep EXIF after the pixels
+            if expected_size is not None:
+                problem = _size_problem(img.size, orientation, expected_size, apply_exif)
+                if problem:
+                    raise _SizeMismatch(f"{where} {problem}")
+            if apply_exif and orientation in _EXIF_TRANSPOSE:
+                return _image_to_tensor(img.transpose(_EXIF_TRANSPOSE[orientation][0]))
             return _image_to_tensor(img)
+    except _SizeMismatch as e:
+        raise ValueError(str(e)) from None
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"image file {path} (image id {image_id}) does not exist") from e
+        raise FileNotFoundError(f"{where} does not exist") from e
+    except (ImageTooLarge, UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{where} {_describe_open_error(e)}") from e
     except ValueError as e:
-        if str(path) in str(e):
-            raise
-        raise ValueError(f"cannot decode image file {path} (image id {image_id}): {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(
-            f"cannot read image file {path} (image id {image_id}): corrupt or not an image ({e})"
-        ) from e
+        raise ValueError(f"cannot decode {where}: {e}") from e
+
+
+class _SizeMismatch(Exception):
+    """Internal: the image does not have the annotated size (the message is final)."""
 
 
 class CocoDetection(Dataset):
@@ -160,7 +313,26 @@ class CocoDetection(Dataset):
 
     Training boxes: crowd, degenerate (w or h <= 0) and fully-outside annotations are skipped and
     counted in ``skipped``; boxes partly outside the image are clipped and counted in
-    ``num_clipped``. ``coco_gt`` keeps every annotation (crowd included) for COCO evaluation.
+    ``num_clipped``. ``coco_gt`` keeps every annotation (crowd included) for COCO evaluation. A
+    split with no usable box at all is logged as a warning with the count per reason.
+
+    Image files are opened only when an item is read; :meth:`check_images` checks them all up
+    front (existence, a readable header, the annotated size), reading headers only (about 0.2 ms
+    per 640x480 JPEG, 250x faster than decoding it). ``file_name`` may be absolute or contain
+    ``../`` (other tools write such files); the log says how many images lie outside
+    ``image_dir`` (``num_outside``).
+
+    EXIF orientation: applied by default (``apply_exif=True``), as mmdetection (and detectron2,
+    Ultralytics) do: the image is transposed as ``PIL.ImageOps.exif_transpose`` would, so it is
+    seen as displayed, and the annotation's ``width``/``height`` and boxes must describe that
+    displayed image (for orientations 5-8 that is the stored size with width and height
+    swapped). The size check says so when a file's orientation is the cause of a mismatch. Pass
+    ``apply_exif=False`` for annotations drawn on the stored pixels of oriented files (or remove
+    the files' EXIF Orientation tag).
+
+    Images over the decompression-bomb limit (PIL's, about 179 million pixels) are refused with
+    a message naming the file; the environment variable ``STRUCTKD_MAX_IMAGE_PIXELS`` sets the
+    limit (0: no limit).
 
     Args:
         ann_file: COCO JSON with ``images``, ``annotations`` and ``categories``.
@@ -168,6 +340,7 @@ class CocoDetection(Dataset):
         transforms: joint transform ``(image, target) -> (image, target)``.
         categories: category list to define the label mapping, e.g. the train split's
             ``coco_gt["categories"]`` for a val split, so labels are identical across splits.
+        apply_exif: apply each image's EXIF orientation (see above).
     """
 
     def __init__(
@@ -177,10 +350,12 @@ class CocoDetection(Dataset):
         transforms: Callable | None = None,
         *,
         categories: list[dict] | None = None,
+        apply_exif: bool = True,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.transforms = transforms
+        self.apply_exif = apply_exif
         src = self.ann_file
 
         data = _load_json(src)
@@ -342,6 +517,7 @@ class CocoDetection(Dataset):
 
         num_used = sum(len(lb) for lb in per_image_labels)
         num_empty = sum(1 for lb in per_image_labels if not lb)
+        self.num_boxes: int = num_used
         logger.info(
             "%s: %d images (%d without boxes), %d categories, %d of %d annotations used; "
             "skipped crowd=%d degenerate=%d outside=%d; clipped=%d",
@@ -356,6 +532,105 @@ class CocoDetection(Dataset):
             skipped["outside"],
             num_clipped,
         )
+        if num_used == 0:
+            reason = (
+                f"all {len(gt_anns)} annotations were skipped (crowd={skipped['crowd']}, "
+                f"degenerate={skipped['degenerate']}, outside={skipped['outside']})"
+                if gt_anns
+                else "it has no annotations"
+            )
+            logger.warning(
+                "%s: no usable box in %d images: %s; a detector trained on this split learns "
+                "only background, and COCO metrics on it are undefined (-1)",
+                src,
+                len(images),
+                reason,
+            )
+
+        # file_name entries that leave image_dir (absolute, or with ../): accepted, and counted.
+        root = os.path.normpath(os.path.abspath(self.image_dir))
+        outside = [f for f in self._files if not _is_within(root, f)]
+        self.num_outside: int = len(outside)
+        if outside:
+            logger.info(
+                "%s: %d of %d images lie outside the image folder %s (absolute paths or ../ in "
+                "file_name, e.g. %r); they are read from where file_name points",
+                src,
+                len(outside),
+                len(images),
+                self.image_dir,
+                outside[0],
+            )
+
+    def check_images(self, *, progress: bool | None = None, max_listed: int = 5) -> None:
+        """Check every image file up front: it exists, its header is readable, and its size
+        (after EXIF orientation, see the class docstring) is the annotated one.
+
+        Reads headers only (no pixels are decoded), from a few threads, with a progress bar for
+        more than ``CHECK_PROGRESS_MIN`` images (``progress`` forces it on or off). Pixel data
+        that is corrupt after a valid header is still found only when the image is loaded.
+
+        Raises:
+            ValueError: naming the annotation file, the number of bad images, and the first
+                ``max_listed`` of them with their problem.
+        """
+        n = len(self)
+        start = time.perf_counter()
+        _env_pixel_limit()  # a bad value fails here, once, not as a problem of every image
+        show = n > CHECK_PROGRESS_MIN if progress is None else progress
+        problems: list[tuple[int, str]] = []
+        num_oriented = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with ThreadPoolExecutor(max_workers=min(8, max(1, n))) as pool:
+                results = pool.map(self._check_one, range(n))
+                if show:
+                    from tqdm.auto import tqdm
+
+                    results = tqdm(
+                        results,
+                        total=n,
+                        desc=f"checking {self.ann_file.name} images",
+                        unit="img",
+                        leave=False,
+                    )
+                for index, (problem, orientation) in enumerate(results):
+                    if problem is not None:
+                        problems.append((index, problem))
+                    if orientation in _EXIF_TRANSPOSE:
+                        num_oriented += 1
+        if problems:
+            listed = "; ".join(
+                f"image id {self.image_ids[i]} ({self.image_path(i)}) {why}"
+                for i, why in problems[:max_listed]
+            )
+            more = f" (first {max_listed} shown)" if len(problems) > max_listed else ""
+            raise ValueError(
+                f"{self.ann_file}: {len(problems)} of {n} image files cannot be used{more}: "
+                f"{listed}"
+            )
+        if num_oriented:
+            logger.info(
+                "%s: %d images carry an EXIF orientation; %s",
+                self.ann_file,
+                num_oriented,
+                "applied (their annotated sizes and boxes describe them as displayed)"
+                if self.apply_exif
+                else "not applied (apply_exif=False)",
+            )
+        logger.info(
+            "%s: %d image headers checked in %.1f s", self.ann_file, n, time.perf_counter() - start
+        )
+
+    def _check_one(self, index: int) -> tuple[str | None, int]:
+        """(problem or None, EXIF orientation) of the image file at ``index``, header only."""
+        try:
+            with _open_image(self.image_path(index)) as img:
+                size, orientation = img.size, _exif_orientation(img)
+        except Exception as e:  # whatever PIL raises on a bad header is this file's problem
+            return _describe_open_error(e), 1
+        h, w = self._sizes[index]
+        return _size_problem(size, orientation, (w, h), self.apply_exif), orientation
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -367,7 +642,9 @@ class CocoDetection(Dataset):
     def load_image(self, index: int) -> tv_tensors.Image:
         """Load the image at ``index`` (checked against the annotated size), without transforms."""
         h, w = self._sizes[index]
-        img = load_image(self.image_path(index), self.image_ids[index], (w, h))
+        img = load_image(
+            self.image_path(index), self.image_ids[index], (w, h), apply_exif=self.apply_exif
+        )
         return tv_tensors.Image(img)
 
     def load_target(self, index: int) -> dict[str, Any]:
@@ -390,6 +667,15 @@ class CocoDetection(Dataset):
             f"{type(self).__name__}(ann_file={str(self.ann_file)!r}, images={len(self)}, "
             f"num_classes={self.num_classes})"
         )
+
+
+def _is_within(root: str, file_name: str) -> bool:
+    """Whether ``root / file_name`` (normalised, symlinks not followed) lies inside ``root``."""
+    path = os.path.normpath(os.path.join(root, file_name))
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:  # different drives
+        return False
 
 
 def collate_fn(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:

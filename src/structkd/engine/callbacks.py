@@ -73,7 +73,17 @@ def _last_checkpoint(trainer: L.Trainer) -> Path | None:
 
 class SafeCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that refuses to write weights holding NaN or Inf (the previous,
-    good checkpoint stays)."""
+    good checkpoint stays), and that saves an epoch's state as soon as its training batches are
+    done, before validation runs: a validation that fails (a bad image, a full disk) loses no
+    training (resuming from it is exact; the validation runs again)."""
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking or not self.dirpath:
+            return
+        if (trainer.current_epoch + 1) % max(1, self._every_n_epochs or 1):
+            return
+        filepath = self.format_checkpoint_name(self._monitor_candidates(trainer))
+        self._save_checkpoint(trainer, filepath)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         module = trainer.lightning_module

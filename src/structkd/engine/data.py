@@ -110,8 +110,16 @@ class EpochSampler(Sampler[Any]):
         return iter(mine)
 
 
-def load_datasets(cfg: DataConfig, paths: DataPaths) -> tuple[CocoDetection, CocoDetection]:
-    """Train and val COCO datasets sharing the train split's category mapping."""
+def load_datasets(
+    cfg: DataConfig, paths: DataPaths, *, check: tuple[str, ...] = ("train", "val"),
+) -> tuple[CocoDetection, CocoDetection]:
+    """Train and val COCO datasets sharing the train split's category mapping.
+
+    The image files of the splits named in ``check`` are checked up front (exist, readable
+    header, annotated size; ``CocoDetection.check_images``): a bad validation image fails the
+    run now, not after an epoch of training. The problems of both splits are reported together.
+    (Evaluation reads only the train split's categories and may pass ``check=("val",)``.)
+    """
     train = CocoDetection(
         paths.train_ann, paths.train_images,
         build_transforms(True, hflip_prob=cfg.hflip, scale_range=tuple(cfg.scale_range)),
@@ -120,6 +128,18 @@ def load_datasets(cfg: DataConfig, paths: DataPaths) -> tuple[CocoDetection, Coc
         paths.val_ann, paths.val_images, build_transforms(False),
         categories=train.coco_gt["categories"],
     )
+    unknown = sorted(set(check) - {"train", "val"})
+    if unknown:
+        raise ValueError(f"load_datasets(check={check!r}): unknown split(s) {unknown}; expected "
+                         "'train' and/or 'val'")
+    problems = []
+    for split in [d for name, d in (("train", train), ("val", val)) if name in check]:
+        try:
+            split.check_images()
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; and ".join(problems))
     logger.info("data: %d train images, %d val images, %d classes",
                 len(train), len(val), train.num_classes - 1)
     return train, val

@@ -34,7 +34,7 @@ from .callbacks import DivergenceGuard, SafeCheckpoint
 from .data import limit, make_loader
 from .evalinfo import eval_info_for
 from .module import DetectionModule, EvalInfo
-from .run_dir import csv_logger, prepare_out_dir
+from .run_dir import csv_logger, open_csv_logger, prepare_out_dir
 
 logger = logging.getLogger("structkd.engine")
 
@@ -93,7 +93,8 @@ def fit(
     levels: list[str] | None = None, student_layers: str | Sequence[str] = "backbone",
     teacher_layers: str | Sequence[str] = "backbone", teacher_root: str = "backbone",
     teacher_dtype: str | None = None, class_names: Sequence[str] | None = None,
-    spec: DetectorSpec | None = None, config: Config | None = None, **options: Any,
+    spec: DetectorSpec | None = None, config: Config | None = None,
+    callbacks: Sequence[L.Callback] = (), **options: Any,
 ) -> RunResult:
     """Train ``student`` on ``train`` (and distil ``teacher`` into it when given).
 
@@ -108,6 +109,7 @@ def fit(
         spec: the ``DetectorSpec`` the student was built from, if any (then the export can be
             rebuilt without user code).
         config: a ``Config`` whose values the options below override.
+        callbacks: extra Lightning callbacks.
         **options: run options by name: trainer (``out_dir``, ``accelerator``, ``devices``,
             ``precision``, ``seed``, ``resume``, ``overwrite``, ...), optimiser (``optimizer``,
             ``lr``, ``momentum``, ``weight_decay``, ``grad_clip``), schedule (``epochs``,
@@ -129,10 +131,10 @@ def fit(
     info = eval_info_for(val, class_names) if val is not None else None
     return run(cfg, student, train, val, teacher=teacher,
                method=method if isinstance(method, DistillMethod) else None,
-               eval_info=info, spec=spec)
+               eval_info=info, spec=spec, callbacks=callbacks)
 
 
-def _trainer(cfg: Config, out_dir: Path) -> L.Trainer:
+def _trainer(cfg: Config, out_dir: Path, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """One trainer for fit and the final validation, so both log into the same CSV/TensorBoard
     files (a second trainer would start them afresh and lose the training curves)."""
     t, s = cfg.trainer, cfg.schedule
@@ -140,9 +142,9 @@ def _trainer(cfg: Config, out_dir: Path) -> L.Trainer:
     ckpt = SafeCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_top_k=1,
                           enable_version_counter=False, every_n_epochs=t.checkpoint_every,
                           save_on_train_epoch_end=True)
-    loggers = [csv_logger(out_dir),
-               TensorBoardLogger(out_dir, name="tb", version="")]
-    return L.Trainer(
+    csv_log = csv_logger(out_dir)
+    loggers = [csv_log, TensorBoardLogger(out_dir, name="tb", version="")]
+    trainer = L.Trainer(
         max_epochs=s.epochs, max_steps=s.max_steps or -1, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
         gradient_clip_val=cfg.optim.grad_clip, deterministic=t.deterministic,
@@ -151,8 +153,12 @@ def _trainer(cfg: Config, out_dir: Path) -> L.Trainer:
         log_every_n_steps=t.log_every,
         enable_progress_bar=t.progress, use_distributed_sampler=False, default_root_dir=out_dir,
         num_sanity_val_steps=0, enable_model_summary=False,
-        callbacks=[ckpt, DivergenceGuard(factor=t.divergence_factor)], logger=loggers,
+        callbacks=[ckpt, DivergenceGuard(factor=t.divergence_factor), *callbacks],
+        logger=loggers,
     )
+    if trainer.is_global_zero:
+        open_csv_logger(csv_log, out_dir)
+    return trainer
 
 
 class _DataModule(L.LightningDataModule):
@@ -207,7 +213,8 @@ def check_resume(path: Path, meta: Mapping[str, Any]) -> None:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+        raise ValueError(f"{path}: not a readable checkpoint (loaded with weights_only=True: "
+                         f"{type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]})") from None
     saved = ckpt.get("structkd") if isinstance(ckpt, dict) else None
     if not isinstance(saved, dict):
@@ -244,7 +251,8 @@ def _run_meta(net: Distiller | DetectorLosses, spec: DetectorSpec | None,
 
 def run(cfg: Config, student: nn.Module, train: Dataset, val: Dataset | None, *,
         teacher: nn.Module | None = None, method: DistillMethod | None = None,
-        eval_info: EvalInfo | None = None, spec: DetectorSpec | None = None) -> RunResult:
+        eval_info: EvalInfo | None = None, spec: DetectorSpec | None = None,
+        callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """The run itself, from a resolved ``Config`` and built objects (``fit`` and the config
     path both end here)."""
     t = cfg.trainer
@@ -271,7 +279,7 @@ def run(cfg: Config, student: nn.Module, train: Dataset, val: Dataset | None, *,
     module = DetectionModule(net, optim=cfg.optim, schedule=cfg.schedule, eval_info=eval_info,
                              run_meta=meta)
     data = _DataModule(cfg, train, val)
-    trainer = _trainer(cfg, out_dir)
+    trainer = _trainer(cfg, out_dir, callbacks)
     if trainer.is_global_zero:  # written only now: everything above has validated it
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,8 @@ def load_teacher(cfg: Config) -> tuple[nn.Module, DetectorInfo]:
     return model, info
 
 
-def run_config(cfg: Config) -> RunResult:
-    """Train (``distill.method: none`` or no teacher) or distil, as the config says."""
+def run_config(cfg: Config, *, callbacks: Sequence[L.Callback] = ()) -> RunResult:
+    """Train (``distill.method: none``) or distil, as the config says."""
     paths = resolve_data(cfg.data)
     train_ds, val_ds = load_datasets(cfg.data, paths)
     spec = _spec(cfg, train_ds.num_classes)
@@ -102,7 +103,7 @@ def run_config(cfg: Config) -> RunResult:
         if cfg.teacher.strict_classes:
             check_labels(info, train_ds, "teacher")
     return run(cfg, student, train_ds, val_ds, teacher=teacher,
-               eval_info=_eval_info(train_ds, val_ds), spec=spec)
+               eval_info=_eval_info(train_ds, val_ds), spec=spec, callbacks=callbacks)
 
 
 def train(cfg: Config) -> RunResult:
@@ -123,7 +124,7 @@ def evaluate(checkpoint: str | Path, cfg: Config, *, out_json: str | Path | None
         raise ValueError(f"--out {out_json} is a directory; expected a JSON file path")
     model, info = load_detector(checkpoint)
     paths = resolve_data(cfg.data)
-    train_ds, val_ds = load_datasets(cfg.data, paths)
+    train_ds, val_ds = load_datasets(cfg.data, paths, check=("val",))
     check_labels(info, train_ds, "detector")
     if info.spec is not None and info.spec.num_classes != train_ds.num_classes:
         raise ValueError(

@@ -65,8 +65,11 @@ class _AppendingWriter(ExperimentWriter):
 
 def csv_logger(out_dir: Path) -> CSVLogger:
     """A CSVLogger writing ``out_dir/metrics.csv``, continuing the rows already there (a
-    resumed run; a fresh or overwritten run has none)."""
-    log = CSVLogger(out_dir, name="", version="")
+    resumed run; a fresh or overwritten run has none). Nothing is created on disk until
+    :func:`open_csv_logger` (so a trainer that fails to set up leaves no empty run folder)."""
+    return CSVLogger(out_dir, name="", version="")
+
+
+def open_csv_logger(log: CSVLogger, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     log._experiment = _AppendingWriter(log_dir=str(out_dir))
-    return log

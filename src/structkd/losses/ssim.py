@@ -26,8 +26,10 @@ from ._checks import check_choice, check_pair, check_window
 from .normalize import DEFAULT_EPS, NORMALIZE_MODES, MinMaxStats, minmax_normalize
 
 PADDINGS = ("same", "valid")
-# Elements of one quantity per chunk; keeps the ~16 live chunk tensors inside the CPU caches.
+# Elements of one quantity per chunk: on CPU, small enough to keep the ~16 live chunk tensors
+# inside the caches; on GPUs, large enough that one chunk fills the device (few kernel launches).
 CHUNK_ELEMENTS = 1 << 19
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 # Axes up to this length are blurred by a dense matrix product instead of a convolution.
 MATMUL_MAX = 32
 
@@ -64,8 +66,8 @@ class GaussianBlur:
         self.padding = padding
         self.kh = window_taps(height, window_size, padding)
         self.kw = window_taps(width, window_size, padding)
-        self.gh = gaussian_window(self.kh, sigma, dtype=dtype, device=device)
-        self.gw = gaussian_window(self.kw, sigma, dtype=dtype, device=device)
+        self.gh = _cached_window(self.kh, sigma, dtype, str(device))
+        self.gw = _cached_window(self.kw, sigma, dtype, str(device))
         self.ph, self.pw = (self.kh // 2, self.kw // 2) if padding == "same" else (0, 0)
         key = (sigma, padding, dtype, str(device))
         small_h, small_w = self.kh > 1 and height <= MATMUL_MAX, self.kw > 1 and width <= MATMUL_MAX
@@ -116,6 +118,12 @@ class GaussianBlur:
                              padding=(0, self.kw - 1))
                 u = reflect_pad_adjoint(u, 0, self.pw) if self.pw else u
         return u
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_window(size: int, sigma: float, dtype: torch.dtype, device: str) -> Tensor:
+    """``gaussian_window`` kept per device: no host-to-device copy in every step."""
+    return gaussian_window(size, sigma, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -301,7 +309,8 @@ def _ssim_map(x: Tensor, y: Tensor, cfg: SSIMConfig) -> Tensor:
 
 def _chunk_size(x: Tensor) -> int:
     b, c, h, w = x.shape
-    return max(1, min(c, CHUNK_ELEMENTS // (b * h * w)))
+    budget = CHUNK_ELEMENTS if x.device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, min(c, budget // (b * h * w)))
 
 
 def _fused_ssim(

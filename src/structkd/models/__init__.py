@@ -4,6 +4,14 @@ from .build import build_detector, count_parameters, neck_channels
 from .export import EXPORT_FORMAT, export_student
 from .latency import measure_latency
 from .load import DetectorInfo, load_detector, load_exported, torchvision_detector
+from .onnx import (
+    OnnxDetector,
+    export_onnx,
+    export_run,
+    onnx_latency,
+    onnx_runner,
+    read_onnx_metadata,
+)
 from .spec import ARCHS, BACKBONES, NORMS, VARIANTS, DetectorSpec, spec_from_json, spec_to_json
 from .weights import load_torchvision_weights
 
@@ -15,14 +23,20 @@ __all__ = [
     "VARIANTS",
     "DetectorInfo",
     "DetectorSpec",
+    "OnnxDetector",
     "build_detector",
     "count_parameters",
+    "export_onnx",
+    "export_run",
     "export_student",
     "load_detector",
     "load_exported",
     "load_torchvision_weights",
     "measure_latency",
     "neck_channels",
+    "onnx_latency",
+    "onnx_runner",
+    "read_onnx_metadata",
     "spec_from_json",
     "spec_to_json",
     "torchvision_detector",

@@ -81,11 +81,18 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], source:
     """``load_state_dict(strict=True)`` with an error that says what each side looks like."""
     try:
         model.load_state_dict(dict(state), strict=True)
-    except RuntimeError as e:
-        expected = describe_state(model.state_dict())
+    except RuntimeError:
+        ours = model.state_dict()
+        missing = [k for k in ours if k not in state]
+        unexpected = [k for k in state if k not in ours]
+        reshaped = [k for k in ours if k in state and hasattr(state[k], "shape")
+                    and tuple(state[k].shape) != tuple(ours[k].shape)]
+        counts = [f"{len(keys)} {what} (e.g. {keys[0]!r})" for keys, what in
+                  ((missing, "missing"), (unexpected, "unexpected"),
+                   (reshaped, "of another shape")) if keys]
         raise ValueError(
             f"{source}: the weights look like {describe_state(state)}, but the model to load them "
-            f"into is {expected}; ({str(e).splitlines()[0][:160]})"
+            f"into is {describe_state(ours)}; tensors: {', '.join(counts) or 'none differ'}"
         ) from None
 
 
@@ -153,8 +160,9 @@ def load_checkpoint_detector(path: Path) -> tuple[nn.Module, DetectorInfo]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or not written by "
+                         f"torch.save (torch.load raised {type(e).__name__}: {first})") from None
     info = ckpt.get("structkd") if isinstance(ckpt, dict) else None
     if not isinstance(info, dict) or not info.get("spec") or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of a structkd run with a structkd-built "
@@ -242,6 +250,11 @@ def load_detector(path: str | Path) -> tuple[nn.Module, DetectorInfo]:
                          ".ckpt file")
     if p.suffix == ".ckpt":
         return load_checkpoint_detector(p)
+    if p.suffix in (".pth", ".pt", ".bin"):
+        raise ValueError(f"{p}: a {p.suffix} file is neither a structkd export (DIR/student) nor a "
+                         "structkd run's .ckpt; for a torchvision detector's state dict give its "
+                         f"builder and this file: --teacher BUILDER --teacher-weights {p} "
+                         "(teacher.torchvision + teacher.weights)")
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     return load_exported_detector(p)

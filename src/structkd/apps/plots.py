@@ -1,4 +1,5 @@
-"""Figures of the demo: AP per method, training curves, per-level SSIM to the teacher."""
+"""Figures of the demo: AP per method, training curves, per-level SSIM to the teacher, and a
+grid of detections (ground truth, teacher, students)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import matplotlib.pyplot as plt
 import torch
 
 if TYPE_CHECKING:
-    from .data import SyntheticPaths
+    from ..data import SyntheticPaths
 
 logger = logging.getLogger("structkd.plots")
 
@@ -62,13 +63,17 @@ def plot_curves(run_dirs: list[Path], path: Path) -> Path:
         s = read_curves(d / "metrics.csv")
         if "train/loss" not in s:
             continue
-        distill = dict(s.get("train/distill", []))
+        distill: dict[int, float] = {}
+        for key, series in s.items():  # every distillation term (FGD has four)
+            if key == "train/distill" or key.startswith("train/distill/"):
+                for st, v in series:
+                    distill[st] = distill.get(st, 0.0) + v
         det = [(st, v - distill.get(st, 0.0)) for st, v in s["train/loss"]]
         axes[0].plot(*zip(*det, strict=True), label=d.name)
         if distill:
             axes[1].plot(*zip(*sorted(distill.items()), strict=True), label=d.name)
     axes[0].set_title("detection loss")
-    axes[1].set_title("lambda * L_feat")
+    axes[1].set_title("distillation loss (weighted)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -84,8 +89,8 @@ def level_ssim(student: torch.nn.Module, teacher: torch.nn.Module, images: list[
     Both see the student's transformed batch; only levels with equal stride and channel count
     are compared (no adapter: this is what the deployed student's features look like).
     """
-    from .distill import FeatureTap, measure_levels, pair_levels
-    from .losses import ssim_distance
+    from ..distill import FeatureTap, measure_levels, pair_levels
+    from ..losses import ssim_distance
 
     student.eval()
     teacher.eval()
@@ -118,17 +123,24 @@ def plot_level_ssim(values: dict[str, dict[int, float]], path: Path) -> Path:
 def plot_demo(out: Path, rows: list[dict[str, Any]], run_dirs: list[Path], teacher_prefix: Path,
               data: SyntheticPaths) -> list[Path]:
     """All demo figures (level SSIM on the first val images of ``data``); returns their paths."""
-    from .data import CocoDetection
-    from .models import load_exported
+    from ..data import CocoDetection
+    from ..models import load_exported
+    from .pictures import detection_grid
 
     figs = [plot_ap(rows, out / "ap_per_method.png"), plot_curves(run_dirs, out / "curves.png")]
     teacher, _, _ = load_exported(teacher_prefix)
     val = CocoDetection(data.val_ann, data.val_images)
     images = [val[i][0] for i in range(min(8, len(val)))]
     values = {}
+    students = {}
     for d in run_dirs:
         student, _, _ = load_exported(d / "student")
+        students[f"student-{d.name}"] = student
         values[d.name] = level_ssim(student, teacher, images)
+    shown = {"teacher": teacher, **{k: v for k, v in students.items()
+                                    if k in ("student-none", "student-ssim")}}
+    figs.append(detection_grid(shown, val, list(range(min(4, len(val)))),
+                               out / "detections.png"))
     if any(values.values()):
         figs.append(plot_level_ssim(values, out / "level_ssim.png"))
     else:

@@ -1,0 +1,65 @@
+"""A grid of detections: ground truth beside each model's boxes, on the same images."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import nn
+
+from ..data import CocoDetection
+
+GT_COLOUR = "#00e676"
+PRED_COLOUR = "#ff1744"
+
+
+def _draw(ax, image: torch.Tensor, boxes, labels, names: Sequence[str], colour: str,
+          scores=None) -> None:
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    for i, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+        x1, y1, x2, y2 = box
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.2,
+                               edgecolor=colour, ls="-" if scores is None else "--"))
+        text = names[label] if label < len(names) else str(label)
+        if scores is not None:
+            text += f" {scores[i]:.2f}"
+        ax.text(x1, y1, text, fontsize=5, color="black", va="bottom",
+                bbox={"facecolor": colour, "pad": 0.4, "lw": 0})
+    ax.set_axis_off()
+
+
+@torch.inference_mode()
+def detection_grid(models: Mapping[str, nn.Module], dataset: CocoDetection,
+                   indices: Sequence[int], out_png: str | Path, *,
+                   score_threshold: float = 0.3) -> Path:
+    """One row per image: the ground truth, then each model's detections above the threshold."""
+    cols = 1 + len(models)
+    fig = Figure(figsize=(2.4 * cols, 2.4 * len(indices)), dpi=110)
+    FigureCanvasAgg(fig)
+    names = dataset.class_names
+    for r, idx in enumerate(indices):
+        image, target = dataset[idx]
+        ax = fig.add_subplot(len(indices), cols, r * cols + 1)
+        _draw(ax, image, target["boxes"].tolist(), target["labels"].tolist(), names, GT_COLOUR)
+        if r == 0:
+            ax.set_title("ground truth", fontsize=8)
+        for c, (name, model) in enumerate(models.items()):
+            model.eval()
+            out = model([image])[0]
+            keep = out["scores"] >= score_threshold
+            ax = fig.add_subplot(len(indices), cols, r * cols + 2 + c)
+            _draw(ax, image, out["boxes"][keep].tolist(), out["labels"][keep].tolist(), names,
+                  PRED_COLOUR, out["scores"][keep].tolist())
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+    fig.suptitle(f"green: ground truth; red dashed: detections with score >= {score_threshold}",
+                 fontsize=7)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, format="png")
+    return out_png

@@ -1,0 +1,187 @@
+"""The built-in study's plan (data, teacher, student, methods) and its cached runs.
+
+A plan is plain data; ``ensure_teacher`` and ``run_student`` turn a part of it into a ``Config``
+and run it through the same API a user calls (``structkd.engine.run_config``), reusing a run
+only when its saved config equals the planned one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from .. import __version__
+from ..config import Config, load_config
+from ..data import SyntheticPaths
+from ..engine import run_config
+
+logger = logging.getLogger("structkd.demo")
+
+
+@dataclass
+class Plan:
+    """Everything that defines a study: data, teacher and student configs, methods."""
+
+    data: dict[str, Any]
+    teacher: dict[str, Any]
+    student: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    demo_methods: tuple[str, ...] = ("none", "mse", "ssim")
+    study_methods: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+
+# Study rows: a name -> the distill section. "matched" weights are set by the study's
+# calibration so that the term has SSIM's size at the start of training (see study.py).
+METHODS: dict[str, dict[str, Any]] = {
+    "none": {"method": "none"},
+    "l1": {"method": "l1", "weight": 2.0},
+    "mse": {"method": "mse", "weight": 2.0},
+    "ssim": {"method": "ssim", "weight": 2.0},
+    "ssim_s": {"method": "ssim", "weight": 2.0, "options": {"components": [0.0, 0.0, 1.0]}},
+    "ssim_cs": {"method": "ssim", "weight": 2.0, "options": {"components": [0.0, 1.0, 1.0]}},
+    "ssim_w1": {"method": "ssim", "weight": 1.0},
+    "ssim_w4": {"method": "ssim", "weight": 4.0},
+    "mse_matched": {"method": "mse", "weight": "matched"},
+    "pkd": {"method": "pkd"},
+    "pkd_matched": {"method": "pkd", "weight": "matched"},
+    "cwd": {"method": "cwd"},
+    "cwd_matched": {"method": "cwd", "weight": "matched"},
+    "mgd": {"method": "mgd"},
+    "mgd_matched": {"method": "mgd", "weight": "matched"},
+    "fgd": {"method": "fgd"},
+    "fgd_matched": {"method": "fgd", "weight": "matched"},
+}
+STUDY_METHODS = ("none", "mse", "mse_matched", "ssim", "pkd", "pkd_matched", "cwd",
+                 "cwd_matched", "mgd", "mgd_matched", "fgd", "fgd_matched")
+
+_DATA = {"synthetic_train": 512, "synthetic_val": 128, "synthetic_size": 192, "num_workers": 1,
+         "batch_size": 4, "val_batch_size": 8}
+_OPTIM = {"name": "adamw", "lr": 3e-4, "weight_decay": 0.05, "grad_clip": 10.0}
+_TEACHER_MODEL = {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 128,
+                  "min_size": 128, "max_size": 128, "anchor_size": 16}
+_STUDENT_MODEL = dict(_TEACHER_MODEL)
+
+DEFAULT_PLAN = Plan(
+    data=_DATA,
+    teacher={"model": _TEACHER_MODEL, "optim": _OPTIM,
+             "schedule": {"epochs": 10, "milestones": [8], "warmup_iters": 100}},
+    student={"model": _STUDENT_MODEL, "optim": _OPTIM,
+             "schedule": {"epochs": 3, "milestones": [2], "warmup_iters": 100}},
+    methods=METHODS, study_methods=STUDY_METHODS,
+    notes=["Teacher and students: see the plan in structkd.apps.plan."],
+)
+
+_TINY_TEACHER = {**_TEACHER_MODEL, "fpn_channels": 64}
+_TINY_STUDENT = {**_TEACHER_MODEL, "fpn_channels": 64}
+QUICK_PLAN = Plan(
+    data={**_DATA, "synthetic_train": 48, "synthetic_val": 16, "synthetic_size": 128,
+          "num_workers": 0},
+    teacher={"model": _TINY_TEACHER, "optim": _OPTIM,
+             "schedule": {"epochs": 2, "milestones": [1], "warmup_iters": 10}},
+    student={"model": _TINY_STUDENT, "optim": _OPTIM,
+             "schedule": {"epochs": 1, "milestones": [], "warmup_iters": 5}},
+    methods=METHODS, study_methods=STUDY_METHODS,
+    notes=["--quick: a smoke run on 48 images; its numbers say nothing about the method."],
+)
+
+
+def get_plan(quick: bool) -> Plan:
+    return QUICK_PLAN if quick else DEFAULT_PLAN
+
+
+def synthetic(cache: Path) -> SyntheticPaths:
+    """Where the plans' generated dataset lives in the cache."""
+    return SyntheticPaths.under(cache / "synthetic")
+
+
+def section(plan_part: dict[str, Any], data: dict[str, Any], cache: Path, out_dir: Path,
+            seed: int, overrides: Sequence[str]) -> Config:
+    """The ``Config`` of one run of the plan (the demo owns its folders: it overwrites them)."""
+    base = dict(plan_part)
+    base["data"] = {**data, "synthetic_root": str(synthetic(cache).root)}
+    base["trainer"] = {"out_dir": str(out_dir), "seed": seed, "val_every": 0,
+                       "checkpoint_every": 1, "overwrite": True}
+    return load_config(base=base, overrides=list(overrides))
+
+
+def run_key(cfg: Config) -> str:
+    """A hash of what defines a run's result (not where it is written)."""
+    d = cfg.to_dict()
+    d["trainer"] = {k: v for k, v in d["trainer"].items() if k in ("seed", "precision")}
+    text = json.dumps([d, __version__], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def teacher_config(plan: Plan, cache: Path, overrides: Sequence[str]) -> Config:
+    cfg = section(plan.teacher, plan.data, cache, cache / "teachers", 0, overrides)
+    cfg.distill.method = "none"
+    cfg.trainer.out_dir = str(cache / "teachers" / run_key(cfg))  # the key leaves out_dir out
+    return cfg
+
+
+def cached_teacher(plan: Plan, cache: Path, overrides: Sequence[str]) -> Path | None:
+    out = Path(teacher_config(plan, cache, overrides).trainer.out_dir)
+    done = (out / "results.json").is_file() and (out / "student.safetensors").is_file()
+    return out if done else None
+
+
+def ensure_teacher(plan: Plan, cache: Path, overrides: Sequence[str],
+                   callbacks: Sequence[L.Callback] = ()) -> tuple[Path, dict[str, Any]]:
+    """Train the plan's teacher unless an identical one is cached; returns (prefix, results)."""
+    cfg = teacher_config(plan, cache, overrides)
+    out = Path(cfg.trainer.out_dir)
+    if cached_teacher(plan, cache, overrides):
+        logger.info("teacher: reusing the cached teacher in %s", out)
+        return out / "student", json.loads((out / "results.json").read_text())
+    logger.info("teacher: training %s/%s into %s (cached for later runs)",
+                cfg.model.arch, cfg.model.backbone, out)
+    run_config(cfg, callbacks=callbacks)
+    return out / "student", json.loads((out / "results.json").read_text())
+
+
+def student_config(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path,
+                   out_dir: Path, seed: int, overrides: Sequence[str]) -> Config:
+    part = {**plan.student, "distill": distill, "teacher": {"checkpoint": str(teacher)}}
+    return section(part, plan.data, cache, out_dir, seed, overrides)
+
+
+def run_student(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path, out_dir: Path,
+                seed: int, overrides: Sequence[str], *, reuse: bool = False,
+                callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Train one student with the ``distill`` section; returns its results.json content.
+
+    ``reuse=True`` returns the results already in ``out_dir`` instead when that run finished
+    with exactly this config (how an interrupted study resumes); anything else is retrained.
+    """
+    cfg = student_config(plan, distill, teacher, cache, out_dir, seed, overrides)
+    done = out_dir / "results.json"
+    if reuse and done.is_file() and (out_dir / "student.safetensors").is_file():
+        try:
+            same = load_config(out_dir / "config.yaml").to_dict() == cfg.to_dict()
+        except (OSError, ValueError):
+            same = False
+        if same:
+            logger.info("reusing the finished run in %s", out_dir)
+            return {**json.loads(done.read_text()), "reused": True}
+        logger.info("%s holds a run of another config; training it again", out_dir)
+    run_config(cfg, callbacks=callbacks)
+    return json.loads(done.read_text())
+
+
+def train_steps(plan_part: dict[str, Any], data: dict[str, Any]) -> int:
+    """Optimiser steps of one run of the plan (for the job's progress bar)."""
+    cfg = load_config(base={**plan_part, "data": data})
+    per_epoch = -(-cfg.data.synthetic_train // cfg.data.batch_size)
+    if cfg.data.limit_train:
+        per_epoch = -(-min(cfg.data.limit_train, cfg.data.synthetic_train) //
+                      cfg.data.batch_size)
+    steps = per_epoch * cfg.schedule.epochs
+    return min(steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else steps

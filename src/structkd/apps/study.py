@@ -1,0 +1,247 @@
+"""``structkd benchmark``: the seed study on the built-in data, every method on equal terms.
+
+Every student shares the teacher, the student architecture, the schedule, the data order and, per
+seed, the initial weights; only the method differs. Each method runs at its paper weight and, as
+a ``*_matched`` row, at a weight that gives its loss term the size of SSIM's (lambda 2) on the
+first training batches of the untrained student: a calibration measured here and written into
+the table. Writes ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from .. import __version__
+from ..distill import Distiller
+from ..engine.data import load_datasets, make_loader, resolve_data
+from ..evaluation import TABLE_KEYS
+from ..models import DetectorSpec, build_detector, load_exported
+from .latency import interleaved_latency, torch_runner
+from .plan import Plan, ensure_teacher, get_plan, run_student, student_config
+
+logger = logging.getLogger("structkd.demo")
+CALIBRATION_BATCHES = 4
+REFERENCE = {"method": "ssim", "weight": 2.0}
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+@torch.no_grad()
+def calibrate(plan: Plan, cache: Path, teacher_prefix: Path, names: list[str]) -> dict[str, Any]:
+    """Weights that give each named method's term SSIM's size (lambda 2) at the start.
+
+    On the first ``CALIBRATION_BATCHES`` training batches of seed 0, with the untrained student
+    of seed 0: ``weight = term(SSIM, 2) / term(method, weight 1)`` (for FGD the weight scales
+    its four preset term weights together).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = student_config(plan, {"method": "none"}, teacher_prefix, cache, Path(tmp), 0, [])
+    train_ds, _ = load_datasets(cfg.data, resolve_data(cfg.data))
+    L.seed_everything(0, verbose=False)  # as run_config does before building the student
+    student = build_detector(DetectorSpec(num_classes=train_ds.num_classes,
+                                          **dataclasses.asdict(cfg.model)))
+    teacher, _, _ = load_exported(teacher_prefix)
+    loader = make_loader(train_ds, batch_size=cfg.data.batch_size, num_workers=0, shuffle=True,
+                         seed=0)
+    batches = []
+    for i, batch in enumerate(loader):
+        if i >= CALIBRATION_BATCHES:
+            break
+        batches.append(batch)
+
+    def term(method: str, **options: Any) -> float:
+        d = Distiller(copy.deepcopy(student).train(), teacher, method, **options)
+        torch.manual_seed(0)  # MGD's masks
+        values = []
+        for images, targets in batches:
+            out = d(images, targets)
+            values.append(float(sum(v for k, v in out.items() if k.startswith("distill"))))
+        d.close()
+        return statistics.fmean(values)
+
+    ref = term(REFERENCE["method"], weight=REFERENCE["weight"])
+    weights: dict[str, float] = {}
+    units: dict[str, float] = {}
+    for name in names:
+        method = plan.methods[name]["method"]
+        units[name] = term(method, weight=1.0)
+        weights[name] = ref / units[name]
+        logger.info("calibration: %s term at weight 1 = %.4g; SSIM (lambda 2) = %.4g; matched "
+                    "weight %.4g", method, units[name], ref, weights[name])
+    return {"reference_term": ref, "unit_terms": units, "weights": weights,
+            "batches": CALIBRATION_BATCHES}
+
+
+def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, quick: bool = False,
+                  cache: str | Path = "~/.cache/structkd",
+                  results_md: str | Path | None = "benchmarks/RESULTS.md",
+                  methods: list[str] | None = None) -> dict[str, Any]:
+    """Every method over ``seeds`` seeds against one cached teacher; writes RESULTS.md."""
+    t_start = time.perf_counter()
+    plan = get_plan(quick)
+    out, cache = Path(out), Path(cache).expanduser()
+    methods = methods or list(plan.study_methods)
+    unknown = [m for m in methods if m not in plan.methods]
+    if unknown:
+        raise ValueError(f"methods {unknown} are unknown; expected some of {list(plan.methods)}")
+    teacher, t_res = ensure_teacher(plan, cache, [])
+    matched = [m for m in methods if plan.methods[m].get("weight") == "matched"]
+    calibration = calibrate(plan, cache, teacher, matched) if matched else None
+    resolved = {}
+    for m in methods:
+        d = dict(plan.methods[m])
+        if d.get("weight") == "matched":
+            assert calibration is not None
+            d["weight"] = float(f"{calibration['weights'][m]:.4g}")
+        resolved[m] = d
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for seed in range(seeds):
+        for m in methods:
+            logger.info("benchmark: seed %d, method %s", seed, m)
+            runs[m].append(run_student(plan, resolved[m], teacher, cache,
+                                       out / f"seed{seed}" / m, seed, [], reuse=True))
+    summary = _summarise(runs, resolved, t_res, teacher, plan)
+    summary["calibration"] = calibration
+    summary["elapsed_min"] = (time.perf_counter() - t_start) / 60
+    summary["runs"] = sum(len(rs) for rs in runs.values())
+    summary["reused_runs"] = sum(bool(r.get("reused")) for rs in runs.values() for r in rs)
+    summary["run_minutes"] = sum(_wall_s(out / f"seed{s}" / m) for s in range(seeds)
+                                 for m in methods) / 60
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = _results_markdown(summary, seeds, quick, plan)
+    print(text)
+    if results_md:
+        Path(results_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(results_md).write_text(text)
+    return summary
+
+
+def _wall_s(run_dir: Path) -> float:
+    """A finished run's wall time: config.yaml is written first and results.json last."""
+    return (run_dir / "results.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+
+
+def _summarise(runs, resolved, t_res, teacher: Path, plan: Plan) -> dict[str, Any]:
+    base = [r["metrics"]["AP"] for r in runs.get("none", [])]
+    t_ap = t_res["metrics"]["AP"]
+    rows = {}
+    for m, rs in runs.items():
+        stats = {k: _mean_std([r["metrics"][k] for r in rs]) for k in TABLE_KEYS}
+        aps = [r["metrics"]["AP"] for r in rs]
+        diff = [a - b for a, b in zip(aps, base, strict=False)] if base and m != "none" else []
+        gap = t_ap - statistics.fmean(base) if base else math.nan
+        rows[m] = {"n": len(rs), "distill": resolved[m], "metrics": stats, "AP_runs": aps,
+                   "diff_vs_none": _mean_std(diff) if diff else None,
+                   "gap_closed": (statistics.fmean(diff) / gap) if diff and gap > 0 else None,
+                   "step_time_ms": 1000 * statistics.median(
+                       [r["step_time_s"] for r in rs if r.get("step_time_s")] or [math.nan])}
+    s_size = plan.student["model"]["min_size"]
+    any_student = next(iter(runs.values()))[0]
+    t_model, _, _ = load_exported(teacher)
+    s_model, _, _ = load_exported(Path(any_student["export"]))
+    lat = interleaved_latency({"teacher": torch_runner(t_model, plan.teacher["model"]["min_size"]),
+                               "student": torch_runner(s_model, s_size)})
+    return {
+        "rows": rows,
+        "teacher": {"metrics": {k: t_res["metrics"][k] for k in TABLE_KEYS},
+                    "params": t_res["params"], "latency_ms": lat["teacher"]},
+        "student": {"params": any_student["params"], "latency_ms": lat["student"]},
+        "plan": {"teacher": plan.teacher, "student": plan.student, "data": plan.data},
+    }
+
+
+def _verdict(rows: dict[str, Any]) -> list[str]:
+    """The demo's claim, checked: SSIM above none by more than twice the seed spread, and above
+    L2 (the larger of the two sample stds is the spread); and SSIM against every other method."""
+    if not {"none", "ssim"} <= set(rows) or rows["ssim"]["diff_vs_none"] is None:
+        return []
+    ap = {m: r["metrics"]["AP"] for m, r in rows.items()}
+    spread = max(ap["none"][1], ap["ssim"][1])
+    diff = rows["ssim"]["diff_vs_none"][0]
+    out = [f"SSIM - none: {diff:+.2f} AP (paired mean); seed spread {spread:.2f} (larger sample "
+           f"std of the two); more than twice the spread: {'yes' if diff > 2 * spread else 'NO'}."]
+    for m in rows:
+        if m in ("none", "ssim"):
+            continue
+        out.append(f"SSIM - {m}: {ap['ssim'][0] - ap[m][0]:+.2f} AP (means); SSIM above: "
+                   f"{'yes' if ap['ssim'][0] > ap[m][0] else 'NO'}.")
+    return out
+
+
+def _weight_text(d: dict[str, Any]) -> str:
+    w = d.get("weight")
+    return "-" if d["method"] == "none" else ("paper" if w is None else f"{w:g}")
+
+
+def _results_markdown(s: dict[str, Any], seeds: int, quick: bool, plan: Plan) -> str:
+    cmd = "structkd benchmark" + (f" --seeds {seeds}" if seeds != 3 else "") + (
+        " --quick" if quick else "")
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        "# Seed study on the built-in dataset", "",
+        f"Command: `{cmd}` (structkd {__version__}, torch {torch.__version__}); "
+        f"{now}; {os.cpu_count()} CPU cores ({cpu}, {platform.system()}), "
+        f"threads {torch.get_num_threads()}; {s['elapsed_min']:.0f} min"
+        + (f" ({s['reused_runs']} of the {s['runs']} student runs were reused from an "
+           "interrupted invocation, so this time covers the rest only)" if s.get("reused_runs")
+           else "") + f"; the student runs took {s['run_minutes']:.0f} min in all "
+        "(sum of their wall times).", "",
+        f"Invoked as: `{shlex.join(sys.argv)}`", "",
+        "Teacher: " + json.dumps(plan.teacher["model"]) + "; student: "
+        + json.dumps(plan.student["model"]) + "; student schedule: "
+        + json.dumps(plan.student["schedule"]) + f"; data: {json.dumps(plan.data)}.", "",
+        "| method | weight | n | AP | AP50 | AP75 | APs | APm | APl | AP - none (paired) | "
+        "gap closed | step ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m, r in s["rows"].items():
+        cells = [f"{r['metrics'][k][0]:.2f} ± {r['metrics'][k][1]:.2f}" for k in TABLE_KEYS]
+        d = r["diff_vs_none"]
+        dtxt = "-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f}"
+        gap = "-" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
+        lines.append(f"| {m} | {_weight_text(r['distill'])} | {r['n']} | " + " | ".join(cells)
+                     + f" | {dtxt} | {gap} | {r['step_time_ms']:.0f} |")
+    t = s["teacher"]
+    cal = s.get("calibration")
+    lines += [
+        "", "Mean ± sample std over seeds; the paired difference is per seed (same seed, same "
+        "initial weights, same data order) against the no-distillation student. 'gap closed': "
+        "the mean paired gain as a share of the teacher's AP minus the plain student's. "
+        "'weight': the method's overall weight ('paper': its published default preset for "
+        "RetinaNet).", "",
+    ]
+    if cal:
+        lines += ["Matched weights (`*_matched` rows): the weight at which the method's loss "
+                  f"term equals SSIM's (lambda 2: {cal['reference_term']:.4g}) on the first "
+                  f"{cal['batches']} training batches of the untrained seed-0 student: "
+                  + "; ".join(f"{m}: term at weight 1 = {cal['unit_terms'][m]:.4g} -> weight "
+                              f"{w:.4g}" for m, w in cal["weights"].items()) + ".", ""]
+    lines += [*_verdict(s["rows"]), "",
+              "| model | AP | params | latency ms/image (CPU, interleaved medians) |",
+              "|---|---:|---:|---:|",
+              f"| teacher | {t['metrics']['AP']:.1f} | {t['params'] / 1e6:.1f}M | "
+              f"{t['latency_ms']:.1f} |",
+              f"| student | - | {s['student']['params'] / 1e6:.1f}M | "
+              f"{s['student']['latency_ms']:.1f} |", ""]
+    return "\n".join(lines)
