@@ -6,6 +6,7 @@ processes, the demo's smoke run, and the error path (exit code 2 with a one-line
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -115,18 +116,35 @@ def test_ddp_two_cpu_processes(coco_data, teacher_run, tmp_path: Path) -> None:
 def test_demo_quick(tmp_path: Path) -> None:
     """The demo's smoke run: teacher, three students, table, report, JSON and plots."""
     out, cache = tmp_path / "demo", tmp_path / "cache"
-    stdout = _ok(cli_subprocess(["demo", "--quick", "--out", str(out), "--cache", str(cache)],
-                                timeout=900))
+    proc = cli_subprocess(["demo", "--quick", "--out", str(out), "--cache", str(cache)],
+                          timeout=900)
+    stdout = _ok(proc)
     for name in ("teacher", "student-none", "student-mse", "student-ssim"):
         assert f"| {name} |" in stdout
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["teacher", "student-none", "student-mse",
                                          "student-ssim"]
-    keys = {"name", "method", "AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms"}
+    keys = {"name", "method", "AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms",
+            "onnx_ms"}
     assert all(keys <= set(r) for r in rows)
-    for png in ("ap_per_method.png", "curves.png"):
+    assert all(r["latency_ms"] > 0 and r["onnx_ms"] > 0 for r in rows)
+    for png in ("ap_per_method.png", "curves.png", "detections.png"):
         assert (out / png).stat().st_size > 1000
-    assert (out / "report.md").read_text().startswith("# structkd demo")
+    report = (out / "report.md").read_text()
+    assert report.startswith("# structkd demo") and "![detections](detections.png)" in report
+    assert "Size gap: student" in stdout
+    assert (out / "student.onnx").is_file() and (out / "teacher.onnx").is_file()
+    # The table and the paths of the report and figures are the last lines printed.
+    tail = stdout.strip().splitlines()[-5:]
+    assert tail[0] == f"report: {out / 'report.md'}"
+    assert all(line.startswith("figure: ") for line in tail[1:])
+    # A clean console: no Lightning advert, no log message printed twice in a row, no
+    # Lightning information lines or known harmless warnings between the demo's own lines.
+    log = [ln for ln in proc.stderr.splitlines() if ln.startswith(("INFO", "WARNING"))]
+    assert "litlogger" not in proc.stderr.lower() and "Tip:" not in proc.stderr
+    assert not [a for a, b in itertools.pairwise(log) if a == b]
+    assert "LeafSpec" not in proc.stderr and "exists and is not empty" not in proc.stderr
+    assert not [ln for ln in log if "lightning" in ln]
     # A second run reuses the cached teacher instead of training it again.
     proc = cli_subprocess(["demo", "--quick", "--out", str(tmp_path / "again"), "--cache",
                            str(cache)], timeout=900)
@@ -168,7 +186,7 @@ def test_benchmark_quick_writes_results_and_resumes(tmp_path: Path) -> None:
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith("# Seed study on the built-in dataset")
     assert "Command: `structkd benchmark --seeds 2 --quick`" in text
-    assert "| none | 2 |" in text and "| ssim | 2 |" in text
+    assert "| none | - | 2 |" in text and "| ssim | 2 | 2 |" in text
     assert "SSIM - none:" in text and "| teacher |" in text
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert summary["rows"]["ssim"]["n"] == 2 and len(summary["rows"]["ssim"]["AP_runs"]) == 2

@@ -129,7 +129,7 @@ def test_outputs_sum_to_the_loss(distiller: Distiller) -> None:
     for k, v in out.items():
         assert v.ndim == 0 and torch.isfinite(v), k
     levels = distiller.level_values()
-    assert set(levels) == {f"distill/{n}" for n in SHARED}
+    assert set(levels) == {f"level/{n}" for n in SHARED}
     per_level = sum(levels.values())
     assert torch.allclose(out["distill"], 2.0 * per_level)  # weight * sum over levels
     assert all(not v.requires_grad for v in levels.values())  # logged values detached
@@ -239,7 +239,7 @@ def test_identical_weights_give_zero_distill(distance: str, adapter: str) -> Non
     # per feature): L1, linear in that difference, sums to a few 1e-6; MSE and SSIM to ~1e-12.
     assert out["distill"].item() == pytest.approx(0.0, abs=3e-5)
     for p in d.pairs:
-        assert d.level_values()[f"distill/{p.name}"].item() == pytest.approx(0.0, abs=1e-5)
+        assert d.level_values()[f"level/{p.name}"].item() == pytest.approx(0.0, abs=1e-5)
     # A perturbed teacher gives a clearly positive loss through the same path.
     with torch.no_grad():
         for prm in teacher.backbone.fpn.parameters():

@@ -92,13 +92,15 @@ class TeacherConfig:
 class DistillConfig:
     """The distillation method (``structkd methods`` lists them with their options).
 
-    ``method``: a method name or alias (ssim, l1, mse, pkd, cwd, mgd, fgd, ...) or "none".
+    ``method``: a method name or alias (ssim, l1, mse, pkd, cwd, mgd, fgd, ...) or "none";
+    ``imports``: modules to import first, where your own ``@register_method`` classes live.
     ``weight``: the method's overall weight (None: its paper default). ``options``: the method's
     other options. ``student_layers`` / ``teacher_layers``: module path(s) to tap.
     """
 
     method: str = "ssim"
     weight: float | None = None
+    imports: list[str] = field(default_factory=list)  # modules that register your own methods
     options: dict[str, Any] = field(default_factory=dict)
     levels: list[str] | None = None  # e.g. ["s8", "s16"]; None = every shared stride
     student_layers: Any = "backbone"  # a module path or a list of paths
@@ -304,6 +306,14 @@ def _finalise(cfg: Config) -> None:
     if cfg.distill.teacher_dtype not in TEACHER_DTYPES:
         raise ValueError(f"distill.teacher_dtype={cfg.distill.teacher_dtype!r}; expected one of "
                          f"{list(TEACHER_DTYPES)}")
+    for module in cfg.distill.imports:
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"distill.imports: cannot import {module!r} ({e}); expected an "
+                             "importable module that registers methods") from None
     if cfg.distill.method != "none":
         from .methods import check_method_options
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..methods import DistillContext, DistillMethod, build_method, resolve_method
 from .pairing import LevelPair, measure_levels, pair_levels
@@ -79,11 +80,14 @@ class Distiller(nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
-        if student is teacher:
+        inner = unwrap(student)
+        if inner is unwrap(teacher):  # also through DDP / torch.compile wrappers
             raise ValueError("student and teacher are the same module; pass two detectors")
         self.student = student
-        inner = unwrap(student)
-        self._has_transform = hasattr(inner, "transform")
+        # Only torchvision's transform gives (ImageList, targets); any other ``transform``
+        # attribute (a plain callable, a user module) is the model's own business.
+        self._has_transform = isinstance(getattr(inner, "transform", None),
+                                         GeneralizedRCNNTransform)
         s_layers = [student_layers] if isinstance(student_layers, str) else list(student_layers)
         # The student's batched input: torchvision's transform output, else the input of the
         # first tapped module's top-level parent (the root that takes the images).
@@ -93,13 +97,29 @@ class Distiller(nn.Module):
         self._tap = FeatureTap(student, s_layers,
                                input_path=None if self._has_transform else s_root,
                                batch_path="transform" if self._has_transform else None)
+        self._frozen: list[FrozenTeacher] = []
+        try:
+            self._wire(student, teacher, method, s_root=s_root, teacher_layers=teacher_layers,
+                       teacher_root=teacher_root, levels=levels, teacher_dtype=teacher_dtype,
+                       options=options)
+        except BaseException:
+            self.close()  # a Distiller that failed to build leaves no hooks behind
+            raise
+
+    def _wire(self, student: nn.Module, teacher: nn.Module, method: str | DistillMethod, *,
+              s_root: str, teacher_layers: str | Sequence[str], teacher_root: str,
+              levels: list[str] | None, teacher_dtype: str | torch.dtype | None,
+              options: dict[str, Any]) -> None:
+        """Freeze the teacher, measure and pair the levels, build the method."""
         self._frozen = [FrozenTeacher(teacher, root=teacher_root, layers=teacher_layers,
                                       dtype=teacher_dtype, student_norm=normalisation(student))]
-        t_tap = self._frozen[0].tap_for_dry_run()
         s_levels = measure_levels(student, self._tap, s_root)
-        t_levels = measure_levels(self._frozen[0].model, t_tap, teacher_root)
-        if t_tap is not self._frozen[0].tap:
-            t_tap.close()
+        t_tap = self._frozen[0].tap_for_dry_run()
+        try:
+            t_levels = measure_levels(self._frozen[0].model, t_tap, teacher_root)
+        finally:
+            if t_tap is not self._frozen[0].tap:
+                t_tap.close()
         self.pairs: list[LevelPair] = pair_levels(s_levels, t_levels, levels)
         self.method_name = method if isinstance(method, str) else method.name
         if isinstance(method, DistillMethod):
@@ -179,12 +199,17 @@ class Distiller(nn.Module):
         return {**det_losses, **terms}
 
     def level_values(self) -> dict[str, Tensor]:
-        """``distill/<level>`` -> the last step's per-level value (detached, unweighted)."""
-        return {f"distill/{k}": v for k, v in self.method.level_values.items()}
+        """``level/<name>`` -> the last step's per-level value (detached, unweighted): what the
+        logs show per level, kept out of the summable loss dict."""
+        return {f"level/{k}": v for k, v in self.method.level_values.items()}
 
     def close(self) -> None:
-        """Remove the hooks from the student (the Distiller cannot run afterwards)."""
+        """Remove the hooks from the student, and from the teacher where its tapped layers are
+        not its root's output (the Distiller cannot run afterwards)."""
         self._tap.close()
+        for frozen in self._frozen:
+            if frozen.tap is not None:
+                frozen.tap.close()
 
 
 class DetectorLosses(nn.Module):

@@ -8,7 +8,8 @@ losses. Outputs may be a dict of maps (an FPN), a list or tuple, or one tensor.
 Taps never stack: a new tap on a model first removes any structkd tap already on it. They are
 removed by :meth:`FeatureTap.close` or by leaving a ``with`` block, survive ``copy.deepcopy`` and
 pickling (the hooks are plain picklable objects), and see through ``DistributedDataParallel``
-and ``torch.compile`` wrappers.
+and ``torch.compile`` wrappers (a tap on a compiled model calls ``torch.compiler.reset()``, so
+that code Dynamo compiled before the tap existed is traced again, this time with its hooks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["FeatureTap", "as_levels", "find_module", "unwrap"]
 
@@ -31,6 +34,16 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``torch.compile`` wraps ``model`` (possibly inside DDP / DataParallel)."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            return True
+        if not isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            return False
+        model = model.module
 
 
 def find_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
@@ -80,9 +93,23 @@ class _Hook:
 
     def __init__(self, tap: FeatureTap, key: str, inputs: bool = False) -> None:
         self.tap, self.key, self.inputs = tap, key, inputs
+        self.id = -1  # the key of this hook in its module's hook dict, set on registration
 
     def __call__(self, module: nn.Module, args: tuple, output: Any = None) -> None:
         self.tap._record(self.key, args if self.inputs else output)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A module's hooks are keyed by ids from a per-process counter, which restarts at 0 in a
+        # fresh process (DDP spawn unpickles the model there): the next hooks registered on the
+        # tapped modules would get this hook's id and silently replace it. Move the counter on.
+        self.__dict__.update({"id": -1, **state})
+        RemovableHandle.next_id = max(RemovableHandle.next_id, self.id + 1)
+
+
+def _register(module: nn.Module, hook: _Hook, pre: bool = False) -> None:
+    handle = (module.register_forward_pre_hook(hook) if pre
+              else module.register_forward_hook(hook))
+    hook.id = handle.id
 
 
 def _remove_hooks(model: nn.Module, owner: FeatureTap | None) -> int:
@@ -117,18 +144,25 @@ class FeatureTap:
         if not self.paths:
             raise ValueError("paths is empty; name at least one module to tap")
         modules = {p: find_module(self.model, p) for p in self.paths}
+        # Every path is resolved before anything is touched: a bad one leaves the model as it was.
+        input_module = None if input_path is None else find_module(self.model, input_path)
+        batch_module = None if batch_path is None else find_module(self.model, batch_path)
         _remove_hooks(self.model, None)  # never stack: an older tap on this model is closed
         self._closed = False
         self._store: dict[str, Any] = {}
         for p, m in modules.items():
-            m.register_forward_hook(_Hook(self, p))
+            _register(m, _Hook(self, p))
         self.input_path = input_path
-        if input_path is not None:
-            find_module(self.model, input_path).register_forward_pre_hook(
-                _Hook(self, "__input__", inputs=True))
+        if input_module is not None:
+            _register(input_module, _Hook(self, "__input__", inputs=True), pre=True)
         self.batch_path = batch_path
-        if batch_path is not None:
-            find_module(self.model, batch_path).register_forward_hook(_Hook(self, "__batch__"))
+        if batch_module is not None:
+            _register(batch_module, _Hook(self, "__batch__"))
+        if _is_compiled(model):
+            # Dynamo does not guard on hooks added to modules it traced without any
+            # (torch._dynamo.config.skip_nnmodule_hook_guards): code compiled before this tap
+            # existed would never call it. Drop compiled code; the next call traces the hooks.
+            torch.compiler.reset()
 
     def _record(self, key: str, value: Any) -> None:
         self._store[key] = value
@@ -154,7 +188,10 @@ class FeatureTap:
                                "same model); create a new one")
         missing = [p for p in self.paths if p not in self._store]
         if missing:
-            raise RuntimeError(f"the tapped modules {missing} did not run in the last forward")
+            raise RuntimeError(
+                f"the tapped modules {missing} did not run in the last forward (a model that "
+                "torch.compile traced before the tap was placed on its inner module skips the "
+                "tap's hooks until torch.compiler.reset(); tap the compiled wrapper instead)")
         if len(self.paths) == 1:
             return as_levels(self._store[self.paths[0]])
         out: OrderedDict[str, Tensor] = OrderedDict()

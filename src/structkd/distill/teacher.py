@@ -131,6 +131,12 @@ class FrozenTeacher:
             self.scale, self.shift = fn(self.scale), fn(self.shift)
         self._copy = []  # re-derived from the moved teacher on next use
 
+    def __getstate__(self) -> dict:
+        # The fused copy is derived from the teacher and rebuilt on first use: pickling it (DDP
+        # spawn sends the Distiller to every process) would add a second copy of the teacher's
+        # root to every pickle and deep copy.
+        return {**self.__dict__, "_copy": [], "_version": -1}
+
     @torch.no_grad()
     def features(self, batch: Tensor,
                  image_sizes: Sequence[tuple[int, int]] | None = None) -> OrderedDict[str, Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 
 from .. import __version__
 from ..config import Config, DataConfig, OptimConfig, ScheduleConfig, TrainerConfig, _coerce
-from ..distill import DetectorLosses, Distiller, weights_fingerprint
+from ..distill import DetectorLosses, Distiller, unwrap, weights_fingerprint
 from ..methods import DistillMethod
 from ..models import DetectorSpec, count_parameters, export_student
 from .callbacks import DivergenceGuard, SafeCheckpoint
@@ -77,6 +78,8 @@ def _apply_options(cfg: Config, options: Mapping[str, Any]) -> Config:
                          f"{sorted(_SECTIONS)}")
     for key, value in options.items():
         section, cls = _SECTIONS[key]
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
         attr = "name" if key == "optimizer" else key
         hints = typing.get_type_hints(cls)
         setattr(getattr(cfg, section), attr, _coerce(value, hints[attr], f"{section}.{attr}"))
@@ -289,6 +292,7 @@ def run(cfg: Config, student: nn.Module, train: Dataset, val: Dataset | None, *,
         trainer.validate(module, datamodule=data, verbose=False)
     metrics = module.last_metrics
     step_time = statistics.median(module.step_times) if module.step_times else None
+    student = unwrap(student)  # a compiled or DDP-wrapped student exports its own weights
     result = RunResult(out_dir, metrics, None, step_time, count_parameters(student))
     if trainer.is_global_zero:
         result.export_prefix = out_dir / "student"

@@ -8,6 +8,7 @@ your own. Every method receives a :class:`DistillContext` and returns named, wei
 from . import imitation  # noqa: F401  (registered first: listed first)
 from . import cwd, fgd, mgd, pkd  # noqa: F401
 # isort: on
+from ..losses.adapters import make_adapters
 from .base import (
     ALIASES,
     METHODS,
@@ -45,6 +46,7 @@ __all__ = [
     "build_method",
     "check_method_options",
     "describe_methods",
+    "make_adapters",
     "method_info",
     "register_method",
     "resolve_method",
