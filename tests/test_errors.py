@@ -1,8 +1,10 @@
 """Bad input through the CLI: exit code 2 and one ``structkd: error:`` line naming the file or
 value, never a Python traceback (issue 10, items 6 and 7).
 
-Each case runs ``python -m structkd.cli`` in a fresh interpreter and fails before any training,
-except the DataLoader-worker case, whose error can only happen while images are loaded.
+Each case runs ``structkd.cli.main`` in this interpreter (``cli_inprocess``; what a fresh
+interpreter would print) and fails before any training, except the DataLoader-worker case,
+whose error can only happen while images are loaded; that one and one other run as a real
+``python -m structkd.cli`` process.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGE_SIZE, NUM_CLASSES, cli_subprocess, tiny_overrides
+from conftest import IMAGE_SIZE, NUM_CLASSES, cli_inprocess, cli_subprocess, tiny_overrides
 from structkd.data import SyntheticPaths
 from structkd.models import DetectorSpec, build_detector, export_student
 
@@ -96,14 +98,14 @@ def test_garbage_safetensors_eval(export, make_overrides, tmp_path: Path) -> Non
     model = _copy_export(export, tmp_path, "model")
     weights = model.with_name("model.safetensors")
     weights.write_bytes(np.random.default_rng(0).bytes(3000))
-    proc = cli_subprocess(["eval", str(weights), *_sets(make_overrides(tmp_path / "run"))])
+    proc = cli_inprocess(["eval", str(weights), *_sets(make_overrides(tmp_path / "run"))])
     _fails(proc, str(weights), "not a readable .safetensors file")
 
 
 def test_ckpt_that_is_not_a_structkd_checkpoint(make_overrides, tmp_path: Path) -> None:
     ckpt = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "epoch": 3}, ckpt)
-    proc = cli_subprocess(["distill", "--teacher", str(ckpt),
+    proc = cli_inprocess(["distill", "--teacher", str(ckpt),
                            *_sets(make_overrides(tmp_path / "run"))])
     _fails(proc, str(ckpt), "not a checkpoint of a structkd run")
 
@@ -111,14 +113,14 @@ def test_ckpt_that_is_not_a_structkd_checkpoint(make_overrides, tmp_path: Path) 
 def test_ckpt_that_is_not_a_checkpoint_at_all(make_overrides, tmp_path: Path) -> None:
     ckpt = tmp_path / "notes.ckpt"
     ckpt.write_text("hello\n")
-    proc = cli_subprocess(["eval", str(ckpt), *_sets(make_overrides(tmp_path / "run"))])
+    proc = cli_inprocess(["eval", str(ckpt), *_sets(make_overrides(tmp_path / "run"))])
     _fails(proc, str(ckpt), "not a readable PyTorch checkpoint")
 
 
 def test_pth_given_as_teacher_checkpoint(make_overrides, tmp_path: Path) -> None:
     pth = tmp_path / "retinanet.pth"
     torch.save({}, pth)
-    proc = cli_subprocess(["distill", "--teacher", str(pth),
+    proc = cli_inprocess(["distill", "--teacher", str(pth),
                            *_sets(make_overrides(tmp_path / "run"))])
     _fails(proc, str(pth), "--teacher-weights")
 
@@ -127,7 +129,7 @@ def test_corrupt_teacher_json(export, make_overrides, tmp_path: Path) -> None:
     teacher = _copy_export(export, tmp_path, "teacher")
     doc = teacher.with_name("teacher.json")
     doc.write_text(doc.read_text()[:40])
-    proc = cli_subprocess(["distill", "--teacher", str(teacher),
+    proc = cli_inprocess(["distill", "--teacher", str(teacher),
                            *_sets(make_overrides(tmp_path / "run"))])
     _fails(proc, str(doc), "not a readable JSON file")
 
@@ -141,7 +143,7 @@ def test_weights_that_do_not_match_the_architecture(export, make_overrides,
     document = json.loads(doc.read_text())
     document["spec"]["arch"] = "fasterrcnn"
     doc.write_text(json.dumps(document))
-    proc = cli_subprocess(["distill", "--teacher", str(teacher),
+    proc = cli_inprocess(["distill", "--teacher", str(teacher),
                            *_sets(make_overrides(tmp_path / "run"))])
     line = _fails(proc, "teacher.safetensors", "look like RetinaNet, ResNet-18, FPN 16",
                   "is Faster R-CNN, ResNet-18, FPN 16")
@@ -153,13 +155,13 @@ def test_weights_that_do_not_match_the_architecture(export, make_overrides,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_accelerator_gpu_without_gpu(make_overrides, tmp_path: Path) -> None:
-    proc = cli_subprocess(["train", *_sets(make_overrides(tmp_path / "run",
+    proc = cli_inprocess(["train", *_sets(make_overrides(tmp_path / "run",
                                                           "trainer.accelerator=gpu"))])
     _fails(proc, "trainer.accelerator='gpu'", "No supported gpu backend found")
 
 
 def test_devices_not_a_number(make_overrides, tmp_path: Path) -> None:
-    proc = cli_subprocess(["train", *_sets(make_overrides(tmp_path / "run",
+    proc = cli_inprocess(["train", *_sets(make_overrides(tmp_path / "run",
                                                           "trainer.devices=abc"))])
     _fails(proc, "trainer.devices='abc'", "trainer.accelerator='cpu'")
 
@@ -170,7 +172,7 @@ def test_devices_not_a_number(make_overrides, tmp_path: Path) -> None:
 def test_out_dir_is_an_existing_file(make_overrides, tmp_path: Path) -> None:
     out = tmp_path / "results.txt"
     out.write_text("keep me\n")
-    proc = cli_subprocess(["train", *_sets(make_overrides(out))])
+    proc = cli_inprocess(["train", *_sets(make_overrides(out))])
     _fails(proc, f"trainer.out_dir={str(out)!r}", "is an existing file")
     assert out.read_text() == "keep me\n"
 
@@ -179,7 +181,7 @@ def test_eval_out_is_a_directory_checked_before_evaluating(make_overrides,
                                                            tmp_path: Path) -> None:
     """The --out check comes first: the checkpoint (here missing) is not even opened."""
     (tmp_path / "metrics").mkdir()
-    proc = cli_subprocess(["eval", str(tmp_path / "missing" / "student"), "--out",
+    proc = cli_inprocess(["eval", str(tmp_path / "missing" / "student"), "--out",
                            str(tmp_path / "metrics"), *_sets(make_overrides(tmp_path / "run"))])
     _fails(proc, f"--out {tmp_path / 'metrics'} is a directory")
 
@@ -193,7 +195,7 @@ def test_missing_val_image_found_at_start(coco_data, tmp_path: Path) -> None:
     path, record = _image_file(data.val_ann, data.val_images, 1)
     path.unlink()
     out = tmp_path / "run"
-    proc = cli_subprocess(["train", *_sets(tiny_overrides(data, out))])
+    proc = cli_inprocess(["train", *_sets(tiny_overrides(data, out))])
     _fails(proc, str(data.val_ann), "1 of 4 image files", f"image id {record['id']}",
            str(path), "does not exist")
     assert not out.exists()
@@ -206,7 +208,7 @@ def test_decompression_bomb_image(coco_data, tmp_path: Path) -> None:
     data.train_ann.write_text(json.dumps(coco))
     path = data.train_images / coco["images"][0]["file_name"]
     path.write_bytes(png_header_only(20000, 20000))
-    proc = cli_subprocess(["train", *_sets(tiny_overrides(data, tmp_path / "run"))])
+    proc = cli_inprocess(["train", *_sets(tiny_overrides(data, tmp_path / "run"))])
     _fails(proc, str(path), "decompression bomb", "STRUCTKD_MAX_IMAGE_PIXELS=")
 
 

@@ -39,18 +39,21 @@ def setup_console(verbose: bool = False) -> None:
         lg.propagate = True
     for message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    logging.captureWarnings(True)  # warnings become log lines: printed above progress bars
 
 
 @contextlib.contextmanager
 def quieter(*names: str, level: int = logging.WARNING) -> Iterator[None]:
     """Raise the level of some loggers for a while (a multi-run job keeps its own progress
     bar; per-run information lines would bury it)."""
-    loggers = [logging.getLogger(n) for n in names]
+    known = list(logging.root.manager.loggerDict)  # children may carry their own level
+    loggers = [logging.getLogger(n) for n in sorted({*names, *(k for k in known for n in names
+                                                              if k.startswith(n + "."))})]
     before = [lg.level for lg in loggers]
     try:
         for lg in loggers:
-            if lg.getEffectiveLevel() < level:
-                lg.setLevel(level)
+            if lg.getEffectiveLevel() < level or lg.level:
+                lg.setLevel(max(level, lg.level))
         yield
     finally:
         for lg, lv in zip(loggers, before, strict=True):

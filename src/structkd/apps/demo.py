@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import __version__
 from ..console import quieter
@@ -95,12 +96,13 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
     teacher_cached = cached_teacher(plan, cache, overrides) is not None
     if not teacher_cached:
         total += train_steps(plan.teacher, plan.data)
-    progress = JobProgress(total, desc="structkd demo")
     prog_override = ["trainer.progress=false"]
     logger.info("demo: %s, then %d students (%s); %d training steps in all",
                 "teacher from the cache" if teacher_cached else "teacher",
                 len(plan.demo_methods), ", ".join(plan.demo_methods), total)
-    with quieter("lightning", "structkd.data", "structkd.engine"):
+    progress = JobProgress(total, desc="structkd demo")
+    # Log lines go above the bar (tqdm.write), never onto it.
+    with quieter("lightning", "structkd.data", "structkd.engine"), logging_redirect_tqdm():
         try:
             teacher, t_res = ensure_teacher(plan, cache, [*overrides, *prog_override],
                                             callbacks=[progress.begin("teacher")])
@@ -122,8 +124,9 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     from .plots import plot_demo
 
-    figures = plot_demo(out, rows, [out / m for m in plan.demo_methods], teacher,
-                        synthetic(cache))
+    with quieter("structkd.data"):
+        figures = plot_demo(out, rows, [out / m for m in plan.demo_methods], teacher,
+                            synthetic(cache))
     table = _table(rows)
     gap = _gap_lines(rows)
     report = _write_report(out, rows, table, gap, elapsed, plan, quick, figures, teacher_cached)

@@ -1,0 +1,124 @@
+"""The README's examples run as written, with only what a test must change: tiny sizes and
+schedules, ``weights_backbone=None`` (no downloads here), and a local weights file in an empty
+torch.hub cache for the COCO teacher."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import structkd
+from conftest import cli_subprocess, tiny_overrides
+from structkd.methods import METHODS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _block(heading: str, lang: str = "python", index: int = 0) -> str:
+    """The ``index``-th fenced ``lang`` block under the ``## heading`` section."""
+    text = README.read_text()
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+    return blocks[index]
+
+
+def _sub(code: str, old: str, new: str) -> str:
+    assert old in code, f"the README example no longer contains {old!r}"
+    return code.replace(old, new)
+
+
+def test_distil_your_own_torchvision_model(tmp_path, monkeypatch) -> None:
+    code = _block("Distil your own torchvision model in 10 lines")
+    code = _sub(code, "num_train=256, num_val=64, image_size=320",
+                "num_train=8, num_val=4, image_size=64")
+    code = code.replace("epochs=12", "epochs=1, max_steps=1, progress=False, num_workers=0, "
+                        "batch_size=2, threads=1")
+    code = _sub(code, "(num_classes=k, min_size=320, max_size=320)",
+                "(num_classes=k, min_size=320, max_size=320, weights_backbone=None)")
+    code = _sub(code, "ssdlite320_mobilenet_v3_large(num_classes=k)",
+                "ssdlite320_mobilenet_v3_large(num_classes=k, weights_backbone=None)")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    result = scope["result"]
+    assert (tmp_path / "runs" / "ssdlite_ssim" / "results.json").is_file()
+    assert result.export_prefix == Path("runs") / "ssdlite_ssim" / "student"
+    assert 0 <= result.metrics["AP"] <= 100
+
+
+@pytest.fixture
+def coco_teacher_file(tmp_path, monkeypatch) -> Path:
+    """An empty torch.hub cache holding a (randomly initialised) file of the COCO weights."""
+    from structkd.models.weights import weights_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = weights_file("RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1")
+    path.parent.mkdir(parents=True)
+    model = torchvision.models.detection.retinanet_resnet50_fpn_v2(
+        weights=None, weights_backbone=None, num_classes=91)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_torchvision_coco_teacher_python(coco_teacher_file) -> None:
+    scope = {"structkd": structkd}
+    exec(compile(_block("Use a torchvision COCO detector as the teacher"), "README.md", "exec"),
+         scope)
+    assert scope["info"].class_names[1:4] == ["person", "bicycle", "car"]
+    assert len(scope["info"].class_names) == 91
+
+
+def test_torchvision_coco_teacher_cli(coco_teacher_file, coco_data, tmp_path) -> None:
+    cmd = _block("Use a torchvision COCO detector as the teacher", "bash").replace("\\\n", " ")
+    args = shlex.split(cmd)
+    assert args[:2] == ["structkd", "distill"]
+    (tmp_path / "my_student.yaml").write_text("model: {arch: fcos}\n")
+    out = tmp_path / "run"
+    sets = [a for o in tiny_overrides(coco_data, out) for a in ("--set", o)]
+    proc = cli_subprocess([*args[1:], *sets], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "results.json").is_file()
+    assert "distillation: ssim" in proc.stderr
+
+
+def test_add_your_own_method() -> None:
+    from structkd.methods import DistillContext, Level, build_method, describe_methods
+
+    try:
+        scope: dict = {}
+        exec(compile(_block("Add your own method"), "README.md", "exec"), scope)
+        assert "cosine" in [m.name for m in describe_methods()]
+        levels = [Level("s8", 8, 4, 6), Level("s16", 16, 4, 6)]
+        method = build_method("cosine", levels, weight=0.5)
+        s = {"s8": torch.randn(2, 4, 8, 8, requires_grad=True), "s16": torch.randn(2, 4, 4, 4)}
+        t = {"s8": torch.randn(2, 6, 8, 8), "s16": torch.randn(2, 6, 4, 4)}
+        out = method(DistillContext(s, t, {lv.name: lv for lv in levels}, (64, 64)))
+        assert set(out) == {"distill"} and 0 < out["distill"].item() < 2.0  # 2 levels x 0.5
+        out["distill"].backward()
+        assert s["s8"].grad is not None
+    finally:
+        METHODS.pop("cosine", None)
+
+
+def test_in_your_own_training_loop() -> None:
+    from structkd.models import build_detector
+
+    torch.manual_seed(0)
+    common = {"arch": "retinanet", "num_classes": 3, "backbone": "resnet18", "min_size": 64,
+              "max_size": 64}
+    student = build_detector(**common, fpn_channels=16)
+    teacher = build_detector(**common, fpn_channels=32)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 8.0, 60.0, 40.0]]), "labels": torch.tensor([2])}]
+    scope = {"torch": torch, "student": student, "teacher": teacher,
+             "loader": [(images, targets)]}
+    exec(compile(_block("In your own training loop"), "README.md", "exec"), scope)
+    assert set(scope["per_level"]) == {"level/s8", "level/s16", "level/s32", "level/s64",
+                                       "level/s128"}
+    assert torch.isfinite(sum(scope["losses"].values()))
