@@ -298,3 +298,14 @@ def test_cpu_bf16_hazard_is_named_for_small_inputs_only(make_overrides, tmp_path
     assert hazard("bf16-mixed", 128) is None
     assert hazard("32-true", 64) is None
     assert hazard("bf16-mixed", 64, arch="fasterrcnn") is None  # P6 by max-pool, no conv
+
+
+def test_eval_warns_when_the_config_describes_another_architecture(teacher_run, make_overrides,
+                                                                   tmp_path, caplog) -> None:
+    """``eval -c`` with a config for FCOS on a RetinaNet export: evaluated as saved, with a
+    warning that names both."""
+    cfg = load_config(overrides=make_overrides(tmp_path / "e", "model.arch=fcos"))
+    with caplog.at_level("WARNING", logger="structkd.engine"):
+        metrics = evaluate(teacher_run.export_prefix, cfg)
+    assert "describes a fcos/resnet18" in caplog.text and "is a retinanet/resnet18" in caplog.text
+    assert metrics["AP"] == pytest.approx(teacher_run.metrics["AP"], abs=1e-9)
