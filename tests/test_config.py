@@ -206,3 +206,7 @@ def test_lr_factor_warmup_and_steps() -> None:
     # No warm-up at all.
     assert lr_factor(0, spe, ScheduleConfig(warmup_iters=0, milestones=[1])) == 1.0
     assert lr_factor(5, spe, ScheduleConfig(warmup_iters=0, milestones=[1], gamma=0.5)) == 0.5
+    # Fractional milestones: 0.8 of an epoch of 5 steps is step 4.
+    frac = ScheduleConfig(warmup_iters=0, milestones=[0.8], gamma=0.1)
+    assert lr_factor(3, spe, frac) == 1.0 and lr_factor(4, spe, frac) == pytest.approx(0.1)
+    assert load_config(overrides=["schedule.milestones=[0.75, 1]"]).schedule.milestones == [0.75, 1]

@@ -96,6 +96,10 @@ def test_foreign_directory_is_not_replaced(tmp_path: Path) -> None:
         ({"image_size": 16}, "image_size=16"),
         ({"max_objects": 0}, "max_objects=0"),
         ({"seed": -1}, "seed=-1"),
+        ({"max_occlusion": 1.5}, "max_occlusion=1.5"),
+        ({"clutter": -1}, "clutter=-1"),
+        ({"size_probs": [1.0, 0.0]}, "size_probs"),
+        ({"size_probs": [0.0, 0.0, 0.0]}, "size_probs"),
     ],
 )
 def test_invalid_parameters(tmp_path: Path, kwargs: dict, pattern: str) -> None:
@@ -154,3 +158,25 @@ def test_draw_samples(synth: SyntheticPaths, tmp_path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     with Image.open(out) as im:
         assert im.size[0] > 600 and im.size[1] > 200
+
+
+def test_difficulty_options(tmp_path: Path) -> None:
+    # Defaults are not recorded (datasets made before the options existed stay valid); other
+    # values are, and they change the images.
+    plain = make_synthetic_coco(tmp_path / "a", **TINY, clutter=9, max_occlusion=0.7)
+    meta = json.loads((plain.root / "meta.json").read_text())
+    assert meta["params"] == TINY
+    easy = make_synthetic_coco(tmp_path / "b", **TINY, clutter=0, max_occlusion=0.2,
+                               size_probs=(0.0, 1.0, 0.0))
+    meta = json.loads((easy.root / "meta.json").read_text())
+    assert meta["params"] == {**TINY, "clutter": 0, "max_occlusion": 0.2,
+                              "size_probs": [0.0, 1.0, 0.0]}
+    assert _files(plain.train_images) != _files(easy.train_images)
+    # Medium objects only: every box is 35-48 px (the 64 px image caps the stratum at 48).
+    for a in json.loads(easy.val_ann.read_text())["annotations"] + json.loads(
+        easy.train_ann.read_text()
+    )["annotations"]:
+        assert a["area"] >= 20**2, a
+    # Only the large stratum weighted, but it does not fit a 64 px image.
+    with pytest.raises(ValueError, match="no size stratum"):
+        make_synthetic_coco(tmp_path / "c", **TINY, size_probs=(0.0, 0.0, 1.0))

@@ -30,6 +30,9 @@ class DataConfig:
     synthetic_val: int = 128
     synthetic_size: int = 256
     synthetic_seed: int = 0
+    # Difficulty of the built-in data, passed to make_synthetic_coco: max_objects, max_occlusion,
+    # clutter, size_probs (e.g. {max_objects: 4, max_occlusion: 0.4}); {} = the defaults.
+    synthetic_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 4
     val_batch_size: int = 8
     num_workers: int = 2
@@ -135,7 +138,8 @@ class ScheduleConfig:
 
     preset: str | None = None  # "1x" (12 epochs, drops at 8, 11) | "2x" (24; 16, 22)
     epochs: int = 12
-    milestones: list[int] = field(default_factory=lambda: [8, 11])
+    # Epochs (fractions allowed: 0.75 drops the rate after three quarters of the first epoch).
+    milestones: list[float] = field(default_factory=lambda: [8, 11])
     gamma: float = 0.1
     warmup_iters: int = 500
     warmup_ratio: float = 0.001

@@ -54,6 +54,7 @@ BACKGROUND_SOURCES: tuple[str, ...] = (
     "text",
 )
 MAX_OCCLUSION = 0.7  # an object may lose at most this fraction of its pixels to later objects
+MAX_CLUTTER = 9  # 2 to this many non-object distractors per image
 SMALL_AREA, LARGE_AREA = 32**2, 96**2  # COCO's area-range thresholds
 SIZE_PROBS = (0.4, 0.35, 0.25)  # small, medium, large (sqrt-area drawn uniformly per range)
 _SUPERSAMPLE = 4
@@ -84,6 +85,9 @@ def make_synthetic_coco(
     image_size: int = 256,
     seed: int = 0,
     max_objects: int = 8,
+    max_occlusion: float = MAX_OCCLUSION,
+    clutter: int = MAX_CLUTTER,
+    size_probs: tuple[float, float, float] | list[float] = SIZE_PROBS,
     overwrite: bool = False,
 ) -> SyntheticPaths:
     """Generate (or reuse) the synthetic dataset under ``root`` and return its paths.
@@ -93,9 +97,17 @@ def make_synthetic_coco(
     and renamed into place, so readers never see a half-written dataset; a file lock serialises
     concurrent callers (e.g. several DDP ranks). ``overwrite=True`` regenerates even a matching
     dataset. A non-empty ``root`` that is not a synthetic dataset is never deleted: that raises.
+
+    Difficulty: each image holds 1 to ``max_objects`` objects; a placement that would hide more
+    than ``max_occlusion`` of an earlier object's pixels is rejected; ``clutter`` is the most
+    distractors per image (2 to ``clutter`` are drawn, 0 draws none); ``size_probs`` weights the
+    small / medium / large strata (renormalised over the strata that fit the image). Parameters
+    left at their defaults are not written into ``meta.json``, so datasets made before these
+    options existed stay valid.
     """
     root = Path(root).resolve()
     params = _check_params(num_train, num_val, image_size, seed, max_objects)
+    params.update(_check_difficulty(max_occlusion, clutter, size_probs))
     paths = SyntheticPaths.under(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(root.parent / f".{root.name}.lock"):
@@ -135,7 +147,7 @@ def make_synthetic_coco(
 
 def _check_params(
     num_train: int, num_val: int, image_size: int, seed: int, max_objects: int
-) -> dict[str, int]:
+) -> dict[str, Any]:
     checks = {
         "num_train": (num_train, 1, "at least 1"),
         "num_val": (num_val, 1, "at least 1"),
@@ -157,7 +169,42 @@ def _check_params(
     }
 
 
-def _cache_status(root: Path, params: dict[str, int]) -> str:
+def _check_difficulty(
+    max_occlusion: float, clutter: int, size_probs: tuple[float, float, float] | list[float]
+) -> dict[str, Any]:
+    """The difficulty options that differ from the defaults, validated (see make_synthetic_coco)."""
+    if isinstance(max_occlusion, bool) or not isinstance(max_occlusion, int | float) or not (
+        0.0 <= max_occlusion <= 1.0
+    ):
+        raise ValueError(
+            f"make_synthetic_coco: max_occlusion={max_occlusion!r}; expected a number in [0, 1]"
+        )
+    if isinstance(clutter, bool) or not isinstance(clutter, int) or clutter < 0:
+        raise ValueError(
+            f"make_synthetic_coco: clutter={clutter!r}; expected a non-negative integer"
+        )
+    probs = list(size_probs) if isinstance(size_probs, list | tuple) else None
+    if (
+        probs is None
+        or len(probs) != 3
+        or any(isinstance(p, bool) or not isinstance(p, int | float) or p < 0 for p in probs)
+        or sum(probs) <= 0
+    ):
+        raise ValueError(
+            f"make_synthetic_coco: size_probs={size_probs!r}; expected three non-negative "
+            "weights (small, medium, large) with a positive sum"
+        )
+    out: dict[str, Any] = {}
+    if float(max_occlusion) != MAX_OCCLUSION:
+        out["max_occlusion"] = float(max_occlusion)
+    if clutter != MAX_CLUTTER:
+        out["clutter"] = clutter
+    if [float(p) for p in probs] != list(SIZE_PROBS):
+        out["size_probs"] = [float(p) for p in probs]
+    return out
+
+
+def _cache_status(root: Path, params: dict[str, Any]) -> str:
     """'missing', 'valid', 'stale' (ours, other parameters or incomplete) or 'foreign'."""
     if not root.exists():
         return "missing"
@@ -212,7 +259,7 @@ def _replace_dir(new: Path, root: Path) -> None:
 # --------------------------------------------------------------------------- generation
 
 
-def _generate(out: Path, params: dict[str, int]) -> dict[str, Any]:
+def _generate(out: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Write both splits and ``meta.json`` into ``out``; return the meta dict."""
     categories = [
         {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)
@@ -229,7 +276,12 @@ def _generate(out: Path, params: dict[str, int]) -> dict[str, Any]:
                       disable=None):  # disable=None: no bar when stderr is not a terminal
             rng = np.random.default_rng([params["seed"], split_idx, i])
             pixels, objects, n_dropped = _render_image(
-                rng, params["image_size"], params["max_objects"]
+                rng,
+                params["image_size"],
+                params["max_objects"],
+                max_occlusion=params.get("max_occlusion", MAX_OCCLUSION),
+                clutter=params.get("clutter", MAX_CLUTTER),
+                size_probs=params.get("size_probs", SIZE_PROBS),
             )
             dropped += n_dropped
             image_id = i + 1
@@ -348,11 +400,13 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(bg, 0.0, 1.0).astype(np.float32)
 
 
-def _draw_clutter(rng: np.random.Generator, canvas: Image.Image) -> None:
-    """Draw 2-9 non-object distractors (lines, arcs, blobs, scribbles, glyphs) in place."""
+def _draw_clutter(rng: np.random.Generator, canvas: Image.Image, most: int = MAX_CLUTTER) -> None:
+    """Draw 2 to ``most`` distractors (lines, arcs, blobs, scribbles, glyphs) in place."""
+    if most <= 0:
+        return
     size = canvas.size[0]
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(2, 10))):
+    for _ in range(int(rng.integers(min(2, most), most + 1))):
         colour = tuple(int(c) for c in (_random_colour(rng) * 255).round())
         kind = int(rng.integers(5))
         cx, cy = rng.uniform(0, size, size=2)
@@ -507,16 +561,28 @@ def _size_ranges(image_size: int) -> list[tuple[float, float]]:
 
 
 def _render_image(
-    rng: np.random.Generator, size: int, max_objects: int
+    rng: np.random.Generator,
+    size: int,
+    max_objects: int,
+    *,
+    max_occlusion: float = MAX_OCCLUSION,
+    clutter: int = MAX_CLUTTER,
+    size_probs: tuple[float, ...] | list[float] = SIZE_PROBS,
 ) -> tuple[np.ndarray, list[tuple[int, list[int]]], int]:
     """Render one image: (uint8 (H, W, 3), [(label, [x, y, w, h])], number of dropped objects)."""
     canvas = Image.fromarray((_background(rng, size) * 255).round().astype(np.uint8))
-    _draw_clutter(rng, canvas)
+    _draw_clutter(rng, canvas, clutter)
     img = np.asarray(canvas, dtype=np.float32) / 255.0
     owner = np.full((size, size), -1, dtype=np.int32)  # index of the visible object per pixel
 
     ranges = _size_ranges(size)
-    probs = np.array(SIZE_PROBS[: len(ranges)]) / sum(SIZE_PROBS[: len(ranges)])
+    probs = np.array(size_probs[: len(ranges)], dtype=np.float64)
+    if probs.sum() <= 0:  # only the strata that do not fit this image size were weighted
+        raise ValueError(
+            f"size_probs={list(size_probs)} weights no size stratum that fits {size} px images "
+            f"(strata: {ranges})"
+        )
+    probs = probs / probs.sum()
     n = int(rng.integers(1, max_objects + 1))
     specs = []
     for _ in range(n):
@@ -553,7 +619,7 @@ def _render_image(
             if totals:
                 lost = np.bincount(region[mask] + 1, minlength=len(totals) + 1)[1:]
                 remaining = np.asarray(visible) - lost
-                if np.any(remaining < (1 - MAX_OCCLUSION) * np.asarray(totals)):
+                if np.any(remaining < (1 - max_occlusion) * np.asarray(totals)):
                     continue
                 visible = remaining.tolist()
             patch = img[iy0 : iy0 + ih, ix0 : ix0 + iw]

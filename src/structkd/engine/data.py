@@ -24,6 +24,8 @@ from ..config import DataConfig
 from ..data import CocoDetection, build_transforms, collate_fn, make_synthetic_coco
 
 logger = logging.getLogger("structkd.engine")
+# make_synthetic_coco's difficulty options that data.synthetic_options may set.
+SYNTHETIC_OPTIONS = ("max_objects", "max_occlusion", "clutter", "size_probs")
 
 
 @dataclass
@@ -39,12 +41,16 @@ def resolve_data(cfg: DataConfig) -> DataPaths:
     keys = ("train_ann", "train_images", "val_ann", "val_images")
     given = {k: getattr(cfg, k) for k in keys}
     if all(v is None for v in given.values()):
+        unknown = sorted(set(cfg.synthetic_options) - set(SYNTHETIC_OPTIONS))
+        if unknown:
+            raise ValueError(f"data.synthetic_options: unknown keys {unknown}; expected some of "
+                             f"{list(SYNTHETIC_OPTIONS)}")
         root = Path(cfg.synthetic_root).expanduser()
         logger.info("data: no data paths given (data.train_ann, ...); using the built-in "
                     "synthetic dataset in %s", root)
         p = make_synthetic_coco(
             root, num_train=cfg.synthetic_train, num_val=cfg.synthetic_val,
-            image_size=cfg.synthetic_size, seed=cfg.synthetic_seed,
+            image_size=cfg.synthetic_size, seed=cfg.synthetic_seed, **cfg.synthetic_options,
         )
         return DataPaths(p.train_ann, p.train_images, p.val_ann, p.val_images)
     missing = [f"data.{k}" for k, v in given.items() if v is None]

@@ -24,11 +24,12 @@ from ..evaluation import coco_metrics, predictions_to_coco
 
 
 def lr_factor(step: int, steps_per_epoch: float, sched: ScheduleConfig) -> float:
-    """Linear warm-up, then a step decay by ``gamma`` at each milestone epoch."""
+    """Linear warm-up, then a step decay by ``gamma`` at each milestone epoch (milestones may be
+    fractions of an epoch: with one pass over many generated images, 0.8 is 80% of the way)."""
     warm = 1.0
     if step < sched.warmup_iters:
         warm = sched.warmup_ratio + (1 - sched.warmup_ratio) * step / sched.warmup_iters
-    epoch = int(step // steps_per_epoch) if math.isfinite(steps_per_epoch) else 0
+    epoch = step / steps_per_epoch if math.isfinite(steps_per_epoch) else 0.0
     return warm * sched.gamma ** sum(epoch >= m for m in sched.milestones)
 
 
