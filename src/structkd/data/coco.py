@@ -577,7 +577,9 @@ class CocoDetection(Dataset):
         n = len(self)
         start = time.perf_counter()
         _env_pixel_limit()  # a bad value fails here, once, not as a problem of every image
-        show = n > CHECK_PROGRESS_MIN if progress is None else progress
+        # A bar on large sets, unless the caller quieted this module's information lines.
+        show = (n > CHECK_PROGRESS_MIN and logger.isEnabledFor(logging.INFO)) \
+            if progress is None else progress
         problems: list[tuple[int, str]] = []
         num_oriented = 0
         with warnings.catch_warnings():

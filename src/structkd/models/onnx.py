@@ -331,6 +331,9 @@ def _session(path: str | os.PathLike, threads: int | None):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    # No busy-waiting of idle worker threads after a run: it would steal the CPU from whatever
+    # runs next (PyTorch models timed in turn with this one, a training step).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options,
                                 providers=["CPUExecutionProvider"])
 
