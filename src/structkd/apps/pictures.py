@@ -35,8 +35,10 @@ def _draw(ax, image: torch.Tensor, boxes, labels, names: Sequence[str], colour: 
 @torch.inference_mode()
 def detection_grid(models: Mapping[str, nn.Module], dataset: CocoDetection,
                    indices: Sequence[int], out_png: str | Path, *,
-                   score_threshold: float = 0.3) -> Path:
-    """One row per image: the ground truth, then each model's detections above the threshold."""
+                   score_threshold: float = 0.2) -> Path:
+    """One row per image: the ground truth, then each model's k highest-scoring detections
+    (k = the image's number of objects; at least ``score_threshold``), so panels compare the
+    models' best guesses instead of drowning in low-score boxes."""
     cols = 1 + len(models)
     fig = Figure(figsize=(2.4 * cols, 2.4 * len(indices)), dpi=110)
     FigureCanvasAgg(fig)
@@ -50,14 +52,16 @@ def detection_grid(models: Mapping[str, nn.Module], dataset: CocoDetection,
         for c, (name, model) in enumerate(models.items()):
             model.eval()
             out = model([image])[0]
-            keep = out["scores"] >= score_threshold
+            k = max(1, len(target["labels"]))
+            order = out["scores"].argsort(descending=True)[:k]
+            keep = order[out["scores"][order] >= score_threshold]
             ax = fig.add_subplot(len(indices), cols, r * cols + 2 + c)
             _draw(ax, image, out["boxes"][keep].tolist(), out["labels"][keep].tolist(), names,
                   PRED_COLOUR, out["scores"][keep].tolist())
             if r == 0:
                 ax.set_title(name, fontsize=8)
-    fig.suptitle(f"green: ground truth; red dashed: detections with score >= {score_threshold}",
-                 fontsize=7)
+    fig.suptitle("green: ground truth; red dashed: each model's k highest-scoring detections, "
+                 f"k = number of objects (score >= {score_threshold})", fontsize=7)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
