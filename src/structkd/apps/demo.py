@@ -45,27 +45,36 @@ def _metrics_row(name: str, method: str, res: dict[str, Any]) -> dict[str, Any]:
             "params": res["params"], "step_time_ms": None if st is None else 1000 * st}
 
 
+LATENCY_THREADS = 1  # one CPU thread: steady medians on a shared machine, a fair comparison
+
+
 def _latencies(teacher_prefix: Path, student_prefix: Path, size: int, out: Path,
                rounds: int) -> dict[str, float | None]:
-    """PyTorch and ONNX Runtime latency of teacher and student, all interleaved."""
+    """PyTorch and ONNX Runtime latency of teacher and student (one thread each), with the
+    calls of all four interleaved."""
     teacher, _, _ = load_exported(teacher_prefix)
     student, _, _ = load_exported(student_prefix)
-    runners = {"teacher": torch_runner(teacher, size), "student": torch_runner(student, size)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(LATENCY_THREADS)
     try:
-        from ..models.onnx import export_run, onnx_runner
+        runners = {"teacher": torch_runner(teacher, size), "student": torch_runner(student, size)}
+        try:
+            from ..models.onnx import export_run, onnx_runner
 
-        for role, prefix in (("teacher", teacher_prefix), ("student", student_prefix)):
-            path = export_run(prefix, out / f"{role}.onnx", image_size=size)
-            runners[f"{role}_onnx"] = onnx_runner(path, size)
-    except Exception as e:  # ONNX is an extra; the PyTorch numbers stand without it
-        logger.warning("ONNX Runtime latency skipped: %s: %s", type(e).__name__, e)
-    return interleaved_latency(runners, rounds=rounds)
+            for role, prefix in (("teacher", teacher_prefix), ("student", student_prefix)):
+                path = export_run(prefix, out / f"{role}.onnx", image_size=size)
+                runners[f"{role}_onnx"] = onnx_runner(path, size, threads=LATENCY_THREADS)
+        except Exception as e:  # ONNX is an extra; the PyTorch numbers stand without it
+            logger.warning("ONNX Runtime latency skipped: %s: %s", type(e).__name__, e)
+        return interleaved_latency(runners, rounds=rounds)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     keys = [*TABLE_KEYS, "params", "latency_ms", "onnx_ms", "step_time_ms"]
-    head = ["AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency ms (PyTorch)",
-            "latency ms (ONNX RT)", "train step ms"]
+    head = ["AP", "AP50", "AP75", "APs", "APm", "APl", "params", "CPU ms (PyTorch)",
+            "CPU ms (ONNX RT)", "train step ms"]
     lines = ["| model | method | " + " | ".join(head) + " |",
              "|---|---|" + "---:|" * len(keys)]
     for r in rows:
@@ -148,7 +157,7 @@ def _gap_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"{none['params'] / t['params']:.2f}x the teacher's {t['params'] / 1e6:.1f}M; "
             + (f"CPU latency {none['latency_ms']:.1f} ms = "
                f"{none['latency_ms'] / t['latency_ms']:.2f}x the teacher's "
-               f"{t['latency_ms']:.1f} ms (PyTorch, interleaved medians)."
+               f"{t['latency_ms']:.1f} ms (PyTorch, 1 CPU thread, interleaved medians)."
                if none.get("latency_ms") and t.get("latency_ms") else ""))
         gap = (t["AP"] or 0) - (none["AP"] or 0)
         for name, r in by.items():
@@ -161,15 +170,18 @@ def _gap_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def _write_report(out: Path, rows, table: str, gap: list[str], elapsed: float, plan: Plan,
                   quick: bool, figures: list[Path], teacher_cached: bool) -> Path:
+    size = plan.student["model"]["min_size"]
     lines = [
         "# structkd demo", "",
         f"Command: `structkd demo{' --quick' if quick else ''}`; structkd {__version__}, "
         f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {elapsed / 60:.1f} min"
         + (" (teacher from the cache)" if teacher_cached else "") + ".", "",
         table, "", *gap, "",
-        "One seed; `structkd benchmark` gives the seed study. Latencies: one image, eval mode, "
-        "medians of calls interleaved between the models; the students share one "
-        "architecture, so one student latency is shown for all.", "",
+        "One seed; `structkd benchmark` gives the seed study. CPU ms: latency of one image "
+        f"({size} px), eval mode, {LATENCY_THREADS} CPU thread, medians of calls interleaved "
+        "between the four models (PyTorch and ONNX Runtime); the students share one "
+        "architecture, so one student latency is shown for all. Train step ms: median time "
+        "of a training step (batch 4, 2 threads).", "", "",
         *plan.notes, "",
     ]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
