@@ -509,15 +509,23 @@ def test_check_images_reads_headers_only(tmp_path: Path) -> None:
         ds[0]
 
 
-def test_check_images_progress_bar_on_large_sets(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_check_images_progress_bar_on_large_sets(tmp_path: Path, monkeypatch, capsys,
+                                                 caplog) -> None:
+    """A bar on large sets while the data logger shows information lines; none when a job
+    has quieted that logger (its own bar stays alone)."""
+    from structkd.console import quieter
     from structkd.data import coco as coco_module
 
+    caplog.set_level(logging.INFO, "structkd.data")  # the CLI's level, whatever ran before
     ds = CocoDetection(write_dataset(tmp_path, _many_images(tmp_path, 4)), tmp_path)
     ds.check_images()
     assert "checking ann.json images" not in capsys.readouterr().err
     monkeypatch.setattr(coco_module, "CHECK_PROGRESS_MIN", 3)
     ds.check_images()
     assert "checking ann.json images" in capsys.readouterr().err
+    with quieter("structkd.data"):
+        ds.check_images()
+    assert "checking ann.json images" not in capsys.readouterr().err
 
 
 def test_load_datasets_checks_both_splits(tmp_path: Path) -> None:
