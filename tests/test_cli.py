@@ -135,9 +135,11 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert "Size gap: student" in stdout
     assert (out / "student.onnx").is_file() and (out / "teacher.onnx").is_file()
     # The table and the paths of the report and figures are the last lines printed.
-    tail = stdout.strip().splitlines()[-5:]
-    assert tail[0] == f"report: {out / 'report.md'}"
-    assert all(line.startswith("figure: ") for line in tail[1:])
+    lines = stdout.strip().splitlines()
+    at = lines.index(f"report: {out / 'report.md'}")
+    figures = [Path(line.removeprefix("figure: ")) for line in lines[at + 1:]]
+    assert all(line.startswith("figure: ") for line in lines[at + 1:]) and len(figures) >= 3
+    assert all(f.is_file() for f in figures)
     # A clean console: no Lightning advert, no log message printed twice in a row, no
     # Lightning information lines or known harmless warnings between the demo's own lines.
     log = [ln for ln in proc.stderr.splitlines() if ln.startswith(("INFO", "WARNING"))]
@@ -145,12 +147,24 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert not [a for a, b in itertools.pairwise(log) if a == b]
     assert "LeafSpec" not in proc.stderr and "exists and is not empty" not in proc.stderr
     assert not [ln for ln in log if "lightning" in ln]
-    # A second run reuses the cached teacher instead of training it again.
-    proc = cli_subprocess(["demo", "--quick", "--out", str(tmp_path / "again"), "--cache",
-                           str(cache)], timeout=900)
+    # A second demo into the same folder reuses the cached teacher, keeps the first demo and
+    # reports its own students (another seed), read from the folder it wrote them to.
+    first = (out / "results.json").read_bytes()
+    proc = cli_subprocess(["demo", "--quick", "--out", str(out), "--cache", str(cache),
+                           "--seed", "1"], timeout=900)
     _ok(proc)
     assert "reusing the cached teacher" in proc.stderr
     assert len(list((cache / "teachers").iterdir())) == 1
+    second = tmp_path / "demo-2"
+    assert f"this one goes to {second}" in proc.stderr
+    assert (out / "results.json").read_bytes() == first
+    rows2 = json.loads((second / "results.json").read_text())
+    for r in rows2[1:]:
+        run = json.loads((second / r["method"] / "results.json").read_text())
+        assert r["AP"] == run["metrics"]["AP"] and r["params"] == run["params"]
+        assert run["out_dir"] == str(second / r["method"])
+    assert f"report: {second / 'report.md'}" in proc.stdout
+    assert not list(out.glob("*-2"))  # no run of the second demo went into the first
 
 
 @pytest.mark.slow
@@ -190,8 +204,22 @@ def test_benchmark_quick_writes_results_and_resumes(tmp_path: Path) -> None:
     assert "SSIM - none:" in text and "| teacher |" in text
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert summary["rows"]["ssim"]["n"] == 2 and len(summary["rows"]["ssim"]["AP_runs"]) == 2
+    # Interrupt one student run and the teacher's training (as a kill would leave them): run
+    # again, the study reuses the three finished runs and trains those two again in place,
+    # to the same numbers as the uninterrupted first invocation.
+    for d in (tmp_path / "study" / "seed1" / "ssim", *(tmp_path / "cache" / "teachers").iterdir()):
+        (d / "results.json").unlink()
+        (d / "student.safetensors").unlink()
     again = cli_subprocess(args, timeout=900)
     _ok(again)
-    assert again.stderr.count("reusing the finished run") == 4
-    assert "4 of the 4 student runs were reused" in (tmp_path / "RESULTS.md").read_text()
+    assert again.stderr.count("reusing the finished run") == 3
+    assert "holds an interrupted run" in again.stderr
+    assert "holds an interrupted training of this teacher" in again.stderr
+    assert "3 of the 4 student runs were reused" in (tmp_path / "RESULTS.md").read_text()
     assert "were reused" not in text  # the first invocation trained every run
+    assert sorted(p.name for p in (tmp_path / "study" / "seed1").iterdir()) == ["none", "ssim"]
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
+    resumed = json.loads((tmp_path / "study" / "summary.json").read_text())
+    for m in ("none", "ssim"):
+        assert resumed["rows"][m]["AP_runs"] == summary["rows"][m]["AP_runs"]
+    assert resumed["teacher"]["metrics"] == summary["teacher"]["metrics"]

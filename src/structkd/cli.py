@@ -175,7 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .apps.demo import run_demo
 
     run_demo(out=args.out, quick=args.quick, cache=args.cache, seed=args.seed,
-             overrides=args.set)
+             overrides=args.set, overwrite=args.overwrite)
     return 0
 
 
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="the students' seed")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of every run's config")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier demo in --out (by default it is kept and this one "
+                    "goes to OUT-2, OUT-3, ...)")
     sp.set_defaults(func=cmd_demo)
 
     sp = _command(sub, "benchmark", help="the seed study behind the demo's claim")

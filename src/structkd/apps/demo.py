@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import __version__
 from ..console import quieter
+from ..engine.run_dir import holds_run, next_free
 from ..evaluation import TABLE_KEYS
 from ..models import load_exported
 from .latency import interleaved_latency, torch_runner
@@ -91,15 +92,43 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+DEMO_FILES = ("results.json", "report.md")
+
+
+def holds_demo(path: Path) -> bool:
+    """Whether ``path`` holds (part of) an earlier demo: its results or any of its runs."""
+    return path.is_dir() and (any((path / f).exists() for f in DEMO_FILES)
+                              or any(holds_run(p) for p in path.iterdir()))
+
+
+def demo_dir(out: Path, overwrite: bool) -> Path:
+    """The demo's folder: an earlier demo is never mixed with or silently replaced by this one."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing file; expected a folder")
+    if overwrite or not holds_demo(out):
+        if overwrite and holds_demo(out):
+            logger.warning("--overwrite: replacing the demo in %s", out)
+        return out
+    fresh = next_free(out, holds_demo)
+    logger.warning("%s already holds a demo; this one goes to %s (--overwrite replaces it)",
+                   out, fresh)
+    return fresh
+
+
 def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
              cache: str | Path = "~/.cache/structkd", seed: int = 0,
-             overrides: list[str] | None = None) -> list[dict[str, Any]]:
-    """Teacher (cached) + students none/mse/ssim; prints the table, writes report and plots."""
+             overrides: list[str] | None = None, overwrite: bool = False,
+             ) -> list[dict[str, Any]]:
+    """Teacher (cached) + students none/mse/ssim; prints the table, writes report and plots.
+
+    A folder that already holds a demo is kept (this one goes to ``<out>-2``, ...) unless
+    ``overwrite``.
+    """
     t_start = time.perf_counter()
     plan = get_plan(quick)
-    out, cache = Path(out), Path(cache).expanduser()
+    out, cache = demo_dir(Path(out), overwrite), Path(cache).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    overrides = list(overrides or [])
+    overrides = [*(overrides or []), *(["trainer.overwrite=true"] if overwrite else [])]
     s_steps = train_steps(plan.student, plan.data)
     total = s_steps * len(plan.demo_methods)
     teacher_cached = cached_teacher(plan, cache, overrides) is not None
@@ -116,16 +145,17 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
             teacher, t_res = ensure_teacher(plan, cache, [*overrides, *prog_override],
                                             callbacks=[progress.begin("teacher")])
             rows = [_metrics_row("teacher", "-", t_res)]
+            runs = []
             for i, method in enumerate(plan.demo_methods, 1):
                 progress.begin(f"student {i}/{len(plan.demo_methods)}: {method}")
                 res = run_student(plan, plan.methods[method], teacher, cache, out / method,
                                   seed, [*overrides, *prog_override], callbacks=[progress])
                 rows.append(_metrics_row(f"student-{method}", method, res))
+                runs.append(Path(res["out_dir"]))
         finally:
             progress.close()
     size = plan.student["model"]["min_size"]
-    lat = _latencies(teacher, out / plan.demo_methods[0] / "student", size, out,
-                     rounds=5 if quick else 30)
+    lat = _latencies(teacher, runs[0] / "student", size, out, rounds=5 if quick else 30)
     for r in rows:
         role = "teacher" if r["name"] == "teacher" else "student"
         r["latency_ms"], r["onnx_ms"] = lat.get(role), lat.get(f"{role}_onnx")
@@ -134,7 +164,7 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
     from .plots import plot_demo
 
     with quieter("structkd.data"):
-        figures = plot_demo(out, rows, [out / m for m in plan.demo_methods], teacher,
+        figures = plot_demo(out, rows, runs, teacher,
                             synthetic(cache))
     table = _table(rows)
     gap = _gap_lines(rows)

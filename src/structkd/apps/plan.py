@@ -21,6 +21,7 @@ from .. import __version__
 from ..config import Config, load_config
 from ..data import SyntheticPaths
 from ..engine import run_config
+from ..engine.run_dir import holds_run
 
 logger = logging.getLogger("structkd.demo")
 
@@ -164,11 +165,15 @@ def ensure_teacher(plan: Plan, cache: Path, overrides: Sequence[str],
     out = Path(cfg.trainer.out_dir)
     if cached_teacher(plan, cache, overrides):
         logger.info("teacher: reusing the cached teacher in %s", out)
-        return out / "student", json.loads((out / "results.json").read_text())
+        return out / "student", _results(out)
+    if holds_run(out):  # the cache's own folder for this config: an interrupted training
+        logger.warning("teacher: %s holds an interrupted training of this teacher; training "
+                       "it again from the start", out)
+        cfg.trainer.overwrite = True
     logger.info("teacher: training %s/%s into %s (cached for later runs)",
                 cfg.model.arch, cfg.model.backbone, out)
-    run_config(cfg, callbacks=callbacks)
-    return out / "student", json.loads((out / "results.json").read_text())
+    res = run_config(cfg, callbacks=callbacks)
+    return res.out_dir / "student", _results(res.out_dir)
 
 
 def student_config(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path,
@@ -180,10 +185,13 @@ def student_config(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Pa
 def run_student(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path, out_dir: Path,
                 seed: int, overrides: Sequence[str], *, reuse: bool = False,
                 callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
-    """Train one student with the ``distill`` section; returns its results.json content.
+    """Train one student with the ``distill`` section; returns its results.json content, with
+    ``out_dir``: where the run went (a folder that already holds a finished run is never
+    overwritten, so that may be a numbered ``<out_dir>-2``).
 
-    ``reuse=True`` returns the results already in ``out_dir`` instead when that run finished
-    with exactly this config (how an interrupted study resumes); anything else is retrained.
+    ``reuse=True`` (how an interrupted study resumes) returns the results already in
+    ``out_dir`` when that run finished with exactly this config, and trains an interrupted one
+    (no results.json) again in its place.
     """
     cfg = student_config(plan, distill, teacher, cache, out_dir, seed, overrides)
     done = out_dir / "results.json"
@@ -194,10 +202,18 @@ def run_student(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path,
             same = False
         if same:
             logger.info("reusing the finished run in %s", out_dir)
-            return {**json.loads(done.read_text()), "reused": True}
-        logger.info("%s holds a run of another config; training it again", out_dir)
-    run_config(cfg, callbacks=callbacks)
-    return json.loads(done.read_text())
+            return {**_results(out_dir), "reused": True}
+        logger.info("%s holds a finished run of another config; it is kept", out_dir)
+    elif reuse and holds_run(out_dir):
+        logger.warning("%s holds an interrupted run (no results.json); training it again from "
+                       "the start", out_dir)
+        cfg.trainer.overwrite = True
+    res = run_config(cfg, callbacks=callbacks)
+    return _results(res.out_dir)
+
+
+def _results(run_dir: Path) -> dict[str, Any]:
+    return {**json.loads((run_dir / "results.json").read_text()), "out_dir": str(run_dir)}
 
 
 def train_steps(plan_part: dict[str, Any], data: dict[str, Any]) -> int:

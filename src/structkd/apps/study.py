@@ -124,8 +124,8 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
     summary["elapsed_min"] = (time.perf_counter() - t_start) / 60
     summary["runs"] = sum(len(rs) for rs in runs.values())
     summary["reused_runs"] = sum(bool(r.get("reused")) for rs in runs.values() for r in rs)
-    summary["run_minutes"] = sum(_wall_s(out / f"seed{s}" / m) for s in range(seeds)
-                                 for m in methods) / 60
+    summary["run_minutes"] = sum(_wall_s(Path(r["out_dir"])) for rs in runs.values()
+                                 for r in rs) / 60
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     text = _results_markdown(summary, seeds, quick, plan)

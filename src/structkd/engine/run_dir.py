@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
@@ -42,14 +43,18 @@ def prepare_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool) -> Pa
                 p.unlink()
         logger.warning("trainer.overwrite: replacing the run in %s", path)
         return path
-    n = 2
-    while holds_run(path.with_name(f"{path.name}-{n}")) or \
-            path.with_name(f"{path.name}-{n}").is_file():
-        n += 1
-    fresh = path.with_name(f"{path.name}-{n}")
+    fresh = next_free(path, holds_run)
     logger.warning("%s already holds a run; this one goes to %s (set trainer.overwrite=true, or "
                    "--overwrite, to replace it; trainer.resume=last to continue it)", path, fresh)
     return fresh
+
+
+def next_free(path: Path, taken: Callable[[Path], bool]) -> Path:
+    """The first of ``<path>-2``, ``<path>-3``, ... that is neither ``taken`` nor a file."""
+    n = 2
+    while taken(path.with_name(f"{path.name}-{n}")) or path.with_name(f"{path.name}-{n}").is_file():
+        n += 1
+    return path.with_name(f"{path.name}-{n}")
 
 
 class _AppendingWriter(ExperimentWriter):
