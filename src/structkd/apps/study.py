@@ -45,6 +45,12 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _metric_stats(xs: list[float]) -> tuple[float, float]:
+    """Mean and std of a COCO metric over seeds; (-1, 0) when it is undefined (-1) in any run,
+    never a mean of -1 with real values."""
+    return (-1.0, 0.0) if any(x < 0 for x in xs) else _mean_std(xs)
+
+
 @torch.no_grad()
 def calibrate(plan: Plan, cache: Path, teacher_prefix: Path, names: list[str]) -> dict[str, Any]:
     """Weights that give each named method's term SSIM's size (lambda 2) at the start.
@@ -146,7 +152,7 @@ def _summarise(runs, resolved, t_res, teacher: Path, plan: Plan) -> dict[str, An
     t_ap = t_res["metrics"]["AP"]
     rows = {}
     for m, rs in runs.items():
-        stats = {k: _mean_std([r["metrics"][k] for r in rs]) for k in TABLE_KEYS}
+        stats = {k: _metric_stats([r["metrics"][k] for r in rs]) for k in TABLE_KEYS}
         aps = [r["metrics"]["AP"] for r in rs]
         diff = [a - b for a, b in zip(aps, base, strict=False)] if base and m != "none" else []
         gap = t_ap - statistics.fmean(base) if base else math.nan
@@ -188,6 +194,12 @@ def _verdict(rows: dict[str, Any]) -> list[str]:
     return out
 
 
+def _cell(mean_std: tuple[float, float]) -> str:
+    """``mean ± std``, or ``-`` where COCO's metric is undefined (-1: no object of that size)."""
+    mean, std = mean_std
+    return "-" if mean < 0 else f"{mean:.2f} ± {std:.2f}"
+
+
 def _weight_text(d: dict[str, Any]) -> str:
     w = d.get("weight")
     return "-" if d["method"] == "none" else ("paper" if w is None else f"{w:g}")
@@ -207,7 +219,7 @@ def _results_markdown(s: dict[str, Any], seeds: int, quick: bool, plan: Plan) ->
            "interrupted invocation, so this time covers the rest only)" if s.get("reused_runs")
            else "") + f"; the student runs took {s['run_minutes']:.0f} min in all "
         "(sum of their wall times).", "",
-        f"Invoked as: `{shlex.join(sys.argv)}`", "",
+        f"Invoked as: `structkd {shlex.join(sys.argv[1:])}`", "",
         "Teacher: " + json.dumps(plan.teacher["model"]) + "; student: "
         + json.dumps(plan.student["model"]) + "; student schedule: "
         + json.dumps(plan.student["schedule"]) + f"; data: {json.dumps(plan.data)}.", "",
@@ -216,7 +228,7 @@ def _results_markdown(s: dict[str, Any], seeds: int, quick: bool, plan: Plan) ->
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, r in s["rows"].items():
-        cells = [f"{r['metrics'][k][0]:.2f} ± {r['metrics'][k][1]:.2f}" for k in TABLE_KEYS]
+        cells = [_cell(r["metrics"][k]) for k in TABLE_KEYS]
         d = r["diff_vs_none"]
         dtxt = "-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f}"
         gap = "-" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
