@@ -105,9 +105,10 @@ def demo_dir(out: Path, overwrite: bool) -> Path:
     """The demo's folder: an earlier demo is never mixed with or silently replaced by this one."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is an existing file; expected a folder")
-    if overwrite or not holds_demo(out):
-        if overwrite and holds_demo(out):
-            logger.warning("--overwrite: replacing the demo in %s", out)
+    if not holds_demo(out):
+        return out
+    if overwrite:  # the runs replace their folders anyway (see plan.section)
+        logger.warning("--overwrite: replacing the demo in %s", out)
         return out
     fresh = next_free(out, holds_demo)
     logger.warning("%s already holds a demo; this one goes to %s (--overwrite replaces it)",
@@ -128,7 +129,7 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
     plan = get_plan(quick)
     out, cache = demo_dir(Path(out), overwrite), Path(cache).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    overrides = [*(overrides or []), *(["trainer.overwrite=true"] if overwrite else [])]
+    overrides = list(overrides or [])
     s_steps = train_steps(plan.student, plan.data)
     total = s_steps * len(plan.demo_methods)
     teacher_cached = cached_teacher(plan, cache, overrides) is not None
@@ -164,8 +165,7 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
     from .plots import plot_demo
 
     with quieter("structkd.data"):
-        figures = plot_demo(out, rows, runs, teacher,
-                            synthetic(cache))
+        figures = plot_demo(out, rows, runs, teacher, synthetic(cache))
     table = _table(rows)
     gap = _gap_lines(rows)
     report = _write_report(out, rows, table, gap, elapsed, plan, quick, figures, teacher_cached)

@@ -166,10 +166,9 @@ def ensure_teacher(plan: Plan, cache: Path, overrides: Sequence[str],
     if cached_teacher(plan, cache, overrides):
         logger.info("teacher: reusing the cached teacher in %s", out)
         return out / "student", _results(out)
-    if holds_run(out):  # the cache's own folder for this config: an interrupted training
+    if holds_run(out):  # the cache's own folder for this config (section() overwrites it)
         logger.warning("teacher: %s holds an interrupted training of this teacher; training "
                        "it again from the start", out)
-        cfg.trainer.overwrite = True
     logger.info("teacher: training %s/%s into %s (cached for later runs)",
                 cfg.model.arch, cfg.model.backbone, out)
     res = run_config(cfg, callbacks=callbacks)
@@ -186,12 +185,12 @@ def run_student(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path,
                 seed: int, overrides: Sequence[str], *, reuse: bool = False,
                 callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train one student with the ``distill`` section; returns its results.json content, with
-    ``out_dir``: where the run went (a folder that already holds a finished run is never
-    overwritten, so that may be a numbered ``<out_dir>-2``).
+    ``out_dir``: where the run went (the plan's runs replace what their folder holds, see
+    :func:`section`; with ``trainer.overwrite=false`` set, a numbered ``<out_dir>-2``).
 
     ``reuse=True`` (how an interrupted study resumes) returns the results already in
-    ``out_dir`` when that run finished with exactly this config, and trains an interrupted one
-    (no results.json) again in its place.
+    ``out_dir`` when that run finished with exactly this config; an interrupted run or one of
+    another config is trained again in its place.
     """
     cfg = student_config(plan, distill, teacher, cache, out_dir, seed, overrides)
     done = out_dir / "results.json"
@@ -203,11 +202,11 @@ def run_student(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path,
         if same:
             logger.info("reusing the finished run in %s", out_dir)
             return {**_results(out_dir), "reused": True}
-        logger.info("%s holds a finished run of another config; it is kept", out_dir)
+        logger.info("%s holds a run of another config; training it again in its place",
+                    out_dir)
     elif reuse and holds_run(out_dir):
         logger.warning("%s holds an interrupted run (no results.json); training it again from "
                        "the start", out_dir)
-        cfg.trainer.overwrite = True
     res = run_config(cfg, callbacks=callbacks)
     return _results(res.out_dir)
 
