@@ -31,10 +31,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 LEVELS = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
@@ -234,21 +232,16 @@ def time_methods(methods: list[str], device: str, rounds: int, threads: int) -> 
     """Median forward+backward time per method, the methods interleaved round by round."""
     import torch
 
+    from structkd.timing import interleaved
+
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     steps = {m: _stepper(m, device) for m in methods}
     values = {m: steps[m]() for m in methods}  # warm-up, and the loss values
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    cuda = device.startswith("cuda")
-    for _ in range(rounds):
-        for m in methods:
-            if cuda:  # every step also ends with a synchronisation
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            steps[m]()
-            times[m].append((time.perf_counter() - t0) * 1e3)
+    # The warm-up round is the one above; CUDA is synchronised around every timed step.
+    times = interleaved(steps, rounds=rounds, warmup=0, device=device)
     return [
-        {"method": m, "ms": statistics.median(times[m]), "ms_min": min(times[m]),
+        {"method": m, "ms": times[m].median_ms, "ms_min": times[m].min_ms,
          "loss": values[m][0], "loss_p3_p6": values[m][1], "rounds": rounds}
         for m in methods
     ]

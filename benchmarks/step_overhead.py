@@ -18,16 +18,16 @@ every method within 1.10x of MSE).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
-import statistics
-import time
 
 import torch
 
 from structkd.distill import DetectorLosses, Distiller
 from structkd.models import build_detector
+from structkd.timing import interleaved
 
 MODES = ("none", "mse", "ssim", "pkd", "cwd", "mgd", "fgd", "ssim_bf16t")
 
@@ -81,30 +81,27 @@ def main() -> None:
     args = p.parse_args()
     modes = ["none", *[m for m in args.modes if m != "none"]]
     torch.set_num_threads(args.threads)
-    cuda = args.device.startswith("cuda")
     runs = {m: build(m, args) for m in modes}
     batches = [_batch(args.batch, args.size, args.device, s) for s in range(2)]
 
-    def step(mode: str, i: int) -> float:
+    def stepper(mode: str):
+        """One training step of ``mode`` per call: the warm-up on batch 0, timed step i on
+        batch i % 2."""
         net, opt = runs[mode]
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        losses = net(*batches[i % 2])
-        opt.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        batch = itertools.chain(batches[:1], itertools.cycle(batches))
 
-    for m in modes:  # warm-up
-        step(m, 0)
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    for i in range(args.steps):
-        for m in modes:
-            times[m].append(step(m, i))
-    med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
+        def step() -> None:
+            losses = net(*next(batch))
+            opt.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            opt.step()
+
+        return step
+
+    # One warm-up step per mode, then args.steps rounds; CUDA is synchronised around each step.
+    timings = interleaved({m: stepper(m) for m in modes}, rounds=args.steps, warmup=1,
+                          device=args.device)
+    med = {m: timings[m].median_ms for m in modes}
     print(f"device={args.device} threads={args.threads} size={args.size} batch={args.batch} "
           f"student=retinanet/{args.student} teacher=retinanet/{args.teacher} "
           f"fpn={args.fpn} steps={args.steps} ({platform.processor() or platform.machine()})")
@@ -113,7 +110,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for m in modes:
         vs_mse = f"{med[m] / mse:.3f}" if mse else "-"
-        print(f"| {m} | {med[m]:.0f} | {min(times[m]) * 1e3:.0f} | {med[m] / med['none']:.3f} "
+        print(f"| {m} | {med[m]:.0f} | {timings[m].min_ms:.0f} | {med[m] / med['none']:.3f} "
               f"| {vs_mse} |")
     ratios = {f"{m}_over_none": med[m] / med["none"] for m in modes if m != "none"}
     if mse:
@@ -127,7 +124,7 @@ def main() -> None:
         meta.pop("json")
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "median_ms": med, "ratios": ratios,
-                       "times_ms": {m: [t * 1e3 for t in v] for m, v in times.items()}}, f,
+                       "times_ms": {m: list(t.times_ms) for m, t in timings.items()}}, f,
                       indent=2)
 
 

@@ -5,13 +5,27 @@ The public API, in the order of the data flow::
     build_detector / torchvision_detector / load_detector   the detectors
     Distiller(student, teacher, method="ssim")              one training step's losses
     build_method, register_method, DistillMethod            distillation methods as plugins
-    fit(student, train, val, teacher=..., method=...)       a whole run on Lightning
+    fit(student, train, val, teacher=..., method=...)       a whole run on Lightning (objects)
+    evaluate(model, dataset)                                COCO metrics (objects)
+    load_config(path, overrides) / run_config(config)       the same from a YAML experiment
 """
 
-__version__ = "0.2.0"
-
+from ._version import __version__
 from .distill import Distiller, FeatureTap
-from .engine import RunResult, fit
+from .engine import (
+    Config,
+    DetectionDataModule,
+    DetectionModule,
+    Loader,
+    Optim,
+    RunResult,
+    Schedule,
+    TrainerOptions,
+    evaluate,
+    fit,
+    load_config,
+    run_config,
+)
 from .methods import (
     DistillContext,
     DistillMethod,
@@ -29,20 +43,30 @@ from .models import (
 )
 
 __all__ = [
+    "Config",
+    "DetectionDataModule",
+    "DetectionModule",
     "DetectorSpec",
     "DistillContext",
     "DistillMethod",
     "Distiller",
     "FeatureTap",
     "Level",
+    "Loader",
+    "Optim",
     "RunResult",
+    "Schedule",
+    "TrainerOptions",
     "__version__",
     "build_detector",
     "build_method",
     "describe_methods",
+    "evaluate",
     "export_student",
     "fit",
+    "load_config",
     "load_detector",
     "register_method",
+    "run_config",
     "torchvision_detector",
 ]

@@ -5,6 +5,7 @@
     structkd eval    CHECKPOINT -c CONFIG [--out metrics.json]
     structkd export  RUN --onnx PATH [--size N]   (the student as ONNX, with its label map)
     structkd methods            (the distillation methods, their options and papers)
+    structkd config  [-c CONFIG] [--set ...]   (print the resolved config: every key)
     structkd data make|show ...
     structkd demo [--quick]
     structkd benchmark [--seeds 3]
@@ -20,7 +21,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 
 log = logging.getLogger("structkd")
 
@@ -46,11 +47,12 @@ def resolve_config_path(name: str | None) -> Path | None:
     )
 
 
-def _load(args: argparse.Namespace, extra: list[str] | None = None):
-    from .config import load_config
+def _load(args: argparse.Namespace, extra: list[str] | None = None, *, show: bool = True):
+    from .engine import load_config
 
     cfg = load_config(resolve_config_path(args.config), [*(extra or []), *args.set])
-    print("# resolved config\n" + cfg.to_yaml(), flush=True)
+    if show:
+        print("# resolved config\n" + cfg.to_yaml(), flush=True)
     return cfg
 
 
@@ -65,9 +67,9 @@ def _run_flags(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import train
+    from .engine import run_config
 
-    r = train(_load(args, _run_flags(args)))
+    r = run_config(_load(args, [*_run_flags(args), "distill.method=none"]))
     _print_metrics(str(r.out_dir), r.metrics)
     print(f"student exported to {r.export_prefix}.safetensors")
     return 0
@@ -80,7 +82,7 @@ def _is_torchvision_builder(name: str) -> bool:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .engine import distill
+    from .engine import run_config
 
     extra = _run_flags(args)
     if args.teacher:
@@ -90,7 +92,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
         extra.append(f"teacher.weights={args.teacher_weights}")
     if args.method:
         extra.append(f"distill.method={args.method}")
-    r = distill(_load(args, extra))
+    cfg = _load(args, extra, show=False)
+    if cfg.distill.method == "none":
+        raise ValueError("structkd distill with distill.method=none trains no student from a "
+                         "teacher; use structkd train, or name a method (--method)")
+    if cfg.distill.method is None:
+        cfg.distill.method = "ssim"
+    print("# resolved config\n" + cfg.to_yaml(), flush=True)
+    r = run_config(cfg)
     _print_metrics(str(r.out_dir), r.metrics)
     print(f"student exported to {r.export_prefix}.safetensors")
     return 0
@@ -123,7 +132,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
             print(f"    options with distance={dist!r}: "
                   + ", ".join(f"{k}={v!r}" for k, v in shown.items()))
         for preset, values in info.presets.items():
-            print(f"    preset {preset}: " + ", ".join(f"{k}={v:g}" for k, v in values.items()))
+            strides = info.preset_strides.get(preset)
+            levels = (f"; levels of strides {list(strides)}" if strides else
+                      "; every shared level")
+            print(f"    preset {preset}: " + ", ".join(f"{k}={v:g}" for k, v in values.items())
+                  + levels)
         if info.aliases:
             print("    aliases: " + ", ".join(f"{a} = {info.name} {p}"
                                             for a, p in info.aliases.items()))
@@ -132,10 +145,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .engine import evaluate
+def cmd_config(args: argparse.Namespace) -> int:
+    print(_load(args, show=False).to_yaml(), end="")
+    return 0
 
-    metrics = evaluate(args.checkpoint, _load(args), out_json=args.out, device=args.device)
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, _load(args), out_json=args.out,
+                                  device=args.device)
     _print_metrics(str(args.checkpoint), metrics)
     if metrics.get("per_class"):
         print("per-class AP: " + json.dumps({k: round(v, 1) for k, v in
@@ -206,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-c", "--config", help="YAML file or shipped config name")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=0.02 (repeatable)")
+                        help="override a config key, e.g. --set optim.lr=0.02 (repeatable; "
+                        "`structkd config` prints every key with its value)")
 
     def with_overwrite(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--overwrite", action="store_true",
@@ -218,8 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     with_overwrite(sp)
     sp.set_defaults(func=cmd_train)
 
-    from .methods import ALIASES, METHODS
-
     sp = _command(sub, "distill", help="distil a teacher into a student")
     with_config(sp)
     with_overwrite(sp)
@@ -228,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "retinanet_resnet50_fpn_v2 (teacher.torchvision)")
     sp.add_argument("--teacher-weights", help="with a torchvision builder: its weights enum "
                     "(e.g. RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1) or a local .pth file")
-    sp.add_argument("--method", choices=[*METHODS, *ALIASES, "none"],
-                    help="distillation method (distill.method); `structkd methods` lists them")
+    sp.add_argument("--method", metavar="NAME",
+                    help="distillation method (distill.method): any registered name, including "
+                    "those of the modules in distill.imports; `structkd methods` lists them")
     sp.set_defaults(func=cmd_distill)
 
     sp = _command(sub, "export", help="write a run's student as ONNX (no teacher, no adapters)")
@@ -246,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = _command(sub, "methods", help="list the distillation methods with options and papers")
     sp.set_defaults(func=cmd_methods)
+
+    sp = _command(sub, "config", help="print the resolved config (every key, with the values "
+                  "the defaults, the file and --set give)")
+    with_config(sp)
+    sp.set_defaults(func=cmd_config)
 
     sp = _command(sub, "eval", help="COCO box metrics of a saved detector on the val split")
     sp.add_argument("checkpoint", help="export prefix, .safetensors or .ckpt")

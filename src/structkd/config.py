@@ -1,280 +1,319 @@
-"""Experiment configuration: one YAML file per run, ``--set key=value`` overrides, strict keys.
+"""YAML configuration derived from the API's own types: schemas, loading, overrides, dumping.
 
-Every section is a dataclass, so a typo in a key fails at load time with the list of valid keys
-instead of being ignored.
+A *schema* is a dataclass whose fields are sections, each a dataclass: either an option type of
+the API itself (used as it is) or one derived here from a callable's keyword parameters or a
+dataclass's fields (:func:`section_from_signature`, :func:`section_from_dataclass`), so a name,
+a type and a default are written once, in the API, and the YAML keys follow them.
+
+Loading (:func:`load`) layers a base mapping, a YAML file and ``key.path=value`` overrides onto
+the schema's defaults with `jsonargparse <https://jsonargparse.readthedocs.io>`_ (the library
+LightningCLI uses): it parses the YAML values, merges, and checks every value against its
+annotation (``int`` is not ``float``, ``Literal`` choices, unions, lists of a type). Building the
+sections then runs the API types' own value checks (``__post_init__``). Every error is one
+``ValueError`` naming the key, the value and what was expected; unknown keys name the valid ones.
+
+This module knows nothing of structkd's sections; the engine composes its ``Config`` from the API.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import inspect
+import os
+import re
 import types
 import typing
-from dataclasses import dataclass, field
+import warnings
+from collections import abc
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import yaml
 
+__all__ = [
+    "ConfigError",
+    "compose",
+    "dump",
+    "load",
+    "parse_override",
+    "part",
+    "section_from_dataclass",
+    "section_from_signature",
+    "to_dict",
+    "type_text",
+]
 
-@dataclass
-class DataConfig:
-    """COCO annotation files and image folders; with no ``train_ann`` the built-in data is used."""
-
-    train_ann: str | None = None
-    train_images: str | None = None
-    val_ann: str | None = None
-    val_images: str | None = None
-    synthetic_root: str = "~/.cache/structkd/synthetic"
-    synthetic_train: int = 512
-    synthetic_val: int = 128
-    synthetic_size: int = 256
-    synthetic_seed: int = 0
-    # Difficulty of the built-in data, passed to make_synthetic_coco: max_objects, max_occlusion,
-    # clutter, size_probs (e.g. {max_objects: 4, max_occlusion: 0.4}); {} = the defaults.
-    synthetic_options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 4
-    val_batch_size: int = 8
-    num_workers: int = 2
-    hflip: float = 0.5
-    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    limit_train: int | None = None  # use only the first N training images (smoke runs)
-    limit_val: int | None = None
-    persistent_workers: bool = False  # keep loader workers alive between epochs
+T = TypeVar("T")
+_SCALARS = (bool, int, float, str, type(None))
 
 
-# The model section mirrors ``DetectorSpec`` field by field (its one source of truth); only the
-# defaults below differ, sized for small inputs. ``num_classes`` comes from the data.
-MODEL_DEFAULTS: dict[str, Any] = {
-    "arch": "retinanet", "backbone": "resnet18", "fpn_channels": 128, "min_size": 256,
-    "max_size": 256,
-}
+class ConfigError(ValueError):
+    """A configuration that does not fit its schema (the message names key and value)."""
 
 
-def _model_config_class() -> type:
-    from .models.spec import DetectorSpec
+# ---- deriving sections ------------------------------------------------------------------------
+def representable(tp: Any) -> Any | None:
+    """``tp`` reduced to what a YAML value can be (scalars, Literal, lists, tuples, mappings),
+    or None when nothing of it can (a module, a dtype, a callable). Union members that YAML
+    cannot hold are dropped: ``str | DistillMethod`` becomes ``str``; paths become ``str``."""
+    if tp is Any or tp in _SCALARS:
+        return tp
+    if tp in (Path, os.PathLike):
+        return str
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return tp
+    if origin in (typing.Union, types.UnionType):
+        kept = []
+        for a in args:
+            r = representable(a)
+            if r is not None and r not in kept:
+                kept.append(r)
+        if not kept or kept == [type(None)]:
+            return None
+        return kept[0] if len(kept) == 1 else typing.Union[tuple(kept)]  # noqa: UP007
+    if origin in (list, tuple, abc.Sequence):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            items = [representable(a) for a in args]
+            return None if any(i is None for i in items) else tuple[tuple(items)]
+        item = representable(args[0]) if args else Any
+        return None if item is None else list[item]
+    if origin in (dict, abc.Mapping):
+        value = representable(args[1]) if len(args) == 2 else Any
+        return None if value is None else dict[str, value]
+    if dataclasses.is_dataclass(tp):
+        return tp
+    return None
 
-    hints = typing.get_type_hints(DetectorSpec)
+
+def _field(name: str, tp: Any, default: Any) -> tuple[str, Any, Any]:
+    if isinstance(default, list | dict | set):
+        return name, tp, dataclasses.field(default_factory=lambda d=default: type(d)(d))
+    if isinstance(default, tuple):
+        return name, tp, dataclasses.field(default=default)
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        return name, tp, dataclasses.field(default_factory=lambda d=default: dataclasses.replace(d))
+    return name, tp, dataclasses.field(default=default)
+
+
+def section_from_signature(
+    fn: Callable[..., Any], name: str, *, skip: Sequence[str] = (), doc: str | None = None,
+    defaults: Mapping[str, Any] | None = None, var_keyword: str | None = None,
+    extra: Sequence[tuple[str, Any, Any]] = (), check: Callable[[Any], None] | None = None,
+) -> type:
+    """A dataclass with one field per keyword parameter of ``fn`` (type and default from its
+    signature; ``defaults`` replaces some defaults). ``var_keyword``: the field that holds
+    ``**kwargs`` as a mapping. ``extra``: ``(name, type, default)`` fields the signature lacks.
+    Parameters without a default, or whose type YAML cannot hold, are left out unless listed
+    in ``defaults``. ``check(section)`` runs when the section is built (the API's own value
+    checks, e.g. constructing the object the section describes)."""
+    hints = typing.get_type_hints(fn)
     fields = []
-    for f in dataclasses.fields(DetectorSpec):
-        if f.name == "num_classes":
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in skip or p.name == "self" or p.kind is p.VAR_POSITIONAL:
             continue
-        if f.name in MODEL_DEFAULTS:
-            default = field(default=MODEL_DEFAULTS[f.name])
+        if p.kind is p.VAR_KEYWORD:
+            if var_keyword:
+                fields.append(_field(var_keyword, dict[str, Any], {}))
+            continue
+        tp = representable(hints.get(p.name, Any))
+        default = (defaults or {}).get(p.name, p.default)
+        if tp is None or default is inspect.Parameter.empty:
+            continue
+        fields.append(_field(p.name, _optional(tp) if default is None else tp, default))
+    fields += [_field(*f) for f in extra]
+    return _make(name, fields, doc or f"Keyword options of ``{fn.__qualname__}``.", check)
+
+
+def section_from_dataclass(
+    cls: type, name: str, *, skip: Sequence[str] = (), doc: str | None = None,
+    defaults: Mapping[str, Any] | None = None, check: Callable[[Any], None] | None = None,
+) -> type:
+    """A dataclass with the fields of dataclass ``cls`` (minus ``skip``; ``defaults`` replaces
+    some defaults): the schema of a section that mirrors an API type field by field.
+    ``check`` as in :func:`section_from_signature`."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.name in (defaults or {}):
+            default = defaults[f.name]  # type: ignore[index]
         elif f.default_factory is not dataclasses.MISSING:
-            default = field(default_factory=f.default_factory)
+            default = f.default_factory()
         else:
-            default = field(default=f.default)
-        fields.append((f.name, hints[f.name], default))
-    cls = dataclasses.make_dataclass("ModelConfig", fields)
-    cls.__module__ = __name__
-    cls.__doc__ = ("The detector to train: the fields of ``structkd.models.DetectorSpec`` "
-                   "(``num_classes`` comes from the data).")
+            default = f.default
+        tp = representable(hints[f.name])
+        if tp is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: type {hints[f.name]} has no YAML form")
+        fields.append(_field(f.name, tp, default))
+    return _make(name, fields, doc or f"The fields of ``{cls.__qualname__}``.", check)
+
+
+def compose(name: str, *parts: type, doc: str | None = None) -> type:
+    """One section holding the fields of several dataclasses (names must not repeat); building
+    it builds each part, so every part's own checks run. :func:`part` gets a part back."""
+    fields: list[tuple[str, Any, Any]] = []
+    seen: set[str] = set()
+    for cls in parts:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                raise TypeError(f"compose({name}): field {f.name!r} appears twice")
+            seen.add(f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            fields.append(_field(f.name, hints[f.name], default))
+
+    def check(section: Any) -> None:
+        for cls in parts:
+            part(section, cls)
+
+    return _make(name, fields, doc or f"The fields of {', '.join(c.__name__ for c in parts)}.",
+                 check)
+
+
+def part(section: Any, cls: type[T]) -> T:
+    """The ``cls`` object made of the same-named fields of ``section``."""
+    return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+
+def _optional(tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if tp is Any or type(None) in args:
+        return tp
+    return typing.Optional[tp]  # noqa: UP045
+
+
+def _make(name: str, fields: list[tuple[str, Any, Any]], doc: str,
+          check: Callable[[Any], None] | None = None) -> type:
+    namespace = {"__post_init__": lambda self: check(self)} if check is not None else {}
+    cls = dataclasses.make_dataclass(name, fields, namespace=namespace)
+    cls.__doc__ = doc
     return cls
 
 
-ModelConfig = _model_config_class()
-
-
-@dataclass
-class TeacherConfig:
-    """Where the teacher comes from: one of ``checkpoint`` (a structkd export prefix, its
-    ``.safetensors``, or a Lightning ``.ckpt`` of a structkd run) or ``torchvision`` (a builder
-    name such as ``retinanet_resnet50_fpn_v2``) with ``weights`` (its weights enum, e.g.
-    ``RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1``, read from the torch.hub cache, or a local
-    ``.pth`` file of that builder's state dict)."""
-
-    checkpoint: str | None = None
-    torchvision: str | None = None
-    weights: str | None = None
-    num_classes: int | None = None  # torchvision builder without COCO weights only
-    strict_classes: bool = True  # the teacher's label set must be the dataset's
-
-
-@dataclass
-class DistillConfig:
-    """The distillation method (``structkd methods`` lists them with their options).
-
-    ``method``: a method name or alias (ssim, l1, mse, pkd, cwd, mgd, fgd, ...) or "none";
-    ``imports``: modules to import first, where your own ``@register_method`` classes live.
-    ``weight``: the method's overall weight (None: its paper default). ``options``: the method's
-    other options. ``student_layers`` / ``teacher_layers``: module path(s) to tap.
-    """
-
-    method: str = "ssim"
-    weight: float | None = None
-    imports: list[str] = field(default_factory=list)  # modules that register your own methods
-    options: dict[str, Any] = field(default_factory=dict)
-    levels: list[str] | None = None  # e.g. ["s8", "s16"]; None = every shared stride
-    student_layers: Any = "backbone"  # a module path or a list of paths
-    teacher_layers: Any = "backbone"
-    teacher_root: str = "backbone"  # the teacher module that takes the batched images
-    # The teacher's compute dtype: None follows the trainer's precision; "bfloat16" halves the
-    # teacher's forward time on CPUs with native bf16 (features then differ by about 1%).
-    teacher_dtype: str | None = None  # None | float32 | bfloat16 | float16
-
-    def method_options(self) -> dict[str, Any]:
-        """The keyword options for ``build_method``: ``options`` plus ``weight`` when set."""
-        if "weight" in self.options:
-            raise ValueError("distill.options.weight: set distill.weight instead")
-        out = dict(self.options)
-        if self.weight is not None:
-            out["weight"] = self.weight
-        return out
-
-
-@dataclass
-class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    grad_clip: float | None = 10.0
-
-
-@dataclass
-class ScheduleConfig:
-    """Epoch-based step schedule with linear warm-up; presets follow mmdetection's 1x / 2x."""
-
-    preset: str | None = None  # "1x" (12 epochs, drops at 8, 11) | "2x" (24; 16, 22)
-    epochs: int = 12
-    # Epochs (fractions allowed: 0.75 drops the rate after three quarters of the first epoch).
-    milestones: list[float] = field(default_factory=lambda: [8, 11])
-    gamma: float = 0.1
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
-    max_steps: int | None = None  # stop early (smoke runs); the schedule still spans ``epochs``
-
-
-@dataclass
-class TrainerConfig:
-    out_dir: str = "runs/experiment"
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    seed: int = 0
-    deterministic: bool = False
-    val_every: int = 1  # epochs
-    log_every: int = 10  # steps
-    checkpoint_every: int = 1  # epochs
-    progress: bool = True
-    resume: str | None = None  # "last" or a checkpoint path
-    threads: int | None = None  # torch CPU threads per process
-    overwrite: bool = False  # replace a run already in out_dir (else a fresh out_dir-2, -3, ...)
-    divergence_factor: float = 100.0  # stop when the loss exceeds this x its running median
-
-
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# Keys of earlier versions, and where they went.
-RENAMED = {"distill.distance": "distill.method", "distill.adapter": "distill.options.adapter"}
-PRESETS = {"1x": (12, [8, 11]), "2x": (24, [16, 22])}
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotated type (Optional, list, dict, Any, scalars)."""
+# ---- loading ----------------------------------------------------------------------------------
+def type_text(tp: Any) -> str:
+    """A reader's name for an annotation: ``float``, ``list of str``, ``one of ['a', 'b']``."""
     if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
+        return "any value"
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and tp in _SCALARS:
+        return tp.__name__
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return f"one of {list(args)}"
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0])
+        return " or ".join(type_text(a) for a in args)
     if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"{where}={value!r}: expected a list")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return f"a list of {type_text(args[0])}" if args else "a list"
+    if origin is tuple:
+        return f"a list of {len(args)} values ({', '.join(type_text(a) for a in args)})"
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}={value!r}: expected a mapping")
-        return dict(value)
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ValueError(f"{where}={value!r}: expected a finite number")
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 (PyYAML) reads "1e-3" as a string; accept finite numbers written that way.
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if math.isfinite(number):
-            return number
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is str and isinstance(value, str):
-        return value
-    raise ValueError(f"{where}={value!r}: expected {getattr(tp, '__name__', tp)}")
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
 
 
-def _merge(obj: Any, data: dict[str, Any], where: str) -> None:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in names:
-            hint = f" ('{path}' is now '{RENAMED[path]}')" if path in RENAMED else ""
-            raise ValueError(f"unknown config key '{path}'{hint}; expected one of {names}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _merge(current, value, path)
-        else:
-            setattr(obj, key, _coerce(value, hints[key], path))
+def _fields(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``a.b=value`` (value in YAML syntax: 0.1, true, null, [1, 2])."""
+def _check_keys(schema: type, doc: Any, where: str, renamed: Mapping[str, str]) -> None:
+    """Unknown keys (at any depth of dataclass sections) and sections that are not mappings."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{where or 'config'}={doc!r}: expected a mapping")
+    hints = _fields(schema)
+    for key, value in doc.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            hint = f" ('{path}' is now '{renamed[path]}')" if path in renamed else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}; expected one of "
+                              f"{list(hints)}")
+        if dataclasses.is_dataclass(hints[key]):
+            _check_keys(hints[key], value, path, renamed)
+
+
+def _annotation(schema: type, key: str) -> Any:
+    tp: Any = schema
+    for part in key.split("."):
+        hints = _fields(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _value(doc: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(doc, Mapping) or part not in doc:
+            return _MISSING
+        doc = doc[part]
+    return doc
+
+
+_MISSING = object()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ``("a.b", value)`` with the value read as YAML (0.1, true, null, [1, 2])."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    if not key.strip():
-        raise ValueError(f"override {text!r} has an empty key")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ValueError(f"override {text!r}: cannot parse value: {e}") from e
-    return key.strip().split("."), value
+        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
+    return key, value
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None,
-    base: dict[str, Any] | None = None,
-) -> Config:
-    """Build a Config from defaults, then ``base``, then a YAML file, then overrides."""
-    cfg = Config()
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def _parser(schema: type):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False, default_env=False, env_prefix=False)
+    parser.add_class_arguments(schema, fail_untyped=True, sub_configs=False)
+    return parser
+
+
+def _explain(e: Exception, schema: type, doc: Mapping[str, Any]) -> str:
+    """One line for a jsonargparse error: ``key=value: expected <type>``."""
+    text = str(e)
+    m = re.search(r'Parser key "([^"]+)"', text) or re.search(r"key[s]? \"?([\w.]+)", text)
+    if not m:
+        return " ".join(text.split())[:400]
+    key = m.group(1)
+    value = _value(doc, key)
+    tp = _annotation(schema, key)
+    shown = "" if value is _MISSING else f"={value!r}"
+    expected = type_text(tp) if tp is not None else " ".join(text.split())[:200]
+    return f"{key}{shown}: expected {expected}"
+
+
+def load(
+    schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+    base: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None,
+) -> T:
+    """An instance of ``schema``: its defaults, then ``base``, then the YAML file at ``path``,
+    then ``overrides`` (``section.key=value``, later ones win)."""
+    renamed = renamed or {}
+    documents: list[tuple[str, dict[str, Any]]] = []
     if base:
-        _merge(cfg, base, "")
+        documents.append(("", dict(base)))
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -282,55 +321,63 @@ def load_config(
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML: {e}") from e
-        try:
-            _merge(cfg, data, "")
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        _merge(cfg, nested, "")
-    _finalise(cfg)
-    return cfg
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        documents.append((f"{path}: ", data))
+    for text in overrides:
+        key, value = parse_override(text)
+        documents.append(("", _nest(key, value)))
+    parser = _parser(schema)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jsonargparse's deprecation notices of its own API
+        ns = parser.get_defaults()
+        for prefix, doc in documents:
+            try:
+                _check_keys(schema, doc, "", renamed)
+                ns = parser.parse_object(doc, cfg_base=ns, defaults=False)
+            except ConfigError as e:
+                raise ConfigError(f"{prefix}{e}") from None
+            except Exception as e:  # jsonargparse's ArgumentError / TypeError / ValueError
+                raise ConfigError(f"{prefix}{_explain(e, schema, doc)}") from None
+        return _build(schema, ns.as_dict())
 
 
-def _finalise(cfg: Config) -> None:
-    s = cfg.schedule
-    if s.preset is not None:
-        if s.preset not in PRESETS:
-            raise ValueError(f"schedule.preset={s.preset!r}; expected one of {sorted(PRESETS)}")
-        s.epochs, s.milestones = PRESETS[s.preset][0], list(PRESETS[s.preset][1])
-    if s.epochs <= 0:
-        raise ValueError(f"schedule.epochs={s.epochs}; expected > 0")
-    from .distill.teacher import TEACHER_DTYPES
+def _build(schema: type[T], values: Mapping[str, Any], where: str = "") -> T:
+    """Instantiate ``schema`` from plain values, sections first, so each API type's own checks
+    run; their messages (``name=value; expected ...``) get the section's key path."""
+    hints = _fields(schema)
+    kwargs = {}
+    for key, value in values.items():
+        tp = hints[key]
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _build(tp, value, path) if dataclasses.is_dataclass(tp) and isinstance(
+            value, Mapping) else value
+    try:
+        return schema(**kwargs)
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        names = [f.name for f in dataclasses.fields(schema)]
+        if where and f"{where}." in message:
+            pass  # the message names its keys already
+        elif where and re.match(rf"({'|'.join(map(re.escape, names))})\b", message):
+            message = f"{where}.{message}"
+        elif where:
+            message = f"{where}: {message}"
+        raise ConfigError(message) from None
 
-    if cfg.distill.teacher_dtype not in TEACHER_DTYPES:
-        raise ValueError(f"distill.teacher_dtype={cfg.distill.teacher_dtype!r}; expected one of "
-                         f"{list(TEACHER_DTYPES)}")
-    for module in cfg.distill.imports:
-        import importlib
 
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ValueError(f"distill.imports: cannot import {module!r} ({e}); expected an "
-                             "importable module that registers methods") from None
-    if cfg.distill.method != "none":
-        from .methods import check_method_options
+def to_dict(obj: Any) -> Any:
+    """A config object as plain YAML-able data (dataclasses to mappings, tuples to lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
-        try:
-            check_method_options(cfg.distill.method, cfg.distill.method_options())
-        except ValueError as e:
-            raise ValueError(f"distill.method={cfg.distill.method!r}: {e}") from None
-    if cfg.optim.name not in ("sgd", "adamw"):
-        raise ValueError(f"optim.name={cfg.optim.name!r}; expected 'sgd' or 'adamw'")
-    if cfg.data.batch_size <= 0:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size}; expected > 0")
-    lo, hi = cfg.data.scale_range if len(cfg.data.scale_range) == 2 else (0, -1)
-    if not 0 < lo <= hi:
-        raise ValueError(
-            f"data.scale_range={cfg.data.scale_range}; expected [lo, hi] with 0 < lo <= hi"
-        )
+
+def dump(obj: Any) -> str:
+    """YAML of a config object, keys in the schema's order."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..console import quieter
-from ..engine.run_dir import holds_run, next_free
+from ..engine import RunResult, holds_run, next_free
 from ..evaluation import TABLE_KEYS
-from ..models import load_exported
-from .latency import interleaved_latency, torch_runner
+from ..models import load_exported, torch_runner
+from ..timing import interleaved
 from .plan import (
     Plan,
     cached_teacher,
@@ -39,11 +39,10 @@ from .progress import JobProgress
 logger = logging.getLogger("structkd.demo")
 
 
-def _metrics_row(name: str, method: str, res: dict[str, Any]) -> dict[str, Any]:
-    m = res["metrics"]
-    st = res.get("step_time_s")
-    return {"name": name, "method": method, **{k: m.get(k) for k in TABLE_KEYS},
-            "params": res["params"], "step_time_ms": None if st is None else 1000 * st}
+def _metrics_row(name: str, method: str, res: RunResult) -> dict[str, Any]:
+    st = res.step_time_s
+    return {"name": name, "method": method, **{k: res.metrics.get(k) for k in TABLE_KEYS},
+            "params": res.params, "step_time_ms": None if st is None else 1000 * st}
 
 
 LATENCY_THREADS = 1  # one CPU thread: steady medians on a shared machine, a fair comparison
@@ -67,7 +66,7 @@ def _latencies(teacher_prefix: Path, student_prefix: Path, size: int, out: Path,
                 runners[f"{role}_onnx"] = onnx_runner(path, size, threads=LATENCY_THREADS)
         except Exception as e:  # ONNX is an extra; the PyTorch numbers stand without it
             logger.warning("ONNX Runtime latency skipped: %s: %s", type(e).__name__, e)
-        return interleaved_latency(runners, rounds=rounds)
+        return {n: t.median_ms for n, t in interleaved(runners, rounds=rounds, warmup=3).items()}
     finally:
         torch.set_num_threads(threads)
 
@@ -143,20 +142,23 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
     # Log lines go above the bar (tqdm.write), never onto it.
     with quieter("lightning", "structkd.data", "structkd.engine"), logging_redirect_tqdm():
         try:
-            teacher, t_res = ensure_teacher(plan, cache, [*overrides, *prog_override],
-                                            callbacks=[progress.begin("teacher")])
+            t_res = ensure_teacher(plan, cache, [*overrides, *prog_override],
+                                   callbacks=[progress.begin("teacher")])
+            teacher = t_res.export_prefix
+            assert teacher is not None
             rows = [_metrics_row("teacher", "-", t_res)]
-            runs = []
+            runs: list[RunResult] = []
             for i, method in enumerate(plan.demo_methods, 1):
                 progress.begin(f"student {i}/{len(plan.demo_methods)}: {method}")
-                res = run_student(plan, plan.methods[method], teacher, cache, out / method,
-                                  seed, [*overrides, *prog_override], callbacks=[progress])
+                res, _ = run_student(plan, plan.methods[method], teacher, cache, out / method,
+                                     seed, [*overrides, *prog_override], callbacks=[progress])
                 rows.append(_metrics_row(f"student-{method}", method, res))
-                runs.append(Path(res["out_dir"]))
+                runs.append(res)
         finally:
             progress.close()
     size = plan.student["model"]["min_size"]
-    lat = _latencies(teacher, runs[0] / "student", size, out, rounds=5 if quick else 30)
+    assert runs[0].export_prefix is not None
+    lat = _latencies(teacher, runs[0].export_prefix, size, out, rounds=5 if quick else 30)
     for r in rows:
         role = "teacher" if r["name"] == "teacher" else "student"
         r["latency_ms"], r["onnx_ms"] = lat.get(role), lat.get(f"{role}_onnx")

@@ -8,27 +8,17 @@ from pathlib import Path
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from torch import nn
 
-from ..data import CocoDetection
-
-GT_COLOUR = "#00e676"
-PRED_COLOUR = "#ff1744"
+from ..data import GT_COLOUR, PRED_COLOUR, CocoDetection, draw_boxes
 
 
 def _draw(ax, image: torch.Tensor, boxes, labels, names: Sequence[str], colour: str,
           scores=None) -> None:
-    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-    for i, (box, label) in enumerate(zip(boxes, labels, strict=True)):
-        x1, y1, x2, y2 = box
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.2,
-                               edgecolor=colour, ls="-" if scores is None else "--"))
-        text = names[label] if label < len(names) else str(label)
-        if scores is not None:
-            text += f" {scores[i]:.2f}"
-        ax.text(x1, y1, text, fontsize=5, color="black", va="bottom",
-                bbox={"facecolor": colour, "pad": 0.4, "lw": 0})
+    texts = [names[label] if label < len(names) else str(label) for label in labels]
+    if scores is not None:
+        texts = [f"{text} {score:.2f}" for text, score in zip(texts, scores, strict=True)]
+    ax.imshow(draw_boxes(image, boxes, texts, colour), interpolation="nearest")
     ax.set_axis_off()
 
 
@@ -40,7 +30,7 @@ def detection_grid(models: Mapping[str, nn.Module], dataset: CocoDetection,
     (k = the image's number of objects; at least ``score_threshold``), so panels compare the
     models' best guesses instead of drowning in low-score boxes."""
     cols = 1 + len(models)
-    fig = Figure(figsize=(2.4 * cols, 2.4 * len(indices)), dpi=110)
+    fig = Figure(figsize=(2.8 * cols, 2.8 * len(indices)), dpi=150)
     FigureCanvasAgg(fig)
     names = dataset.class_names
     for r, idx in enumerate(indices):
@@ -60,7 +50,7 @@ def detection_grid(models: Mapping[str, nn.Module], dataset: CocoDetection,
                   PRED_COLOUR, out["scores"][keep].tolist())
             if r == 0:
                 ax.set_title(name, fontsize=8)
-    fig.suptitle("green: ground truth; red dashed: each model's k highest-scoring detections, "
+    fig.suptitle("green: ground truth; red: each model's k highest-scoring detections, "
                  f"k = number of objects (score >= {score_threshold})", fontsize=7)
     fig.tight_layout()
     out_png = Path(out_png)

@@ -2,7 +2,8 @@
 
 A plan is plain data; ``ensure_teacher`` and ``run_student`` turn a part of it into a ``Config``
 and run it through the same API a user calls (``structkd.engine.run_config``), reusing a run
-only when its saved config equals the planned one.
+only when its saved config equals the planned one. How the plan was chosen (the candidates and
+their AP): ``docs/plan_candidates.md``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from typing import Any
 
 import lightning as L
 
-from .. import __version__
-from ..config import Config, load_config
+from .._version import __version__
 from ..data import SyntheticPaths
-from ..engine import run_config
-from ..engine.run_dir import holds_run
+from ..engine import Config, RunResult, holds_run, load_config, run_config
 
 logger = logging.getLogger("structkd.demo")
 
@@ -63,32 +62,22 @@ METHODS: dict[str, dict[str, Any]] = {
 STUDY_METHODS = ("none", "mse", "mse_matched", "ssim", "pkd", "pkd_matched", "cwd",
                  "cwd_matched", "mgd", "mgd_matched", "fgd", "fgd_matched")
 
-# Generated at the detectors' input size (128 px, nothing is resized) and easier than the
-# generator's defaults: at most 5 objects, at most 35% of an object hidden, at most 5 clutter
-# items, fewer small objects. 2600 distinct training images (about 35 s to generate): the teacher
-# passes over them twice and the students once over the first 2000, instead of many epochs of a
-# few hundred images, on which the old teacher stopped generalising.
-_DATA = {"synthetic_train": 2600, "synthetic_val": 128, "synthetic_size": 128, "num_workers": 1,
-         "batch_size": 4, "val_batch_size": 8,
-         "synthetic_options": {"max_objects": 5, "max_occlusion": 0.35, "clutter": 5,
-                               "size_probs": [0.2, 0.5, 0.3]}}
+# The generator's "easier" setting at the detectors' input size (128 px, nothing is resized):
+# at most 5 objects, at most 35% of an object hidden, at most 5 clutter items, fewer small
+# objects; many distinct images passed over once or twice rather than many epochs of a few.
+_SYNTHETIC = {"num_train": 2600, "num_val": 128, "image_size": 128, "max_objects": 5,
+              "max_occlusion": 0.35, "clutter": 5, "size_probs": [0.2, 0.5, 0.3]}
+_DATA = {"synthetic": _SYNTHETIC, "num_workers": 1, "batch_size": 4, "val_batch_size": 8}
 _OPTIM = {"name": "adamw", "lr": 3e-4, "weight_decay": 0.05, "grad_clip": 10.0}
-# The MobileNet student's short run gained from a higher rate (plain student, 500 steps: 1.8 /
-# 2.2 / 2.5 AP at 3e-4 / 6e-4 / 1e-3); the ResNet-18 teacher lost (4.6 vs 3.7 AP at 600 steps).
-_STUDENT_OPTIM = {**_OPTIM, "lr": 1e-3}
-# FCOS (anchor-free) learnt about twice as fast as RetinaNet here from scratch (4.6 vs 2.3 AP
-# after the same 600 steps), at a lower step cost. Teacher ResNet-18 FPN-128, student
-# MobileNetV3-Large FPN-64: 0.27x the parameters, about 0.6x the latency at 2 threads. An R-50
-# teacher got fewer steps in the same time and ended weaker than the R-18 one (3.9 AP).
+_STUDENT_OPTIM = {**_OPTIM, "lr": 1e-3}  # the MobileNet student's short run gains from it
+# Teacher FCOS ResNet-18 FPN-128, student FCOS MobileNetV3-Large FPN-64: 0.27x the parameters.
 _TEACHER_MODEL = {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 128, "min_size": 128,
                   "max_size": 128}
 _STUDENT_MODEL = {"arch": "fcos", "backbone": "mobilenet_v3_large", "fpn_channels": 64,
                   "min_size": 128, "max_size": 128}
 
 # The paper's regime: a bigger teacher trained longer, a short student schedule; both drop
-# their learning rate 10x for the last fifth of training. Chosen by the teacher's and the plain
-# student's AP only (candidates in the issue note): teacher 10.5 AP (1300 steps), plain student
-# 2.5 AP (500 steps), measured with 1 thread.
+# their learning rate 10x for the last fifth of training.
 DEFAULT_PLAN = Plan(
     data=_DATA,
     teacher={"model": _TEACHER_MODEL, "optim": _OPTIM,
@@ -105,7 +94,8 @@ DEFAULT_PLAN = Plan(
 _TINY_TEACHER = {**_TEACHER_MODEL, "fpn_channels": 64}
 _TINY_STUDENT = {**_STUDENT_MODEL, "fpn_channels": 32}
 QUICK_PLAN = Plan(
-    data={**_DATA, "synthetic_train": 48, "synthetic_val": 16, "num_workers": 0},
+    data={**_DATA, "synthetic": {**_SYNTHETIC, "num_train": 48, "num_val": 16},
+          "num_workers": 0},
     teacher={"model": _TINY_TEACHER, "optim": _OPTIM,
              "schedule": {"epochs": 2, "milestones": [], "warmup_iters": 10}},
     student={"model": _TINY_STUDENT, "optim": _OPTIM,
@@ -124,14 +114,22 @@ def synthetic(cache: Path) -> SyntheticPaths:
     return SyntheticPaths.under(cache / "synthetic")
 
 
+def _data(plan_part: dict[str, Any], data: dict[str, Any],
+          cache: Path | None = None) -> dict[str, Any]:
+    """The data section of a plan part: the plan's data, narrowed by the part (the students'
+    ``limit_train``: a shorter pass over the teacher's images); the dataset is always the
+    plan's, generated under ``cache``."""
+    out = {**data, **plan_part.get("data", {})}
+    out["synthetic"] = dict(data["synthetic"])
+    if cache is not None:
+        out["synthetic"]["root"] = str(synthetic(cache).root)
+    return out
+
+
 def section(plan_part: dict[str, Any], data: dict[str, Any], cache: Path, out_dir: Path,
             seed: int, overrides: Sequence[str]) -> Config:
     """The ``Config`` of one run of the plan (the demo owns its folders: it overwrites them)."""
-    base = dict(plan_part)
-    # A part may narrow the shared data (the students' limit_train: a shorter pass over the
-    # teacher's generated images); the dataset itself is always the plan's.
-    base["data"] = {**data, **plan_part.get("data", {}),
-                    "synthetic_root": str(synthetic(cache).root)}
+    base = {**plan_part, "data": _data(plan_part, data, cache)}
     base["trainer"] = {"out_dir": str(out_dir), "seed": seed, "val_every": 0,
                        "checkpoint_every": 1, "overwrite": True}
     return load_config(base=base, overrides=list(overrides))
@@ -159,20 +157,19 @@ def cached_teacher(plan: Plan, cache: Path, overrides: Sequence[str]) -> Path | 
 
 
 def ensure_teacher(plan: Plan, cache: Path, overrides: Sequence[str],
-                   callbacks: Sequence[L.Callback] = ()) -> tuple[Path, dict[str, Any]]:
-    """Train the plan's teacher unless an identical one is cached; returns (prefix, results)."""
+                   callbacks: Sequence[L.Callback] = ()) -> RunResult:
+    """Train the plan's teacher unless an identical one is cached."""
     cfg = teacher_config(plan, cache, overrides)
     out = Path(cfg.trainer.out_dir)
     if cached_teacher(plan, cache, overrides):
         logger.info("teacher: reusing the cached teacher in %s", out)
-        return out / "student", _results(out)
+        return RunResult.load(out)
     if holds_run(out):  # the cache's own folder for this config (section() overwrites it)
         logger.warning("teacher: %s holds an interrupted training of this teacher; training "
                        "it again from the start", out)
     logger.info("teacher: training %s/%s into %s (cached for later runs)",
                 cfg.model.arch, cfg.model.backbone, out)
-    res = run_config(cfg, callbacks=callbacks)
-    return res.out_dir / "student", _results(res.out_dir)
+    return run_config(cfg, callbacks=callbacks)
 
 
 def student_config(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path,
@@ -183,44 +180,38 @@ def student_config(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Pa
 
 def run_student(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path, out_dir: Path,
                 seed: int, overrides: Sequence[str], *, reuse: bool = False,
-                callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
-    """Train one student with the ``distill`` section; returns its results.json content, with
-    ``out_dir``: where the run went (the plan's runs replace what their folder holds, see
-    :func:`section`; with ``trainer.overwrite=false`` set, a numbered ``<out_dir>-2``).
+                callbacks: Sequence[L.Callback] = ()) -> tuple[RunResult, bool]:
+    """Train one student with the ``distill`` section; returns its result (``out_dir``: where
+    the run went: the plan's runs replace what their folder holds, see :func:`section`; with
+    ``trainer.overwrite=false`` set, a numbered ``<out_dir>-2``) and whether it was reused.
 
-    ``reuse=True`` (how an interrupted study resumes) returns the results already in
+    ``reuse=True`` (how an interrupted study resumes) returns the result already in
     ``out_dir`` when that run finished with exactly this config; an interrupted run or one of
     another config is trained again in its place.
     """
     cfg = student_config(plan, distill, teacher, cache, out_dir, seed, overrides)
-    done = out_dir / "results.json"
-    if reuse and done.is_file() and (out_dir / "student.safetensors").is_file():
+    if reuse and (out_dir / "results.json").is_file() and \
+            (out_dir / "student.safetensors").is_file():
         try:
             same = load_config(out_dir / "config.yaml").to_dict() == cfg.to_dict()
         except (OSError, ValueError):
             same = False
         if same:
             logger.info("reusing the finished run in %s", out_dir)
-            return {**_results(out_dir), "reused": True}
+            return RunResult.load(out_dir), True
         logger.info("%s holds a run of another config; training it again in its place",
                     out_dir)
     elif reuse and holds_run(out_dir):
         logger.warning("%s holds an interrupted run (no results.json); training it again from "
                        "the start", out_dir)
-    res = run_config(cfg, callbacks=callbacks)
-    return _results(res.out_dir)
-
-
-def _results(run_dir: Path) -> dict[str, Any]:
-    return {**json.loads((run_dir / "results.json").read_text()), "out_dir": str(run_dir)}
+    return run_config(cfg, callbacks=callbacks), False
 
 
 def train_steps(plan_part: dict[str, Any], data: dict[str, Any]) -> int:
     """Optimiser steps of one run of the plan (for the job's progress bar)."""
-    cfg = load_config(base={**plan_part, "data": {**data, **plan_part.get("data", {})}})
-    per_epoch = -(-cfg.data.synthetic_train // cfg.data.batch_size)
+    cfg = load_config(base={**plan_part, "data": _data(plan_part, data)})
+    images = cfg.data.synthetic.num_train
     if cfg.data.limit_train:
-        per_epoch = -(-min(cfg.data.limit_train, cfg.data.synthetic_train) //
-                      cfg.data.batch_size)
-    steps = per_epoch * cfg.schedule.epochs
+        images = min(cfg.data.limit_train, images)
+    steps = -(-images // cfg.data.batch_size) * cfg.schedule.epochs
     return min(steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else steps

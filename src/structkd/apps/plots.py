@@ -3,7 +3,6 @@ grid of detections (ground truth, teacher, students)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 if TYPE_CHECKING:
     from ..data import SyntheticPaths
+    from ..engine import RunResult
 
 logger = logging.getLogger("structkd.plots")
 
@@ -42,25 +42,11 @@ def plot_ap(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def read_curves(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-key (step, value) series from a Lightning ``metrics.csv``."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    if not csv_path.is_file():
-        return series
-    with csv_path.open() as f:
-        for row in csv.DictReader(f):
-            step = int(row["step"])
-            for k, v in row.items():
-                if k.startswith("train/") and v not in ("", None):
-                    series.setdefault(k, []).append((step, float(v)))
-    return series
-
-
-def plot_curves(run_dirs: list[Path], path: Path) -> Path:
-    """Detection loss (total minus distillation term) and distillation term per step."""
+def plot_curves(results: list[RunResult], path: Path) -> Path:
+    """Detection loss (total minus distillation terms) and distillation term per step."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for d in run_dirs:
-        s = read_curves(d / "metrics.csv")
+    for r in results:
+        s = r.history
         if "train/loss" not in s:
             continue
         distill: dict[int, float] = {}
@@ -69,9 +55,9 @@ def plot_curves(run_dirs: list[Path], path: Path) -> Path:
                 for st, v in series:
                     distill[st] = distill.get(st, 0.0) + v
         det = [(st, v - distill.get(st, 0.0)) for st, v in s["train/loss"]]
-        axes[0].plot(*zip(*det, strict=True), label=d.name)
+        axes[0].plot(*zip(*det, strict=True), label=r.out_dir.name)
         if distill:
-            axes[1].plot(*zip(*sorted(distill.items()), strict=True), label=d.name)
+            axes[1].plot(*zip(*sorted(distill.items()), strict=True), label=r.out_dir.name)
     axes[0].set_title("detection loss")
     axes[1].set_title("distillation loss (weighted)")
     for ax in axes:
@@ -81,30 +67,27 @@ def plot_curves(run_dirs: list[Path], path: Path) -> Path:
     return _save(fig, path)
 
 
-@torch.no_grad()
 def level_ssim(student: torch.nn.Module, teacher: torch.nn.Module, images: list[torch.Tensor],
                ) -> dict[int, float]:
-    """SSIM (1 - 2 * distance) per stride between the neck features of two detectors.
+    """SSIM (1 - 2 * distance) per stride between the paired neck levels of two detectors.
 
-    Both see the student's transformed batch; only levels with equal stride and channel count
-    are compared (no adapter: this is what the deployed student's features look like).
+    Both see the student's batched input (``Distiller.features``); only levels of equal width
+    are compared, without adapters: what the deployed student's features look like.
     """
-    from ..distill import FeatureTap, measure_levels, pair_levels
+    from ..distill import Distiller
     from ..losses import ssim_distance
 
-    student.eval()
-    teacher.eval()
-    with FeatureTap(student) as s_tap, FeatureTap(teacher) as t_tap:
-        pairs = pair_levels(measure_levels(student, s_tap, "backbone"),
-                            measure_levels(teacher, t_tap, "backbone"))
-    batch = student.transform(images)[0].tensors
-    s_feats, t_feats = student.backbone(batch), teacher.backbone(batch)
-    out = {}
-    for p in pairs:
-        if p.student_channels == p.teacher_channels:
-            d = ssim_distance(s_feats[p.student], t_feats[p.teacher])
-            out[p.stride] = float(1 - 2 * d)
-    return out
+    distiller = Distiller(student, teacher, "ssim")
+    try:
+        s_feats, t_feats = distiller.features(images)
+        out = {}
+        for p in distiller.pairs:
+            if p.student_channels == p.teacher_channels:
+                d = ssim_distance(s_feats[p.name], t_feats[p.name])
+                out[p.stride] = float(1 - 2 * d)
+        return out
+    finally:
+        distiller.close()
 
 
 def plot_level_ssim(values: dict[str, dict[int, float]], path: Path) -> Path:
@@ -120,23 +103,24 @@ def plot_level_ssim(values: dict[str, dict[int, float]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_demo(out: Path, rows: list[dict[str, Any]], run_dirs: list[Path], teacher_prefix: Path,
-              data: SyntheticPaths) -> list[Path]:
+def plot_demo(out: Path, rows: list[dict[str, Any]], runs: list[RunResult],
+              teacher_prefix: Path, data: SyntheticPaths) -> list[Path]:
     """All demo figures (level SSIM on the first val images of ``data``); returns their paths."""
     from ..data import CocoDetection
     from ..models import load_exported
     from .pictures import detection_grid
 
-    figs = [plot_ap(rows, out / "ap_per_method.png"), plot_curves(run_dirs, out / "curves.png")]
+    figs = [plot_ap(rows, out / "ap_per_method.png"), plot_curves(runs, out / "curves.png")]
     teacher, _, _ = load_exported(teacher_prefix)
     val = CocoDetection(data.val_ann, data.val_images)
     images = [val[i][0] for i in range(min(8, len(val)))]
     values = {}
     students = {}
-    for d in run_dirs:
-        student, _, _ = load_exported(d / "student")
-        students[f"student-{d.name}"] = student
-        values[d.name] = level_ssim(student, teacher, images)
+    for r in runs:
+        assert r.export_prefix is not None
+        student, _, _ = load_exported(r.export_prefix)
+        students[f"student-{r.out_dir.name}"] = student
+        values[r.out_dir.name] = level_ssim(student, teacher, images)
     shown = {"teacher": teacher, **{k: v for k, v in students.items()
                                     if k in ("student-none", "student-ssim")}}
     figs.append(detection_grid(shown, val, list(range(min(4, len(val)))),

@@ -10,7 +10,6 @@ the table. Writes ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -25,15 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..distill import Distiller
-from ..engine.data import load_datasets, make_loader, resolve_data
+from ..engine import DetectionDataModule, Loader, RunResult, build_run
 from ..evaluation import TABLE_KEYS
-from ..models import DetectorSpec, build_detector, load_exported
-from .latency import interleaved_latency, torch_runner
+from ..models import load_exported, torch_runner
+from ..timing import interleaved
 from .plan import Plan, ensure_teacher, get_plan, run_student, student_config
 
 logger = logging.getLogger("structkd.demo")
@@ -55,19 +53,18 @@ def _metric_stats(xs: list[float]) -> tuple[float, float]:
 def calibrate(plan: Plan, cache: Path, teacher_prefix: Path, names: list[str]) -> dict[str, Any]:
     """Weights that give each named method's term SSIM's size (lambda 2) at the start.
 
-    On the first ``CALIBRATION_BATCHES`` training batches of seed 0, with the untrained student
-    of seed 0: ``weight = term(SSIM, 2) / term(method, weight 1)`` (for FGD the weight scales
-    its four preset term weights together).
+    On the first ``CALIBRATION_BATCHES`` training batches of seed 0 (the whole training split
+    shuffled, as an epoch without ``limit_train`` draws it), with the untrained student of seed
+    0 built as the runs build it: ``weight = term(SSIM, 2) / term(method, weight 1)`` (for FGD
+    the weight scales its four preset term weights together).
     """
     with tempfile.TemporaryDirectory() as tmp:
         cfg = student_config(plan, {"method": "none"}, teacher_prefix, cache, Path(tmp), 0, [])
-    train_ds, _ = load_datasets(cfg.data, resolve_data(cfg.data))
-    L.seed_everything(0, verbose=False)  # as run_config does before building the student
-    student = build_detector(DetectorSpec(num_classes=train_ds.num_classes,
-                                          **dataclasses.asdict(cfg.model)))
+        run = build_run(cfg)
     teacher, _, _ = load_exported(teacher_prefix)
-    loader = make_loader(train_ds, batch_size=cfg.data.batch_size, num_workers=0, shuffle=True,
-                         seed=0)
+    loader = DetectionDataModule(run.train, None, Loader(batch_size=cfg.data.batch_size,
+                                                         num_workers=0),
+                                 seed=0).train_dataloader()
     batches = []
     for i, batch in enumerate(loader):
         if i >= CALIBRATION_BATCHES:
@@ -75,7 +72,7 @@ def calibrate(plan: Plan, cache: Path, teacher_prefix: Path, names: list[str]) -
         batches.append(batch)
 
     def term(method: str, **options: Any) -> float:
-        d = Distiller(copy.deepcopy(student).train(), teacher, method, **options)
+        d = Distiller(copy.deepcopy(run.student).train(), teacher, method, **options)
         torch.manual_seed(0)  # MGD's masks
         values = []
         for images, targets in batches:
@@ -109,7 +106,9 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
     unknown = [m for m in methods if m not in plan.methods]
     if unknown:
         raise ValueError(f"methods {unknown} are unknown; expected some of {list(plan.methods)}")
-    teacher, t_res = ensure_teacher(plan, cache, [])
+    t_res = ensure_teacher(plan, cache, [])
+    teacher = t_res.export_prefix
+    assert teacher is not None
     matched = [m for m in methods if plan.methods[m].get("weight") == "matched"]
     calibration = calibrate(plan, cache, teacher, matched) if matched else None
     resolved = {}
@@ -119,19 +118,21 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
             assert calibration is not None
             d["weight"] = float(f"{calibration['weights'][m]:.4g}")
         resolved[m] = d
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    runs: dict[str, list[RunResult]] = {m: [] for m in methods}
+    reused = 0
     for seed in range(seeds):
         for m in methods:
             logger.info("benchmark: seed %d, method %s", seed, m)
-            runs[m].append(run_student(plan, resolved[m], teacher, cache,
-                                       out / f"seed{seed}" / m, seed, [], reuse=True))
+            result, was_reused = run_student(plan, resolved[m], teacher, cache,
+                                             out / f"seed{seed}" / m, seed, [], reuse=True)
+            runs[m].append(result)
+            reused += was_reused
     summary = _summarise(runs, resolved, t_res, teacher, plan)
     summary["calibration"] = calibration
     summary["elapsed_min"] = (time.perf_counter() - t_start) / 60
     summary["runs"] = sum(len(rs) for rs in runs.values())
-    summary["reused_runs"] = sum(bool(r.get("reused")) for rs in runs.values() for r in rs)
-    summary["run_minutes"] = sum(_wall_s(Path(r["out_dir"])) for rs in runs.values()
-                                 for r in rs) / 60
+    summary["reused_runs"] = reused
+    summary["run_minutes"] = sum(r.wall_s or 0.0 for rs in runs.values() for r in rs) / 60
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     text = _results_markdown(summary, seeds, quick, plan)
@@ -142,36 +143,33 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
     return summary
 
 
-def _wall_s(run_dir: Path) -> float:
-    """A finished run's wall time: config.yaml is written first and results.json last."""
-    return (run_dir / "results.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
-
-
-def _summarise(runs, resolved, t_res, teacher: Path, plan: Plan) -> dict[str, Any]:
-    base = [r["metrics"]["AP"] for r in runs.get("none", [])]
-    t_ap = t_res["metrics"]["AP"]
+def _summarise(runs: dict[str, list[RunResult]], resolved, t_res: RunResult, teacher: Path,
+               plan: Plan) -> dict[str, Any]:
+    base = [r.metrics["AP"] for r in runs.get("none", [])]
+    t_ap = t_res.metrics["AP"]
     rows = {}
     for m, rs in runs.items():
-        stats = {k: _metric_stats([r["metrics"][k] for r in rs]) for k in TABLE_KEYS}
-        aps = [r["metrics"]["AP"] for r in rs]
+        stats = {k: _metric_stats([r.metrics[k] for r in rs]) for k in TABLE_KEYS}
+        aps = [r.metrics["AP"] for r in rs]
         diff = [a - b for a, b in zip(aps, base, strict=False)] if base and m != "none" else []
         gap = t_ap - statistics.fmean(base) if base else math.nan
         rows[m] = {"n": len(rs), "distill": resolved[m], "metrics": stats, "AP_runs": aps,
                    "diff_vs_none": _mean_std(diff) if diff else None,
                    "gap_closed": (statistics.fmean(diff) / gap) if diff and gap > 0 else None,
                    "step_time_ms": 1000 * statistics.median(
-                       [r["step_time_s"] for r in rs if r.get("step_time_s")] or [math.nan])}
+                       [r.step_time_s for r in rs if r.step_time_s] or [math.nan])}
     s_size = plan.student["model"]["min_size"]
     any_student = next(iter(runs.values()))[0]
     t_model, _, _ = load_exported(teacher)
-    s_model, _, _ = load_exported(Path(any_student["export"]))
-    lat = interleaved_latency({"teacher": torch_runner(t_model, plan.teacher["model"]["min_size"]),
-                               "student": torch_runner(s_model, s_size)})
+    s_model, _, _ = load_exported(any_student.export_prefix)
+    lat = {n: t.median_ms for n, t in interleaved(
+        {"teacher": torch_runner(t_model, plan.teacher["model"]["min_size"]),
+         "student": torch_runner(s_model, s_size)}, warmup=3).items()}
     return {
         "rows": rows,
-        "teacher": {"metrics": {k: t_res["metrics"][k] for k in TABLE_KEYS},
-                    "params": t_res["params"], "latency_ms": lat["teacher"]},
-        "student": {"params": any_student["params"], "latency_ms": lat["student"]},
+        "teacher": {"metrics": {k: t_res.metrics[k] for k in TABLE_KEYS},
+                    "params": t_res.params, "latency_ms": lat["teacher"]},
+        "student": {"params": any_student.params, "latency_ms": lat["student"]},
         "plan": {"teacher": plan.teacher, "student": plan.student, "data": plan.data},
     }
 

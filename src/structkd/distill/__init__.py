@@ -3,7 +3,14 @@
 from .distiller import DetectorLosses, Distiller, detector_family
 from .pairing import DRY_RUN_SIZE, LevelInfo, LevelPair, measure_levels, pair_levels
 from .taps import FeatureTap, as_levels, find_module, unwrap
-from .teacher import TEACHER_DTYPES, FrozenTeacher, as_dtype, fused_copy, weights_fingerprint
+from .teacher import (
+    TEACHER_DTYPES,
+    FrozenTeacher,
+    TeacherDtype,
+    as_dtype,
+    fused_copy,
+    weights_fingerprint,
+)
 
 __all__ = [
     "DRY_RUN_SIZE",
@@ -14,6 +21,7 @@ __all__ = [
     "FrozenTeacher",
     "LevelInfo",
     "LevelPair",
+    "TeacherDtype",
     "as_dtype",
     "as_levels",
     "detector_family",

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..methods import DistillContext, DistillMethod, build_method, resolve_method
-from .pairing import LevelPair, measure_levels, pair_levels
+from .pairing import measure_levels, pair_levels
 from .taps import FeatureTap, find_module, unwrap
-from .teacher import FrozenTeacher, normalisation, weights_fingerprint
+from .teacher import FrozenTeacher, TeacherDtype, normalisation, weights_fingerprint
 
 logger = logging.getLogger("structkd.distill")
 
@@ -53,12 +53,16 @@ class Distiller(nn.Module):
             ``state_dict()``, but moved by ``.to()``.
         method: a registered method name or alias (``structkd methods`` lists them:
             "ssim", "l1", "mse", "pkd", "cwd", "mgd", "fgd", ...) or a built ``DistillMethod``.
+        weight: the method's overall weight (None: the method's default or its preset's).
+        levels: distil only these paired levels (e.g. ``["s8", "s16"]``); None: the levels the
+            method's preset names (PKD: strides 8-64 of RetinaNet-like students), else every
+            level the two detectors share.
         student_layers / teacher_layers: module path(s) to tap; default ``"backbone"`` (the
             backbone + FPN output of torchvision detectors). A list taps one level per module.
         teacher_root: the teacher module that takes the batched images (``"backbone"``).
-        levels: keep only these paired levels (e.g. ``["s8", "s16"]``); default all.
         teacher_dtype: "bfloat16" runs the teacher in bf16; None follows the trainer's autocast.
-        **options: the method's options (checked against its signature).
+        **options: the method's other options (``structkd methods`` lists them; checked when
+            the method is built, with the valid names in the message).
 
     ``forward(images, targets)`` returns the student's detection losses and the method's
     weighted terms; ``sum(out.values())`` is the loss to back-propagate. ``level_values()``
@@ -74,10 +78,10 @@ class Distiller(nn.Module):
 
     def __init__(
         self, student: nn.Module, teacher: nn.Module, method: str | DistillMethod = "ssim", *,
-        student_layers: str | Sequence[str] = "backbone",
-        teacher_layers: str | Sequence[str] = "backbone", teacher_root: str = "backbone",
-        levels: list[str] | None = None, teacher_dtype: str | torch.dtype | None = None,
-        **options: Any,
+        weight: float | None = None, levels: list[str] | None = None,
+        student_layers: str | list[str] = "backbone",
+        teacher_layers: str | list[str] = "backbone", teacher_root: str = "backbone",
+        teacher_dtype: TeacherDtype | torch.dtype | None = None, **options: Any,
     ) -> None:
         super().__init__()
         inner = unwrap(student)
@@ -98,6 +102,8 @@ class Distiller(nn.Module):
                                input_path=None if self._has_transform else s_root,
                                batch_path="transform" if self._has_transform else None)
         self._frozen: list[FrozenTeacher] = []
+        if weight is not None:
+            options["weight"] = weight
         try:
             self._wire(student, teacher, method, s_root=s_root, teacher_layers=teacher_layers,
                        teacher_root=teacher_root, levels=levels, teacher_dtype=teacher_dtype,
@@ -120,23 +126,38 @@ class Distiller(nn.Module):
         finally:
             if t_tap is not self._frozen[0].tap:
                 t_tap.close()
-        self.pairs: list[LevelPair] = pair_levels(s_levels, t_levels, levels)
+        pairs = pair_levels(s_levels, t_levels, levels)
         self.method_name = method if isinstance(method, str) else method.name
         if isinstance(method, DistillMethod):
             if options:
                 raise ValueError("method options are only accepted with a method name")
+            self.pairs = [p for p in pairs if p.name in method.levels]
+            missing = [n for n in method.levels if n not in {p.name for p in pairs}]
+            if missing:
+                raise ValueError(f"the method was built for levels {list(method.levels)}, but "
+                                 f"the detectors share only {[p.name for p in pairs]}")
             self.method = method
         else:
             cls, _ = resolve_method(method)
-            if cls.presets and options.get("preset") is None:
-                family = detector_family(student)
-                options["preset"] = family if family in cls.presets else "retinanet"
+            preset = options.get("preset")
+            if cls.presets and preset is None:
+                preset = options["preset"] = self._preset_for(cls, student)
+            if levels is None and preset in cls.preset_strides:
+                keep = cls.preset_strides[preset]
+                chosen = [p for p in pairs if p.stride in keep]
+                if chosen:
+                    pairs = chosen
+            self.pairs = pairs
             self.method = build_method(method, [p.level for p in self.pairs], **options)
-        missing = [p.name for p in self.pairs if p.name not in self.method.levels]
-        if missing:
-            raise ValueError(f"the method was built for levels {list(self.method.levels)}, "
-                             f"but the pair has {missing}")
         self.options = dict(options)
+
+    def _preset_for(self, cls: type[DistillMethod], student: nn.Module) -> str:
+        family = detector_family(student)
+        if family in cls.presets:
+            return family
+        logger.info("%s has no preset for %s students; using its retinanet preset (set the "
+                    "method option 'preset' to choose)", cls.name, family)
+        return "retinanet"
 
     # ---- the teacher, outside the module tree ---------------------------------------------
     @property
@@ -173,12 +194,7 @@ class Distiller(nn.Module):
             raise RuntimeError("Distiller.forward computes training losses; call .train() first")
         self._tap.clear()
         det_losses = self.student(images, targets)
-        s_levels = self._tap.levels()
-        if self._has_transform:
-            batch, sizes, t_targets = self._tap.batch()
-        else:
-            batch, sizes, t_targets = self._tap.input()[0], None, targets
-        t_levels = self.teacher_features(batch, sizes)
+        s_levels, t_levels, batch, sizes, t_targets = self._tapped(targets)
         student, teacher = {}, {}
         for p in self.pairs:
             s, t = s_levels[p.student], t_levels[p.teacher]
@@ -197,6 +213,33 @@ class Distiller(nn.Module):
         if clash:
             raise RuntimeError(f"method terms {sorted(clash)} clash with detection losses")
         return {**det_losses, **terms}
+
+    @torch.no_grad()
+    def features(self, images: list[Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The paired levels of student and teacher on ``images``, by pair name, without the
+        method's adapters: what the deployed student's features look like next to the
+        teacher's (both see the student's batched input; eval mode, no gradient)."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            self._tap.clear()
+            self.student(images)
+            s_levels, t_levels, *_ = self._tapped(None)
+        finally:
+            self._tap.clear()
+            self.student.train(was_training)
+        return ({p.name: s_levels[p.student] for p in self.pairs},
+                {p.name: t_levels[p.teacher] for p in self.pairs})
+
+    def _tapped(self, targets: list[dict[str, Tensor]] | None):
+        """After a student forward: its tapped levels, the teacher's levels on the student's
+        batched input, that batch, its image sizes and the targets in its coordinates."""
+        s_levels = self._tap.levels()
+        if self._has_transform:
+            batch, sizes, t_targets = self._tap.batch()
+        else:
+            batch, sizes, t_targets = self._tap.input()[0], None, targets
+        return s_levels, self.teacher_features(batch, sizes), batch, sizes, t_targets
 
     def level_values(self) -> dict[str, Tensor]:
         """``level/<name>`` -> the last step's per-level value (detached, unweighted): what the

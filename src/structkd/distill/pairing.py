@@ -6,7 +6,6 @@ tapped maps on a blank ``DRY_RUN_SIZE`` square image give ``stride = size / widt
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from ..methods import Level
+from ..precision import no_autocast
 from .taps import FeatureTap, find_module
 
 DRY_RUN_SIZE = 512  # divisible by every power-of-two stride up to 512, so strides come out exact
@@ -43,13 +43,6 @@ class LevelPair:
         return Level(self.name, self.stride, self.student_channels, self.teacher_channels)
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    try:
-        return torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def measure_levels(model: nn.Module, tap: FeatureTap, root: str,
                    size: int = DRY_RUN_SIZE) -> OrderedDict[str, LevelInfo]:
@@ -66,7 +59,7 @@ def measure_levels(model: nn.Module, tap: FeatureTap, root: str,
     model.eval()  # never touch BatchNorm running statistics in a dry run
     try:
         tap.clear()
-        with _no_autocast(device):
+        with no_autocast(device):
             module(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
         levels = tap.levels()
     finally:

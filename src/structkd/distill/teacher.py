@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,9 @@ from torch import Tensor, nn
 from .taps import FeatureTap, as_levels, find_module, unwrap
 
 logger = logging.getLogger("structkd.distill")
-TEACHER_DTYPES = (None, "float32", "bfloat16", "float16")
+# The teacher's compute dtype by name (None: follow the trainer's autocast).
+TeacherDtype = Literal["float32", "bfloat16", "float16"]
+TEACHER_DTYPES = (None, *get_args(TeacherDtype))
 
 
 def as_dtype(value: str | torch.dtype | None) -> torch.dtype | None:

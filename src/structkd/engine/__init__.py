@@ -1,10 +1,39 @@
-"""Training engine on Lightning: ``fit`` on objects, and the config path over it."""
+"""Training engine on Lightning: ``fit`` and ``evaluate`` on objects, the config path over them,
+and the standard pieces (DataModule, LightningModule, Trainer factory) for your own Trainer."""
 
-from .fit import RunResult, fit, run
-from .from_config import distill, evaluate, load_teacher, run_config, train
-from .module import DetectionModule, EvalInfo, lr_factor
+from .datamodule import DetectionDataModule
+from .evalinfo import EvalInfo, eval_info_for
+from .evaluate import evaluate
+from .fit import OPTIONS, fit
+from .from_config import build_run, evaluate_checkpoint, load_teacher, run_config
+from .module import DetectionModule
+from .options import Loader, Optim, Schedule, TrainerOptions
+from .recipe import Config, TeacherSource, load_config
+from .results import RunResult
+from .run_dir import holds_run, next_free
+from .trainer import build_trainer
 
 __all__ = [
-    "DetectionModule", "EvalInfo", "RunResult", "distill", "evaluate", "fit", "load_teacher",
-    "lr_factor", "run", "run_config", "train",
+    "OPTIONS",
+    "Config",
+    "DetectionDataModule",
+    "DetectionModule",
+    "EvalInfo",
+    "Loader",
+    "Optim",
+    "RunResult",
+    "Schedule",
+    "TeacherSource",
+    "TrainerOptions",
+    "build_run",
+    "build_trainer",
+    "eval_info_for",
+    "evaluate",
+    "evaluate_checkpoint",
+    "fit",
+    "holds_run",
+    "load_config",
+    "load_teacher",
+    "next_free",
+    "run_config",
 ]

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
 
 from ..data import CocoDetection
-from .module import EvalInfo
+from ..labels import default_class_names
 
 logger = logging.getLogger("structkd.engine")
+
+__all__ = ["EvalInfo", "eval_info_for"]
+
+
+@dataclass
+class EvalInfo:
+    """What COCO evaluation needs: the ground truth, label -> category id, names by category."""
+
+    coco_gt: dict[str, Any]
+    label_to_cat_id: dict[int, int]
+    class_names: list[str] = field(default_factory=list)  # by contiguous label, 0 = background
+
+    def names_by_category(self) -> dict[int, str]:
+        return {self.label_to_cat_id[label]: name for label, name in enumerate(self.class_names)
+                if label in self.label_to_cat_id}
 
 
 def _base(ds: Dataset) -> Dataset:
@@ -48,8 +65,7 @@ def eval_info_for(ds: Dataset, class_names: Sequence[str] | None = None) -> Eval
                                 "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0],
                                 "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
     k = (len(class_names) - 1) if class_names is not None else max(labels_seen, default=1)
-    names = list(class_names) if class_names is not None else \
-        ["__background__"] + [f"class_{i}" for i in range(1, k + 1)]
+    names = list(class_names) if class_names is not None else default_class_names(k + 1)
     bad = sorted(lb for lb in labels_seen if not 1 <= lb <= k)
     if bad:
         raise ValueError(f"validation labels {bad} are outside 1..{k} (class_names has {k} "

@@ -1,7 +1,8 @@
-"""The config path: a ``Config`` (YAML + overrides) -> data, models, teacher -> ``engine.run``.
+"""The config path: a ``Config`` (YAML + overrides) -> datasets, detectors, teacher -> ``fit``.
 
-What the CLI's ``train``, ``distill`` and ``eval`` call; each is a few lines over the object
-API (``structkd.fit``) and the loaders of ``structkd.models``.
+What the CLI's ``train``, ``distill`` and ``eval`` call; each is a few lines over the object API
+(``fit``, ``evaluate``) and the loaders of ``structkd.models``. ``run_config`` is the one verb
+for configs: it trains plainly when ``distill.method`` is "none" and distils otherwise.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +18,83 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..config import Config
-from ..data import CocoDetection
-from ..evaluation import evaluate_model
-from ..models import DetectorInfo, DetectorSpec, build_detector, load_detector, torchvision_detector
-from .data import limit, load_datasets, make_loader, resolve_data
-from .fit import RunResult, run
-from .module import EvalInfo
+from ..config import ConfigError, part
+from ..data import CocoDetection, build_transforms, make_synthetic_coco
+from ..labels import label_map
+from ..models import DetectorInfo, build_detector, load_detector, torchvision_detector
+from .evaluate import evaluate
+from .fit import fit
+from .hazards import cpu_bf16_hazard
+from .options import Loader
+from .recipe import Augment, Config
+from .results import RunResult
+from .sampling import limit
 
 logger = logging.getLogger("structkd.engine")
 
-__all__ = ["distill", "evaluate", "load_teacher", "run_config", "train"]
+__all__ = ["DataPathsResolved", "build_run", "check_labels", "evaluate_checkpoint",
+           "load_datasets", "load_teacher", "resolve_data", "run_config"]
 
 
-def _spec(cfg: Config, num_classes: int) -> DetectorSpec:
-    import dataclasses
+@dataclass(frozen=True)
+class DataPathsResolved:
+    train_ann: Path
+    train_images: Path
+    val_ann: Path
+    val_images: Path
 
-    return DetectorSpec(num_classes=num_classes, **dataclasses.asdict(cfg.model))
+
+def resolve_data(cfg: Config) -> DataPathsResolved:
+    """The annotation/image paths of a config; the built-in dataset only when none is given."""
+    d = cfg.data
+    keys = ("train_ann", "train_images", "val_ann", "val_images")
+    if all(getattr(d, k) is None for k in keys):
+        s = asdict(d.synthetic)
+        root = Path(s.pop("root")).expanduser()
+        logger.info("data: no data paths given (data.train_ann, ...); using the built-in "
+                    "synthetic dataset in %s", root)
+        try:
+            p = make_synthetic_coco(root, **s)
+        except ValueError as e:
+            raise ConfigError(f"data.synthetic: {e}") from None
+        return DataPathsResolved(p.train_ann, p.train_images, p.val_ann, p.val_images)
+    return DataPathsResolved(*(Path(getattr(d, k)).expanduser() for k in keys))
 
 
-def _eval_info(train: CocoDetection, val: CocoDetection) -> EvalInfo:
-    return EvalInfo(val.coco_gt, dict(train.label_to_cat_id), list(train.class_names))
+def load_datasets(cfg: Config, paths: DataPathsResolved, *,
+                  check: tuple[str, ...] = ("train", "val")) -> tuple[CocoDetection, CocoDetection]:
+    """Train and val COCO datasets sharing the train split's category mapping.
+
+    The image files of the splits named in ``check`` are checked up front (exist, readable
+    header, annotated size; ``CocoDetection.check_images``): a bad validation image fails the
+    run now, not after an epoch of training. The problems of both splits are reported together.
+    (Evaluation reads only the train split's categories and may pass ``check=("val",)``.)
+    """
+    unknown = sorted(set(check) - {"train", "val"})
+    if unknown:
+        raise ValueError(f"load_datasets(check={check!r}): unknown split(s) {unknown}; expected "
+                         "'train' and/or 'val'")
+    train = CocoDetection(paths.train_ann, paths.train_images,
+                          build_transforms(True, **asdict(part(cfg.data, Augment))))
+    val = CocoDetection(paths.val_ann, paths.val_images, build_transforms(False),
+                        categories=train.coco_gt["categories"])
+    problems = []
+    for split in [d for name, d in (("train", train), ("val", val)) if name in check]:
+        try:
+            split.check_images()
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; and ".join(problems))
+    logger.info("data: %d train images, %d val images, %d classes",
+                len(train), len(val), train.num_classes - 1)
+    return train, val
 
 
 def check_labels(info: DetectorInfo, data: CocoDetection, role: str) -> None:
     """The detector's label map must be the dataset's: same ids under the same labels, same
     names (a mismatch names the classes, not only the count)."""
-    ours = {label: (data.label_to_cat_id[label], data.class_names[label])
-            for label in range(1, data.num_classes)}
+    ours = label_map(data.class_names, data.label_to_cat_id)
     theirs = info.label_map()
     if not theirs:
         if info.spec is not None and info.spec.num_classes != data.num_classes:
@@ -69,14 +120,9 @@ def check_labels(info: DetectorInfo, data: CocoDetection, role: str) -> None:
 def load_teacher(cfg: Config) -> tuple[nn.Module, DetectorInfo]:
     """The teacher named by ``cfg.teacher``: an export, a checkpoint or a torchvision builder."""
     t = cfg.teacher
-    if t.checkpoint and t.torchvision:
-        raise ValueError("teacher.checkpoint and teacher.torchvision are both set; expected one")
     if t.torchvision:
         model, info = torchvision_detector(t.torchvision, t.weights, num_classes=t.num_classes)
     elif t.checkpoint:
-        if t.weights:
-            raise ValueError("teacher.weights goes with teacher.torchvision, not with "
-                             "teacher.checkpoint")
         model, info = load_detector(t.checkpoint)
     else:
         raise ValueError("distillation needs a teacher: teacher.checkpoint (a structkd export or "
@@ -85,14 +131,22 @@ def load_teacher(cfg: Config) -> tuple[nn.Module, DetectorInfo]:
     return model, info
 
 
-def run_config(cfg: Config, *, callbacks: Sequence[L.Callback] = ()) -> RunResult:
-    """Train (``distill.method: none``) or distil, as the config says."""
-    paths = resolve_data(cfg.data)
-    train_ds, val_ds = load_datasets(cfg.data, paths)
-    spec = _spec(cfg, train_ds.num_classes)
-    from .hazards import cpu_bf16_hazard
+@dataclass
+class Run:
+    """The objects a config describes, built as ``run_config`` builds them."""
 
-    hazard = cpu_bf16_hazard(cfg, spec)
+    student: nn.Module
+    train: CocoDetection
+    val: CocoDetection
+    teacher: nn.Module | None
+
+
+def build_run(cfg: Config) -> Run:
+    """Datasets, the student (seeded by ``trainer.seed``, as the run initialises it) and, unless
+    ``distill.method`` is "none", the teacher (its label map checked against the data)."""
+    train_ds, val_ds = load_datasets(cfg, resolve_data(cfg))
+    spec = cfg.spec(train_ds.num_classes)
+    hazard = cpu_bf16_hazard(cfg.trainer, spec)
     if hazard:
         logger.warning(hazard)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the student's init
@@ -102,29 +156,24 @@ def run_config(cfg: Config, *, callbacks: Sequence[L.Callback] = ()) -> RunResul
         teacher, info = load_teacher(cfg)
         if cfg.teacher.strict_classes:
             check_labels(info, train_ds, "teacher")
-    return run(cfg, student, train_ds, val_ds, teacher=teacher,
-               eval_info=_eval_info(train_ds, val_ds), spec=spec, callbacks=callbacks)
+    return Run(student, train_ds, val_ds, teacher)
 
 
-def train(cfg: Config) -> RunResult:
-    """Train a plain detector (a teacher, or the no-distillation baseline student)."""
-    cfg.distill.method = "none"
-    return run_config(cfg)
+def run_config(cfg: Config, *, callbacks: Sequence[L.Callback] = ()) -> RunResult:
+    """Train (``distill.method: none``) or distil, as the config says."""
+    run = build_run(cfg)
+    return fit(run.student, run.train, run.val, teacher=run.teacher, config=cfg,
+               spec=cfg.spec(run.train.num_classes), callbacks=callbacks)
 
 
-def distill(cfg: Config) -> RunResult:
-    """Distil the configured teacher into the student described by ``cfg.model``."""
-    return run_config(cfg)
-
-
-def evaluate(checkpoint: str | Path, cfg: Config, *, out_json: str | Path | None = None,
-             device: str = "cpu") -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, *,
+                        out_json: str | Path | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
     """COCO box metrics of a saved detector on ``cfg``'s val split, with its own label map."""
     if out_json is not None and Path(out_json).is_dir():
         raise ValueError(f"--out {out_json} is a directory; expected a JSON file path")
     model, info = load_detector(checkpoint)
-    paths = resolve_data(cfg.data)
-    train_ds, val_ds = load_datasets(cfg.data, paths, check=("val",))
+    train_ds, val_ds = load_datasets(cfg, resolve_data(cfg), check=("val",))
     check_labels(info, train_ds, "detector")
     if info.spec is not None and info.spec.num_classes != train_ds.num_classes:
         raise ValueError(
@@ -136,14 +185,12 @@ def evaluate(checkpoint: str | Path, cfg: Config, *, out_json: str | Path | None
         logger.warning("the config describes a %s/%s but %s is a %s/%s; evaluating the "
                        "checkpoint as saved", cfg.model.arch, cfg.model.backbone, checkpoint,
                        info.spec.arch, info.spec.backbone)
-    loader = make_loader(limit(val_ds, cfg.data.limit_val), batch_size=cfg.data.val_batch_size,
-                         num_workers=cfg.data.num_workers, shuffle=False, seed=0)
-    l2c = info.label_to_cat_id or dict(train_ds.label_to_cat_id)
-    names = {l2c[label]: name for label, name in enumerate(info.class_names or
-                                                           train_ds.class_names) if label in l2c}
-    metrics = evaluate_model(model.to(torch.device(device)), loader, coco_gt=val_ds.coco_gt,
-                             label_to_cat_id=l2c, class_names=names, device=device,
-                             progress=cfg.trainer.progress)
+    loader = part(cfg.data, Loader)
+    metrics = evaluate(model, limit(val_ds, loader.limit_val), batch_size=loader.val_batch_size,
+                       num_workers=loader.num_workers, device=torch.device(device),
+                       class_names=info.class_names or None,
+                       label_to_cat_id=info.label_to_cat_id or None,
+                       progress=cfg.trainer.progress)
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(metrics, indent=2))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config
 from ..models import DetectorSpec
+from .options import TrainerOptions
 
 
-def cpu_bf16_hazard(cfg: Config, spec: DetectorSpec) -> str | None:
+def cpu_bf16_hazard(t: TrainerOptions, spec: DetectorSpec) -> str | None:
     """A warning for bf16 training on CPU at inputs of up to 64 px, else None.
 
     Seen with torch 2.14.1 on AVX-512 CPUs: oneDNN's bf16 convolution backward returns garbage
@@ -16,7 +16,6 @@ def cpu_bf16_hazard(cfg: Config, spec: DetectorSpec) -> str | None:
     input. RetinaNet and FCOS compute P7 that way from P6 (stride 64), so inputs of 64 px or
     less make training diverge after the first step; fp32 and larger inputs are unaffected.
     """
-    t = cfg.trainer
     on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
     if not (on_cpu and str(t.precision).startswith("bf16") and spec.arch in ("retinanet", "fcos")
             and spec.min_size <= 64):

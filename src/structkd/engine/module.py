@@ -3,88 +3,55 @@
 Lightning owns devices, DDP, precision, checkpoints and logging; this module only says what a
 training step, a validation pass and the optimiser are, and what a checkpoint carries besides
 the weights: the run's identity (method, options, levels, teacher fingerprint) and every RNG.
+It runs under any ``lightning.Trainer``; with a :class:`DetectionDataModule` it finds the
+validation ground truth itself.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 
-from ..config import OptimConfig, ScheduleConfig
 from ..distill import DetectorLosses, Distiller
 from ..evaluation import coco_metrics, predictions_to_coco
+from .evalinfo import EvalInfo
+from .options import Optim, Schedule
+from .resume import rng_states, set_rng_states
 
-
-def lr_factor(step: int, steps_per_epoch: float, sched: ScheduleConfig) -> float:
-    """Linear warm-up, then a step decay by ``gamma`` at each milestone epoch (milestones may be
-    fractions of an epoch: with one pass over many generated images, 0.8 is 80% of the way)."""
-    warm = 1.0
-    if step < sched.warmup_iters:
-        warm = sched.warmup_ratio + (1 - sched.warmup_ratio) * step / sched.warmup_iters
-    epoch = step / steps_per_epoch if math.isfinite(steps_per_epoch) else 0.0
-    return warm * sched.gamma ** sum(epoch >= m for m in sched.milestones)
-
-
-@dataclass
-class EvalInfo:
-    """What COCO evaluation needs: the ground truth, label -> category id, names by category."""
-
-    coco_gt: dict[str, Any]
-    label_to_cat_id: dict[int, int]
-    class_names: list[str] = field(default_factory=list)  # by contiguous label, 0 = background
-
-    def names_by_category(self) -> dict[int, str]:
-        return {self.label_to_cat_id[label]: name for label, name in enumerate(self.class_names)
-                if label in self.label_to_cat_id}
-
-
-def rng_states() -> dict[str, Any]:
-    """Every RNG a training step may draw from (torch CPU and CUDA, NumPy, Python)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {  # plain types and tensors: loadable with weights_only=True
-        "torch": torch.get_rng_state(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                  float(cached)),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+__all__ = ["DetectionModule"]
 
 
 class DetectionModule(L.LightningModule):
     """Trains ``net`` (a ``Distiller`` or ``DetectorLosses``) and evaluates its student.
 
-    ``run_meta`` is what identifies the run (spec, labels, method, options, levels, teacher
-    fingerprint); it is saved in every checkpoint under ``"structkd"`` and compared on resume.
+    Args:
+        net: what computes a step's loss dict (``Distiller(student, teacher, "ssim")``, or
+            ``DetectorLosses(detector)`` for plain training).
+        optim, schedule: the optimiser and the learning-rate schedule (a step schedule by
+            epoch, stepped every optimiser step).
+        eval_info: the validation ground truth; None takes it from the trainer's
+            ``DetectionDataModule`` (no evaluation without either).
+        run_meta: what identifies the run (spec, labels, method, options, levels, teacher
+            fingerprint); saved in every checkpoint under ``"structkd"`` with the RNG states.
+
+    After validation, ``last_metrics`` holds the COCO metrics; ``step_times`` the wall time of
+    every training step.
     """
 
     def __init__(
-        self, net: Distiller | DetectorLosses, *, optim: OptimConfig | None = None,
-        schedule: ScheduleConfig | None = None, eval_info: EvalInfo | None = None,
+        self, net: Distiller | DetectorLosses, *, optim: Optim | None = None,
+        schedule: Schedule | None = None, eval_info: EvalInfo | None = None,
         run_meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
-        self.optim_cfg = optim or OptimConfig()
-        self.sched_cfg = schedule or ScheduleConfig()
+        self.optim = optim or Optim()
+        self.schedule = schedule or Schedule()
         self.eval_info = eval_info
         self.run_meta = dict(run_meta or {})
         self.resumed_meta: dict[str, Any] | None = None
@@ -94,11 +61,16 @@ class DetectionModule(L.LightningModule):
         self._t0: float | None = None
         self.last_metrics: dict[str, Any] = {}
         self.metrics_step: int | None = None  # global step at which last_metrics were measured
-        self.last_losses: dict[str, float] = {}
+        self.last_losses: dict[str, torch.Tensor] = {}
 
     @property
     def student(self) -> nn.Module:
         return self.net.student
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.eval_info is None and hasattr(datamodule, "eval_info"):
+            self.eval_info = datamodule.eval_info()
 
     # ---- training -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -126,19 +98,13 @@ class DetectionModule(L.LightningModule):
             self.step_times.append(time.perf_counter() - self._t0)
 
     def configure_optimizers(self):
-        o = self.optim_cfg
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        if o.name == "sgd":
-            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
-                                  weight_decay=o.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-        trainer = self.trainer
+        opt = self.optim.build([p for p in self.net.parameters() if p.requires_grad])
+        trainer, schedule = self.trainer, self.schedule
 
         def factor(step: int) -> float:
             nb = trainer.num_training_batches
             steps_per_epoch = nb if isinstance(nb, int | float) and nb > 0 else math.inf
-            return lr_factor(step, steps_per_epoch, self.sched_cfg)
+            return schedule.factor(step, steps_per_epoch)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

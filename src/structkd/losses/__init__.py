@@ -1,22 +1,27 @@
 """Feature-distillation losses: pure tensor code with no knowledge of detectors.
 
-One file per distance (``ssim``, ``l1``, ``mse``), each a function and an ``nn.Module`` taking
-(student, teacher) maps of shape (B, C, H, W); ``FeatureDistillLoss`` combines them over levels.
+One module per distance (``ssim``, ``l1``, ``mse``), each a function and an ``nn.Module`` taking
+(student, teacher) maps of shape (B, C, H, W) and options declared once in a frozen dataclass
+(``SSIMOptions``, ``NormalizeOptions``); ``registry`` builds a distance by name.
 """
 
-from .feature import DISTANCES, FeatureDistillLoss, build_distance
 from .l1 import L1Loss, l1_distance
 from .mse import MSELoss, mse_distance
 from .normalize import minmax_normalize
-from .ssim import SSIMLoss, gaussian_window, ssim_distance, ssim_map
+from .options import DistanceOptions, NormalizeOptions
+from .registry import DISTANCES, build_distance, distance_options
+from .ssim import SSIMLoss, SSIMOptions, gaussian_window, ssim_distance, ssim_map
 
 __all__ = [
     "DISTANCES",
-    "FeatureDistillLoss",
+    "DistanceOptions",
     "L1Loss",
     "MSELoss",
+    "NormalizeOptions",
     "SSIMLoss",
+    "SSIMOptions",
     "build_distance",
+    "distance_options",
     "gaussian_window",
     "l1_distance",
     "minmax_normalize",

@@ -1,18 +1,10 @@
-"""Argument validation shared by the distance functions (clear ``ValueError`` messages)."""
+"""Argument validation of the distance functions (clear ``ValueError`` messages); choices are
+checked by ``structkd.checks.check_choice``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
-
-
-def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
-    """Raise if ``value`` is not one of ``choices``."""
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; expected one of {choices}")
 
 
 def check_pair(student: Tensor, teacher: Tensor, *, check_finite: bool = True) -> None:

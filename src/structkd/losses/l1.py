@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._pair import ElementwiseDistance, normalized_pair
-from .normalize import DEFAULT_EPS
+from ._pair import ElementwiseDistance, elementwise_distance
+from .options import NormalizeOptions
 
 
-def l1_distance(
-    student: Tensor, teacher: Tensor, *, normalize: str | None = "minmax",
-    eps: float = DEFAULT_EPS, check_finite: bool = True,
-) -> Tensor:
-    """Mean absolute difference of the min-max-rescaled maps (fp32)."""
-    return F.l1_loss(*normalized_pair(student, teacher, normalize, eps, check_finite))
+@NormalizeOptions.takes_options("student", "teacher")
+def l1_distance(student: Tensor, teacher: Tensor, **options: Any) -> Tensor:
+    """Mean absolute difference of the min-max-rescaled maps (fp32); ``options`` are the fields
+    of ``NormalizeOptions`` (normalize, eps, check_finite)."""
+    return elementwise_distance(F.l1_loss, student, teacher, **options)
 
 
 class L1Loss(ElementwiseDistance):

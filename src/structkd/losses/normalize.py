@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import check_choice
+from ..checks import check_choice
 
 NORMALIZE_MODES = ("minmax", "minmax_channel", None)
 DEFAULT_EPS = 1e-6

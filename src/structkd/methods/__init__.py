@@ -8,29 +8,30 @@ your own. Every method receives a :class:`DistillContext` and returns named, wei
 from . import imitation  # noqa: F401  (registered first: listed first)
 from . import cwd, fgd, mgd, pkd  # noqa: F401
 # isort: on
-from ..losses.adapters import make_adapters
-from .base import (
-    ALIASES,
-    METHODS,
-    DistillContext,
-    DistillMethod,
-    Group,
-    Level,
-    MethodInfo,
-    build_method,
-    check_method_options,
-    describe_methods,
-    method_info,
-    register_method,
-    resolve_method,
-)
+from ..checks import check_choice, check_positive
+from .base import DistillMethod
+from .connectors import ADAPTERS, GcBlock, generator, make_adapter, make_adapters
+from .context import DistillContext, Group, Level
 from .cwd import CWD
 from .fgd import FGD
 from .imitation import FeatureImitation
 from .mgd import MGD
 from .pkd import PKD
+from .registry import (
+    ALIASES,
+    METHODS,
+    MethodInfo,
+    build_method,
+    check_method,
+    describe_methods,
+    method_info,
+    method_names,
+    register_method,
+    resolve_method,
+)
 
 __all__ = [
+    "ADAPTERS",
     "ALIASES",
     "CWD",
     "FGD",
@@ -40,14 +41,20 @@ __all__ = [
     "DistillContext",
     "DistillMethod",
     "FeatureImitation",
+    "GcBlock",
     "Group",
     "Level",
     "MethodInfo",
     "build_method",
-    "check_method_options",
+    "check_choice",
+    "check_method",
+    "check_positive",
     "describe_methods",
+    "generator",
+    "make_adapter",
     "make_adapters",
     "method_info",
+    "method_names",
     "register_method",
     "resolve_method",
 ]

@@ -21,9 +21,11 @@ Per level, with the (adapted) student S and the teacher T of shape (C, H, W) per
 Every sum is over one image and divided by the number of images. With padding, each image's
 masks, softmaxes and context pooling cover its valid cells only. The authors' code maps boxes with
 the *unpadded* image shape onto the padded map; here boxes are divided by the level's stride,
-which is the same without padding and correct with it. The authors' code also fills its masks
-with the box's x extent along the rows and its y extent along the columns (the two axes
-swapped); here rows follow y and columns x, as the paper's equations say.
+which is the same without padding and correct with it. Rows follow the box's y extent and
+columns its x extent, as the paper's equations and the authors' code since January 2022 do
+(their first commit filled the mask with the two axes swapped; commit c22b81d, 2022-01-04,
+"fix bug", corrected it). Levels: all five neck outputs for RetinaNet and FCOS, P2-P5 (strides
+4-32) for Faster R-CNN, as the authors' configs.
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses.adapters import make_adapters
-from ._common import fp32, no_autocast, resolve_preset
-from .base import DistillContext, DistillMethod, Group, Level, check_positive, register_method
+from ..checks import check_positive
+from ..precision import fp32, no_autocast
+from ._common import resolve_preset
+from .base import DistillMethod
+from .connectors import GcBlock
+from .context import DistillContext, Group, Level
+from .registry import register_method
 
 # The authors' COCO configs (yzd-v/FGD, configs/distillers/fgd).
 PRESETS = {
@@ -48,33 +54,7 @@ PRESETS = {
              "lambda_": 8e-6},
 }
 TERMS = ("fg", "bg", "attention", "global")
-
-
-class GcBlock(nn.Module):
-    """Global context block: attention-pooled context, transformed, added to every position."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        hidden = max(1, channels // 2)
-        self.context_mask = nn.Conv2d(channels, 1, kernel_size=1)
-        self.transform = nn.Sequential(
-            nn.Conv2d(channels, hidden, kernel_size=1),
-            nn.LayerNorm([hidden, 1, 1]),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, kernel_size=1),
-        )
-        # The authors' initialisation: Kaiming (fan-in) pooling conv, zero last conv, so the
-        # block starts as the identity.
-        nn.init.kaiming_normal_(self.context_mask.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.context_mask.bias)
-        nn.init.zeros_(self.transform[-1].weight)
-        nn.init.zeros_(self.transform[-1].bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c = x.shape[:2]
-        weights = F.softmax(self.context_mask(x).reshape(b, 1, -1), dim=2)  # (B, 1, HW)
-        context = torch.bmm(x.reshape(b, c, -1), weights.transpose(1, 2))  # (B, C, 1)
-        return x + self.transform(context.reshape(b, c, 1, 1))
+PRESET_STRIDES = {"fasterrcnn": (4, 8, 16, 32)}  # RetinaNet, FCOS: every level
 
 
 def attention(x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -117,14 +97,15 @@ class FGD(DistillMethod):
 
     ``preset``: "retinanet", "fasterrcnn" or "fcos", the authors' COCO settings for temperature
     and the four term weights (alpha: foreground, beta: background, gamma: attention, lambda_:
-    global); any of them can be set to override the preset; ``weight`` scales all four.
-    Needs the ground-truth boxes.
+    global) and their level sets (every level; strides 4-32 for Faster R-CNN); any weight can
+    be set to override the preset; ``weight`` scales all four. Needs the ground-truth boxes.
     """
 
     paper = ("Yang et al., Focal and Global Knowledge Distillation for Detectors, CVPR 2022 "
              "(arXiv 2111.11837)")
     needs_boxes = True
     presets = PRESETS
+    preset_strides = PRESET_STRIDES
 
     def __init__(
         self, levels: Sequence[Level] | Mapping[str, Level], *, preset: str = "retinanet",
@@ -132,18 +113,16 @@ class FGD(DistillMethod):
         gamma: float | None = None, lambda_: float | None = None, weight: float = 1.0,
         adapter: str = "auto",
     ) -> None:
-        super().__init__(levels, weight=weight)
-        opts = resolve_preset("fgd", PRESETS, preset, {
+        opts = resolve_preset(PRESETS, preset, {
             "temperature": temperature, "alpha": alpha, "beta": beta, "gamma": gamma,
             "lambda_": lambda_})
+        super().__init__(levels, weight=weight, adapter=adapter)
         self.preset = preset
         self.temperature = check_positive("temperature", opts["temperature"])
         self.term_weights = {
             term: check_positive(option, opts[option], allow_zero=True)
             for term, option in zip(TERMS, ("alpha", "beta", "gamma", "lambda_"), strict=True)
         }
-        widths = {n: (lv.student_channels, lv.teacher_channels) for n, lv in self.levels.items()}
-        self.adapters = make_adapters(widths, adapter)
         self.student_context = nn.ModuleDict(
             {n: GcBlock(lv.teacher_channels) for n, lv in self.levels.items()})
         self.teacher_context = nn.ModuleDict(
@@ -169,20 +148,11 @@ class FGD(DistillMethod):
             glob = (fp32(out_s) - fp32(out_t)).pow(2).sum() / b
         return torch.stack([focal_fg, focal_bg, att, glob.to(focal_fg.dtype)])
 
-    def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
-        self.check_context(ctx)
-        totals: Tensor | None = None
-        for name in self.levels:
-            s = self.adapters[name](ctx.student[name])
-            terms = ctx.mean_over_images(
-                name, lambda s, t, g, name=name: self._level(name, ctx, s, t.detach(), g),
-                student=s)
-            weighted = torch.stack([terms[i] * self.term_weights[k]
-                                    for i, k in enumerate(TERMS)])
-            self.level_values[name] = weighted.sum().detach()
-            totals = weighted if totals is None else totals + weighted
-        assert totals is not None
-        return {f"distill/{k}": self.weight * totals[i] for i, k in enumerate(TERMS)}
+    def level_loss(self, name: str, student: Tensor, teacher: Tensor,
+                   ctx: DistillContext) -> dict[str, Tensor]:
+        terms = ctx.mean_over_images(
+            name, lambda s, t, g: self._level(name, ctx, s, t, g), student=student)
+        return {k: terms[i] * self.term_weights[k] for i, k in enumerate(TERMS)}
 
     def extra_repr(self) -> str:
         tw = ", ".join(f"{k}={v:g}" for k, v in self.term_weights.items())

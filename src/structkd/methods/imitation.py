@@ -3,21 +3,22 @@
     L = weight * sum over levels r of D(phi_r(S_r), T_r)
 
 ``phi_r`` is a trainable 1x1 convolution per level (identity-initialised where the widths match),
-``D`` the mean over (C, H, W) of each image's valid region, averaged over the batch's images. With
-no padding this is exactly ``FeatureDistillLoss`` (mean over (B, C, H, W)).
+``D`` the mean over (C, H, W) of each image's valid region, averaged over the batch's images
+(with no padding: the mean over (B, C, H, W), the paper's definition).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
-from ..losses import DISTANCES, build_distance
-from ..losses.adapters import make_adapters
-from .base import DistillContext, DistillMethod, Level, register_method
+from ..checks import check_choice
+from ..losses import DISTANCES, build_distance, distance_options
+from .base import DistillMethod
+from .context import DistillContext, Level
+from .registry import register_method
 
 DISTANCE_ALIASES = {"ssim": {"distance": "ssim"}, "l1": {"distance": "l1"},
                     "mse": {"distance": "mse"}, "l2": {"distance": "mse"}}
@@ -40,44 +41,25 @@ class FeatureImitation(DistillMethod):
         self, levels: Sequence[Level] | Mapping[str, Level], *, distance: str = "ssim",
         weight: float = 2.0, adapter: str = "conv1x1", **distance_options: Any,
     ) -> None:
-        super().__init__(levels, weight=weight)
-        if distance not in DISTANCES:
-            raise ValueError(f"distance={distance!r} is invalid; expected one of "
-                             f"{sorted(DISTANCES)}")
-        # One finiteness check per step happens on the total loss; none per level here, which
-        # would synchronise with the device once per level.
-        if "check_finite" not in distance_options:
-            distance_options["check_finite"] = False
+        check_choice("distance", distance, sorted(DISTANCES))
+        # The distance validates its own option names and values (one place). One finiteness
+        # check per step happens on the total loss; none per level here, which would
+        # synchronise with the device once per level.
+        distance_options.setdefault("check_finite", False)
+        built = build_distance(distance, **distance_options)
+        super().__init__(levels, weight=weight, adapter=adapter)
         self.distance_name = distance
-        self.distance = build_distance(distance, **distance_options)
-        self.adapters = make_adapters(
-            {n: (lv.student_channels, lv.teacher_channels) for n, lv in self.levels.items()},
-            adapter,
-        )
+        self.distance = built
 
     @classmethod
     def extra_options(cls) -> dict[str, dict[str, Any]]:
         """Each distance's own options with their defaults (accepted as method options)."""
-        out = {}
-        for name, dist in DISTANCES.items():
-            if name == "l2":  # the same distance as "mse"
-                continue
-            params = inspect.signature(dist.__init__).parameters
-            out[name] = {k: p.default for k, p in params.items()
-                         if k != "self" and p.kind is p.KEYWORD_ONLY}
-        return out
+        return {name: {k: v for k, v in distance_options(name).items() if k != "check_finite"}
+                for name in DISTANCES if name != "l2"}  # "l2" is "mse"
 
-    def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
-        self.check_context(ctx)
-        total: Tensor | None = None
-        for name in self.levels:
-            s = self.adapters[name](ctx.student[name])
-            value = ctx.mean_over_images(
-                name, lambda s, t, g: self.distance(s, t.detach()), student=s)
-            self.level_values[name] = value.detach()
-            total = value if total is None else total + value
-        assert total is not None
-        return {"distill": self.weight * total}
+    def level_loss(self, name: str, student: Tensor, teacher: Tensor,
+                   ctx: DistillContext) -> Tensor:
+        return ctx.mean_over_images(name, lambda s, t, g: self.distance(s, t), student=student)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, distance={self.distance_name!r}"

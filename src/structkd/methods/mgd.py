@@ -8,7 +8,8 @@ must regenerate the teacher's map from what is left:
 
 ``weight`` is the paper's alpha. With padding, each image's generator input and error cover its
 valid cells only (the convolutions see zeros beyond them, as for the image alone). The mask is
-drawn from torch's global generator on the features' device, so seeded runs repeat.
+drawn from torch's global generator on the features' device, so seeded runs repeat. Levels: all
+five neck outputs for RetinaNet, P2-P5 (strides 4-32) for Faster R-CNN, as the authors' configs.
 """
 
 from __future__ import annotations
@@ -18,24 +19,20 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..losses.adapters import make_adapters
-from ._common import fp32, no_autocast, resolve_preset
-from .base import DistillContext, DistillMethod, Level, check_positive, register_method
+from ..checks import check_positive
+from ..precision import fp32, no_autocast
+from ._common import resolve_preset
+from .base import DistillMethod
+from .connectors import generator
+from .context import DistillContext, Level
+from .registry import register_method
 
 # The authors' configs: RetinaNet rx101 -> r50 and Cascade Mask R-CNN -> Faster R-CNN r50.
 PRESETS = {
     "retinanet": {"weight": 2e-5, "mask_ratio": 0.65},
     "fasterrcnn": {"weight": 5e-7, "mask_ratio": 0.45},
 }
-
-
-def generator(channels: int) -> nn.Sequential:
-    """The paper's generation block: conv3x3 - ReLU - conv3x3, at the teacher's width."""
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(channels, channels, kernel_size=3, padding=1),
-    )
+PRESET_STRIDES = {"fasterrcnn": (4, 8, 16, 32)}  # RetinaNet: every level
 
 
 def random_keep_mask(student: Tensor, mask_ratio: float) -> Tensor:
@@ -56,44 +53,34 @@ def mgd_distance(generated: Tensor, teacher: Tensor) -> Tensor:
 class MGD(DistillMethod):
     """Masked generative distillation: regenerate the teacher's map from a masked student map.
 
-    ``preset``: "retinanet" (weight 2e-5, mask_ratio 0.65) or "fasterrcnn" (weight 5e-7,
-    mask_ratio 0.45), the authors' COCO configs; ``weight`` (alpha) and ``mask_ratio`` override.
+    ``preset``: "retinanet" (weight 2e-5, mask_ratio 0.65, every level) or "fasterrcnn"
+    (weight 5e-7, mask_ratio 0.45, strides 4-32), the authors' COCO configs; ``weight``
+    (alpha) and ``mask_ratio`` override.
     """
 
     paper = ("Yang et al., Masked Generative Distillation, ECCV 2022 (arXiv 2205.01529)")
     presets = PRESETS
+    preset_strides = PRESET_STRIDES
 
     def __init__(
         self, levels: Sequence[Level] | Mapping[str, Level], *, preset: str = "retinanet",
         weight: float | None = None, mask_ratio: float | None = None, adapter: str = "auto",
     ) -> None:
-        opts = resolve_preset("mgd", PRESETS, preset,
-                              {"weight": weight, "mask_ratio": mask_ratio})
-        super().__init__(levels, weight=opts["weight"])
+        opts = resolve_preset(PRESETS, preset, {"weight": weight, "mask_ratio": mask_ratio})
+        super().__init__(levels, weight=opts["weight"], adapter=adapter)
         self.preset = preset
         self.mask_ratio = check_positive("mask_ratio", opts["mask_ratio"], allow_zero=True)
         if self.mask_ratio >= 1:
             raise ValueError(f"mask_ratio={self.mask_ratio!r} is invalid; expected [0, 1)")
-        self.adapters = make_adapters(
-            {n: (lv.student_channels, lv.teacher_channels) for n, lv in self.levels.items()},
-            adapter,
-        )
         self.generators = nn.ModuleDict(
             {n: generator(lv.teacher_channels) for n, lv in self.levels.items()})
 
-    def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
-        self.check_context(ctx)
-        total: Tensor | None = None
-        for name in self.levels:
-            s = self.adapters[name](ctx.student[name])
-            s = s * random_keep_mask(s, self.mask_ratio) if self.mask_ratio > 0 else s
-            gen = self.generators[name]
-            value = ctx.mean_over_images(
-                name, lambda s, t, g, gen=gen: mgd_distance(gen(s), t.detach()), student=s)
-            self.level_values[name] = value.detach()
-            total = value if total is None else total + value
-        assert total is not None
-        return {"distill": self.weight * total}
+    def level_loss(self, name: str, student: Tensor, teacher: Tensor,
+                   ctx: DistillContext) -> Tensor:
+        s = student * random_keep_mask(student, self.mask_ratio) if self.mask_ratio > 0 \
+            else student
+        gen = self.generators[name]
+        return ctx.mean_over_images(name, lambda s, t, g: mgd_distance(gen(s), t), student=s)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mask_ratio={self.mask_ratio:g}"

@@ -6,6 +6,9 @@ variance over (N, H, W), then ``L = weight * sum_levels MSE(S_hat, T_hat) / 2``,
 whole batch (unbiased std, ``std + 1e-6``); with padded batches they pool the valid cells only,
 and the MSE averages over valid elements. Because the statistics are batch-level, a padded
 batch's loss equals the loss computed on the un-padded images pooled together (not per image).
+
+Levels: the authors' configs distil four neck outputs, P3-P6 of RetinaNet (strides 8-64, not
+P7) and P2-P5 of Faster R-CNN (strides 4-32, not P6): the presets' level sets.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..losses.adapters import make_adapters
-from ._common import fp32, no_autocast, resolve_preset
-from .base import DistillContext, DistillMethod, Level, register_method
+from ..precision import fp32, no_autocast
+from ._common import resolve_preset
+from .base import DistillMethod
+from .context import DistillContext, Level
+from .registry import register_method
 
 PRESETS = {"retinanet": {"weight": 10.0}, "fasterrcnn": {"weight": 6.0}}
+PRESET_STRIDES = {"retinanet": (8, 16, 32, 64), "fasterrcnn": (4, 8, 16, 32)}
 STD_EPS = 1e-6
 
 
@@ -45,9 +51,12 @@ def _standardise_sums(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 def pkd_distance(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
-    """MSE / 2 between per-channel standardised maps; ``mask`` (B, 1, H, W) marks valid cells."""
+    """MSE / 2 between per-channel standardised maps; ``mask`` (B, 1, H, W) marks valid cells
+    (computed in float32 like the maps, so its counts are exact)."""
     with no_autocast(student):
         s, t = fp32(student), fp32(teacher).to(fp32(student).dtype)
+        if mask is not None:
+            mask = mask.to(s.dtype)
         ms, ss = _standardise_sums(s, mask)
         mt, st = _standardise_sums(t, mask)
         diff = (s - ms) / ss - (t - mt) / st
@@ -60,35 +69,25 @@ def pkd_distance(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -
 class PKD(DistillMethod):
     """Pearson correlation (per-channel standardised MSE) between student and teacher features.
 
-    ``preset``: "retinanet" (weight 10) or "fasterrcnn" (weight 6), MMRazor's COCO settings;
-    ``weight`` overrides the preset. ``adapter``: "auto" (1x1 conv only where widths differ).
+    ``preset``: "retinanet" (weight 10, levels of strides 8-64) or "fasterrcnn" (weight 6,
+    strides 4-32), MMRazor's COCO settings; ``weight`` overrides the preset. ``adapter``:
+    "auto" (1x1 conv only where widths differ).
     """
 
     paper = ("Cao et al., PKD: General Distillation Framework for Object Detectors via Pearson "
              "Correlation Coefficient, NeurIPS 2022 (arXiv 2207.02039)")
     presets = PRESETS
+    preset_strides = PRESET_STRIDES
 
     def __init__(
         self, levels: Sequence[Level] | Mapping[str, Level], *, preset: str = "retinanet",
         weight: float | None = None, adapter: str = "auto",
     ) -> None:
-        opts = resolve_preset("pkd", PRESETS, preset, {"weight": weight})
-        super().__init__(levels, weight=opts["weight"])
+        opts = resolve_preset(PRESETS, preset, {"weight": weight})
+        super().__init__(levels, weight=opts["weight"], adapter=adapter)
         self.preset = preset
-        self.adapters = make_adapters(
-            {n: (lv.student_channels, lv.teacher_channels) for n, lv in self.levels.items()},
-            adapter,
-        )
 
-    def forward(self, ctx: DistillContext) -> dict[str, Tensor]:
-        self.check_context(ctx)
-        total: Tensor | None = None
-        for name in self.levels:
-            s = self.adapters[name](ctx.student[name])
-            t = ctx.teacher[name].detach()
-            full = ctx.groups(name)[0].full
-            value = pkd_distance(s, t, None if full else ctx.valid_mask(name))
-            self.level_values[name] = value.detach()
-            total = value if total is None else total + value
-        assert total is not None
-        return {"distill": self.weight * total}
+    def level_loss(self, name: str, student: Tensor, teacher: Tensor,
+                   ctx: DistillContext) -> Tensor:
+        full = ctx.groups(name)[0].full
+        return pkd_distance(student, teacher, None if full else ctx.valid_mask(name))

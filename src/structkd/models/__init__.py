@@ -2,7 +2,7 @@
 
 from .build import build_detector, count_parameters, neck_channels
 from .export import EXPORT_FORMAT, export_student
-from .latency import measure_latency
+from .latency import measure_latency, torch_runner
 from .load import DetectorInfo, load_detector, load_exported, torchvision_detector
 from .onnx import (
     OnnxDetector,
@@ -39,5 +39,6 @@ __all__ = [
     "read_onnx_metadata",
     "spec_from_json",
     "spec_to_json",
+    "torch_runner",
     "torchvision_detector",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 import torchvision
 from torch import nn
 
+from .._version import __version__
 from .build import build_detector
 from .spec import DetectorSpec, as_spec
 
@@ -43,8 +44,6 @@ def export_student(
     detector built by user code has no spec (``spec=None``): its weights and meta are written,
     and it is rebuilt by that code.
     """
-    from structkd import __version__
-
     state = model.state_dict()
     teacher_keys = [k for k in state if "teacher" in k]
     if teacher_keys:

@@ -19,6 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ..labels import default_class_names, label_map
 from .build import build_detector
 from .export import EXPORT_FORMAT
 from .spec import DetectorSpec
@@ -40,12 +41,7 @@ class DetectorInfo:
 
     def label_map(self) -> dict[int, tuple[int, str]]:
         """contiguous label -> (category id, name), background excluded."""
-        out = {}
-        for label, name in enumerate(self.class_names):
-            if label == 0:
-                continue
-            out[label] = (self.label_to_cat_id.get(label, label), name)
-        return out
+        return label_map(self.class_names, self.label_to_cat_id)
 
 
 def describe_state(state: Mapping[str, torch.Tensor]) -> str:
@@ -220,7 +216,7 @@ def torchvision_detector(builder: str, weights: str | None = None, *,
     if state is not None:
         load_state_into(model, state, source)
     if not names and num_classes:
-        names = ["__background__"] + [f"class_{i}" for i in range(1, num_classes)]
+        names = default_class_names(num_classes)
     info = DetectorInfo(None, names, {i: i for i in range(1, len(names))}, source,
                         {"torchvision_builder": builder, "weights": weights,
                          "weights_file": str(weights_file(weights)) if weights and

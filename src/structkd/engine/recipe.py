@@ -1,0 +1,223 @@
+"""The YAML experiment file (``Config``): its sections, each derived from the API it configures.
+
+=========  ========================================================================
+section    derived from
+=========  ========================================================================
+data       the data paths here, ``make_synthetic_coco`` (``data.synthetic``),
+           ``build_transforms`` (augmentation) and :class:`Loader`
+model      the fields of ``DetectorSpec`` (``num_classes`` comes from the data)
+teacher    :class:`TeacherSource` (where the teacher comes from)
+distill    the keyword parameters of ``Distiller`` (``options``: the method's own)
+optim      :class:`Optim`
+schedule   :class:`Schedule`
+trainer    :class:`TrainerOptions`
+=========  ========================================================================
+
+``load_config`` reads a YAML file and ``--set`` overrides into a ``Config`` (the library and
+the checks are in :mod:`structkd.config`), imports ``distill.imports`` and checks the method
+and its options by the same code that builds them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import (
+    ConfigError,
+    compose,
+    dump,
+    load,
+    part,
+    section_from_dataclass,
+    section_from_signature,
+    to_dict,
+)
+from ..data.synthetic import make_synthetic_coco, synthetic_params
+from ..data.transforms import build_transforms
+from ..distill import Distiller
+from ..methods import check_method
+from ..models import DetectorSpec
+from .options import Loader, Optim, Schedule, TrainerOptions
+
+__all__ = ["RENAMED", "Config", "TeacherSource", "load_config"]
+
+
+# ---- data -------------------------------------------------------------------------------------
+def _check_synthetic(section: Any) -> None:
+    options = asdict(section)
+    options.pop("root")
+    try:
+        synthetic_params(**options)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("make_synthetic_coco: ")) from None
+
+
+SyntheticSection = section_from_signature(
+    make_synthetic_coco, "SyntheticSection", skip=("overwrite",),
+    defaults={"root": "~/.cache/structkd/synthetic"}, check=_check_synthetic,
+    doc="The built-in dataset, used when no data path is given: the options of "
+        "``structkd.data.make_synthetic_coco`` (``root``: where it is generated and cached).")
+
+
+@dataclass
+class DataPaths:
+    """COCO annotation files and image folders; with none given, the built-in data is used."""
+
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)  # type: ignore[valid-type]
+
+    def __post_init__(self) -> None:
+        given = {k: getattr(self, k) for k in ("train_ann", "train_images", "val_ann",
+                                                "val_images")}
+        if any(v is not None for v in given.values()) and any(v is None for v in
+                                                              given.values()):
+            missing = [f"data.{k}" for k, v in given.items() if v is None]
+            have = [f"data.{k}" for k, v in given.items() if v is not None]
+            raise ValueError(f"{missing} not set while {have} are; give all four data paths "
+                             "(or none, for the built-in synthetic dataset)")
+
+
+def _check_augment(section: Any) -> None:
+    build_transforms(True, **asdict(section))
+
+
+Augment = section_from_signature(
+    build_transforms, "Augment", skip=("train",), check=_check_augment,
+    doc="Training-time augmentation: the options of ``structkd.data.build_transforms``.")
+DataSection = compose("DataSection", DataPaths, Augment, Loader,
+                      doc="Where the images come from, how training images are augmented, "
+                          "and how they are loaded.")
+
+
+# ---- model, teacher, distillation -------------------------------------------------------------
+# Defaults sized for small inputs; every other default is DetectorSpec's own.
+MODEL_DEFAULTS: dict[str, Any] = {
+    "arch": "retinanet", "backbone": "resnet18", "fpn_channels": 128, "min_size": 256,
+    "max_size": 256,
+}
+
+
+def _check_model(section: Any) -> None:
+    DetectorSpec(num_classes=2, **asdict(section))
+
+
+ModelSection = section_from_dataclass(
+    DetectorSpec, "ModelSection", skip=("num_classes",), defaults=MODEL_DEFAULTS,
+    check=_check_model,
+    doc="The detector to train: the fields of ``structkd.models.DetectorSpec`` (``num_classes`` "
+        "comes from the data).")
+
+
+@dataclass
+class TeacherSource:
+    """Where the teacher comes from: ``checkpoint`` (a structkd export prefix, its
+    ``.safetensors``, or a Lightning ``.ckpt`` of a structkd run), or ``torchvision`` (a
+    detection builder name such as ``retinanet_resnet50_fpn_v2``) with ``weights`` (its weights
+    enum, e.g. ``RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1``, read from the torch.hub cache, or
+    a local ``.pth`` of that builder's state dict) and ``num_classes`` (builder without COCO
+    weights only). ``strict_classes``: the teacher's label set must be the dataset's."""
+
+    checkpoint: str | None = None
+    torchvision: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    strict_classes: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint and self.torchvision:
+            raise ValueError(f"checkpoint={self.checkpoint!r} and torchvision="
+                             f"{self.torchvision!r} are both set; expected one of them")
+        if self.checkpoint and self.weights:
+            raise ValueError(f"weights={self.weights!r} goes with torchvision (a builder name), "
+                             "not with checkpoint")
+
+
+DistillSection = section_from_signature(
+    Distiller.__init__, "DistillSection", skip=("student", "teacher"), var_keyword="options",
+    defaults={"method": None},
+    extra=[("imports", list[str], [])],
+    doc="The distillation: the keyword options of ``structkd.Distiller``. ``method``: a method "
+        "name or alias (``structkd methods``), \"none\", or null (ssim with a teacher, none "
+        "without); ``options``: the method's own options; ``imports``: modules to import "
+        "first, where your own ``@register_method`` classes live.")
+
+
+@dataclass
+class Config:
+    """One experiment: every section of the YAML file."""
+
+    data: DataSection = field(default_factory=DataSection)  # type: ignore[valid-type]
+    model: ModelSection = field(default_factory=ModelSection)  # type: ignore[valid-type]
+    teacher: TeacherSource = field(default_factory=TeacherSource)
+    distill: DistillSection = field(default_factory=DistillSection)  # type: ignore[valid-type]
+    optim: Optim = field(default_factory=Optim)
+    schedule: Schedule = field(default_factory=Schedule)
+    trainer: TrainerOptions = field(default_factory=TrainerOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return dump(self)
+
+    def loader(self) -> Loader:
+        return part(self.data, Loader)
+
+    def spec(self, num_classes: int) -> DetectorSpec:
+        return DetectorSpec(num_classes=num_classes, **asdict(self.model))
+
+
+# Keys of earlier versions, and where they went.
+RENAMED = {
+    "distill.distance": "distill.method",
+    "distill.adapter": "distill.options.adapter",
+    "data.synthetic_root": "data.synthetic.root",
+    "data.synthetic_train": "data.synthetic.num_train",
+    "data.synthetic_val": "data.synthetic.num_val",
+    "data.synthetic_size": "data.synthetic.image_size",
+    "data.synthetic_seed": "data.synthetic.seed",
+    "data.synthetic_options": "data.synthetic.<option> (max_objects, max_occlusion, clutter, "
+                              "size_probs)",
+    "data.hflip": "data.hflip_prob",
+}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+                base: dict[str, Any] | None = None) -> Config:
+    """A ``Config`` from the defaults, then ``base``, then the YAML file at ``path``, then
+    ``section.key=value`` overrides (later ones win). Errors name the key and the value."""
+    cfg = load(Config, Path(path) if path is not None else None, list(overrides), base=base,
+               renamed=RENAMED)
+    check_distill(cfg)
+    return cfg
+
+
+def check_distill(cfg: Config) -> None:
+    """Import ``distill.imports``, then check the method and its options by building it."""
+    d = cfg.distill
+    for module in d.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"distill.imports: cannot import {module!r} ({e}); expected an "
+                              "importable module that registers methods") from None
+    if "weight" in d.options:
+        raise ConfigError("distill.options.weight: set distill.weight instead")
+    if d.method == "none":
+        return
+    method = d.method or "ssim"  # null: ssim when there is a teacher
+    options = dict(d.options)
+    if d.weight is not None:
+        options["weight"] = d.weight
+    try:
+        check_method(method, options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"distill.method={method!r}: {e}") from None

@@ -1,0 +1,105 @@
+"""What makes a resumed run the same run: its identity and every random state.
+
+A checkpoint carries, under ``"structkd"``, the run's identity (spec, label map, method and
+options, levels, teacher fingerprint) and the RNG states of torch, NumPy and Python. A resume
+whose identity differs is refused, saying what differs; the RNG states are restored so the
+remaining steps draw what an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..distill import DetectorLosses, Distiller, weights_fingerprint
+from ..models import DetectorSpec
+from .evalinfo import EvalInfo
+
+__all__ = ["IDENTITY_KEYS", "check_resume", "resume_path", "rng_states", "run_meta",
+           "set_rng_states"]
+
+IDENTITY_KEYS = ("spec", "class_names", "label_to_cat_id", "method", "levels", "teacher")
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a training step may draw from (torch CPU and CUDA, NumPy, Python)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {  # plain types and tensors: loadable with weights_only=True
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def run_meta(net: Distiller | DetectorLosses, spec: DetectorSpec | None,
+             info: EvalInfo | None, teacher_dtype: str | None) -> dict[str, Any]:
+    """The identity of a run, saved in its checkpoints and compared on resume."""
+    meta: dict[str, Any] = {
+        "structkd_version": __version__,
+        "spec": spec.to_dict() if spec is not None else None,
+        "class_names": list(info.class_names) if info else [],
+        "label_to_cat_id": {str(k): v for k, v in info.label_to_cat_id.items()} if info else {},
+        "method": None, "levels": None, "teacher": None,
+    }
+    if isinstance(net, Distiller):
+        meta["method"] = {"name": net.method_name, "weight": net.method.weight,
+                          "options": dict(net.options)}
+        meta["levels"] = [dataclasses.asdict(p) for p in net.pairs]
+        meta["teacher"] = {"fingerprint": weights_fingerprint(net.teacher),
+                           "dtype": teacher_dtype}
+    return meta
+
+
+def resume_path(resume: str | None, out_dir: Path) -> Path | None:
+    """The checkpoint ``resume`` names ("last": the run's own), checked to exist."""
+    if resume is None:
+        return None
+    path = out_dir / "checkpoints" / "last.ckpt" if resume == "last" else \
+        Path(resume).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"trainer.resume={resume!r}: checkpoint {path} does not exist")
+    return path
+
+
+def check_resume(path: Path, meta: Mapping[str, Any]) -> None:
+    """Refuse to resume ``path`` into a run that is not the same: say what differs."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint (loaded with weights_only=True: "
+                         f"{type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    saved = ckpt.get("structkd") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a checkpoint of a structkd run (no 'structkd' entry)")
+    diffs = []
+    for key in IDENTITY_KEYS:
+        a, b = saved.get(key), meta.get(key)
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True,
+                                                                    default=str):
+            diffs.append(f"{key}: checkpoint {json.dumps(a, default=str)[:300]} vs now "
+                         f"{json.dumps(b, default=str)[:300]}")
+    if diffs:
+        raise ValueError(f"cannot resume {path}: it belongs to another run; "
+                         + "; ".join(diffs))

@@ -1,0 +1,47 @@
+"""The Lightning ``Trainer`` of a structkd run: its callbacks, loggers and run-folder files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .callbacks import DivergenceGuard, SafeCheckpoint
+from .options import Optim, Schedule, TrainerOptions
+from .run_dir import csv_logger, open_csv_logger
+
+__all__ = ["build_trainer"]
+
+
+def build_trainer(out_dir: Path, options: TrainerOptions, schedule: Schedule, optim: Optim,
+                  callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """One trainer for fitting and the final validation, so both log into the same CSV and
+    TensorBoard files (a second trainer would start them afresh and lose the curves).
+
+    It keeps one rolling checkpoint, ``checkpoints/last.ckpt``, written every
+    ``checkpoint_every`` epochs as soon as the epoch's training ends, and stops a diverging run
+    (:class:`~structkd.engine.callbacks.DivergenceGuard`).
+    """
+    t, s = options, schedule
+    ckpt = SafeCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_top_k=1,
+                          enable_version_counter=False, every_n_epochs=t.checkpoint_every,
+                          save_on_train_epoch_end=True)
+    csv_log = csv_logger(out_dir)
+    loggers = [csv_log, TensorBoardLogger(out_dir, name="tb", version="")]
+    trainer = L.Trainer(
+        max_epochs=s.epochs, max_steps=s.max_steps or -1, accelerator=t.accelerator,
+        devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
+        gradient_clip_val=optim.grad_clip, deterministic=t.deterministic,
+        # val_every=0: no validation while fitting (the final one still runs).
+        check_val_every_n_epoch=t.val_every if t.val_every > 0 else s.epochs + 1,
+        log_every_n_steps=t.log_every,
+        enable_progress_bar=t.progress, use_distributed_sampler=False, default_root_dir=out_dir,
+        num_sanity_val_steps=0, enable_model_summary=False,
+        callbacks=[ckpt, DivergenceGuard(factor=t.divergence_factor), *callbacks],
+        logger=loggers,
+    )
+    if trainer.is_global_zero:
+        open_csv_logger(csv_log, out_dir)
+    return trainer

@@ -1,0 +1,226 @@
+"""Bad input through the CLI: exit code 2 and one ``structkd: error:`` line naming the file or
+value, never a Python traceback (issue 10, items 6 and 7).
+
+Each case runs ``structkd.cli.main`` in this interpreter (``cli_inprocess``; what a fresh
+interpreter would print) and fails before any training, except the DataLoader-worker case,
+whose error can only happen while images are loaded; that one and one other run as a real
+``python -m structkd.cli`` process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdtest import IMAGE_SIZE, NUM_CLASSES, cli_inprocess, cli_subprocess, tiny_overrides
+from structkd.data import SyntheticPaths
+from structkd.models import DetectorSpec, build_detector, export_student
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _fails(proc, *names: str) -> str:
+    """Assert exit code 2, a single ``structkd: error:`` line naming each of ``names``, no
+    traceback; return that line."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("structkd: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("structkd: error:") == 1
+    for name in names:
+        assert name in lines[0], lines[0]
+    print(lines[0])  # shown by pytest -rP
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny RetinaNet export (the runs' student architecture): its prefix."""
+    spec = DetectorSpec(arch="retinanet", num_classes=NUM_CLASSES, backbone="resnet18",
+                        fpn_channels=16, min_size=IMAGE_SIZE, max_size=IMAGE_SIZE)
+    prefix = tmp_path_factory.mktemp("export") / "student"
+    export_student(build_detector(spec), spec, prefix)
+    return prefix
+
+
+def _copy_export(export: Path, dest: Path, name: str) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(export.with_name(export.name + suffix), dest / (name + suffix))
+    return dest / name
+
+
+def _copy_data(coco_data: SyntheticPaths, dest: Path) -> SyntheticPaths:
+    shutil.copytree(coco_data.root, dest)
+    return SyntheticPaths.under(dest)
+
+
+def _image_file(ann: Path, images: Path, index: int = 0) -> tuple[Path, dict]:
+    record = json.loads(ann.read_text())["images"][index]
+    return images / record["file_name"], record
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (its pixel data is a stub)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))
+
+
+# ----------------------------------------------------------------------------- teacher / eval
+
+
+def test_truncated_safetensors_teacher(export, make_overrides, tmp_path: Path) -> None:
+    teacher = _copy_export(export, tmp_path, "teacher")
+    weights = teacher.with_name("teacher.safetensors")
+    weights.write_bytes(weights.read_bytes()[:5000])
+    proc = cli_subprocess(["distill", "--teacher", str(teacher),
+                           *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, str(weights), "truncated or corrupt")
+
+
+def test_garbage_safetensors_eval(export, make_overrides, tmp_path: Path) -> None:
+    model = _copy_export(export, tmp_path, "model")
+    weights = model.with_name("model.safetensors")
+    weights.write_bytes(np.random.default_rng(0).bytes(3000))
+    proc = cli_inprocess(["eval", str(weights), *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, str(weights), "not a readable .safetensors file")
+
+
+def test_ckpt_that_is_not_a_structkd_checkpoint(make_overrides, tmp_path: Path) -> None:
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "epoch": 3}, ckpt)
+    proc = cli_inprocess(["distill", "--teacher", str(ckpt),
+                           *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, str(ckpt), "not a checkpoint of a structkd run")
+
+
+def test_ckpt_that_is_not_a_checkpoint_at_all(make_overrides, tmp_path: Path) -> None:
+    ckpt = tmp_path / "notes.ckpt"
+    ckpt.write_text("hello\n")
+    proc = cli_inprocess(["eval", str(ckpt), *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, str(ckpt), "not a readable PyTorch checkpoint")
+
+
+def test_pth_given_as_teacher_checkpoint(make_overrides, tmp_path: Path) -> None:
+    pth = tmp_path / "retinanet.pth"
+    torch.save({}, pth)
+    proc = cli_inprocess(["distill", "--teacher", str(pth),
+                           *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, str(pth), "--teacher-weights")
+
+
+def test_corrupt_teacher_json(export, make_overrides, tmp_path: Path) -> None:
+    teacher = _copy_export(export, tmp_path, "teacher")
+    doc = teacher.with_name("teacher.json")
+    doc.write_text(doc.read_text()[:40])
+    proc = cli_inprocess(["distill", "--teacher", str(teacher),
+                           *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, str(doc), "not a readable JSON file")
+
+
+def test_weights_that_do_not_match_the_architecture(export, make_overrides,
+                                                    tmp_path: Path) -> None:
+    """RetinaNet weights under a spec that says Faster R-CNN: the message says what each side
+    looks like, not the hundreds of missing/unexpected keys."""
+    teacher = _copy_export(export, tmp_path, "teacher")
+    doc = teacher.with_name("teacher.json")
+    document = json.loads(doc.read_text())
+    document["spec"]["arch"] = "fasterrcnn"
+    doc.write_text(json.dumps(document))
+    proc = cli_inprocess(["distill", "--teacher", str(teacher),
+                           *_sets(make_overrides(tmp_path / "run"))])
+    line = _fails(proc, "teacher.safetensors", "look like RetinaNet, ResNet-18, FPN 16",
+                  "is Faster R-CNN, ResNet-18, FPN 16")
+    assert "Missing key" not in line and len(line) < 600
+
+
+# ----------------------------------------------------------------------------- trainer settings
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_accelerator_gpu_without_gpu(make_overrides, tmp_path: Path) -> None:
+    proc = cli_inprocess(["train", *_sets(make_overrides(tmp_path / "run",
+                                                          "trainer.accelerator=gpu"))])
+    _fails(proc, "trainer.accelerator='gpu'", "No supported gpu backend found")
+
+
+def test_devices_not_a_number(make_overrides, tmp_path: Path) -> None:
+    proc = cli_inprocess(["train", *_sets(make_overrides(tmp_path / "run",
+                                                          "trainer.devices=abc"))])
+    _fails(proc, "trainer.devices='abc'", "trainer.accelerator='cpu'")
+
+
+# ----------------------------------------------------------------------------- output paths
+
+
+def test_out_dir_is_an_existing_file(make_overrides, tmp_path: Path) -> None:
+    out = tmp_path / "results.txt"
+    out.write_text("keep me\n")
+    proc = cli_inprocess(["train", *_sets(make_overrides(out))])
+    _fails(proc, f"trainer.out_dir={str(out)!r}", "is an existing file")
+    assert out.read_text() == "keep me\n"
+
+
+def test_eval_out_is_a_directory_checked_before_evaluating(make_overrides,
+                                                           tmp_path: Path) -> None:
+    """The --out check comes first: the checkpoint (here missing) is not even opened."""
+    (tmp_path / "metrics").mkdir()
+    proc = cli_inprocess(["eval", str(tmp_path / "missing" / "student"), "--out",
+                           str(tmp_path / "metrics"), *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, f"--out {tmp_path / 'metrics'} is a directory")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def test_missing_val_image_found_at_start(coco_data, tmp_path: Path) -> None:
+    """Found while loading the data, before any training: no run directory is created."""
+    data = _copy_data(coco_data, tmp_path / "data")
+    path, record = _image_file(data.val_ann, data.val_images, 1)
+    path.unlink()
+    out = tmp_path / "run"
+    proc = cli_inprocess(["train", *_sets(tiny_overrides(data, out))])
+    _fails(proc, str(data.val_ann), "1 of 4 image files", f"image id {record['id']}",
+           str(path), "does not exist")
+    assert not out.exists()
+
+
+def test_decompression_bomb_image(coco_data, tmp_path: Path) -> None:
+    data = _copy_data(coco_data, tmp_path / "data")
+    coco = json.loads(data.train_ann.read_text())
+    coco["images"][0].update(width=20000, height=20000)
+    data.train_ann.write_text(json.dumps(coco))
+    path = data.train_images / coco["images"][0]["file_name"]
+    path.write_bytes(png_header_only(20000, 20000))
+    proc = cli_inprocess(["train", *_sets(tiny_overrides(data, tmp_path / "run"))])
+    _fails(proc, str(path), "decompression bomb", "STRUCTKD_MAX_IMAGE_PIXELS=")
+
+
+def test_dataloader_worker_error_is_one_line(coco_data, tmp_path: Path) -> None:
+    """Pixel data cut short after a valid header passes the start-up check (headers only) and
+    fails in a loader worker; the user sees the worker's one-line message, not its traceback."""
+    data = _copy_data(coco_data, tmp_path / "data")
+    path, _ = _image_file(data.train_ann, data.train_images, 2)
+    noise = np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    Image.fromarray(noise).save(path)
+    path.write_bytes(path.read_bytes()[:4000])
+    proc = cli_subprocess(["train", *_sets(tiny_overrides(data, tmp_path / "run",
+                                                          "data.num_workers=1"))])
+    line = _fails(proc, str(path), "is corrupt or not an image")
+    assert "DataLoader worker" not in line

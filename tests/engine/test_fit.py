@@ -1,0 +1,121 @@
+"""``structkd.fit`` on objects: options by name, a ``Config`` whose values survive unless named,
+a method that needs a teacher, and ``RunResult`` read back from the run folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import structkd
+from kdtest import IMAGE_SIZE
+from structkd.data import CocoDetection, build_transforms
+from structkd.engine import OPTIONS, Config, RunResult, load_config
+from structkd.models import build_detector
+
+TINY = {"epochs": 1, "max_steps": 1, "batch_size": 4, "num_workers": 0, "progress": False,
+        "threads": 1, "warmup_iters": 1}
+
+
+@pytest.fixture(scope="module")
+def datasets(coco_data):
+    return (CocoDetection(coco_data.train_ann, coco_data.train_images, build_transforms(True)),
+            CocoDetection(coco_data.val_ann, coco_data.val_images, build_transforms(False)))
+
+
+def _pair():
+    torch.manual_seed(0)
+    kw = {"arch": "fcos", "num_classes": 7, "backbone": "resnet18", "min_size": IMAGE_SIZE,
+          "max_size": IMAGE_SIZE}
+    return build_detector(**kw, fpn_channels=16), build_detector(**kw, fpn_channels=32)
+
+
+def test_a_config_naming_pkd_runs_pkd_with_its_layers(datasets, tmp_path) -> None:
+    """Regression: fit(..., config=cfg) without method= ran SSIM and reset the config's tapped
+    layers to fit's defaults."""
+    student, teacher = _pair()
+    cfg = load_config(overrides=["distill.method=pkd", "distill.weight=3",
+                                 "distill.student_layers=[backbone.fpn]",
+                                 "distill.teacher_layers=[backbone.fpn]",
+                                 "optim.lr=0.005", "data.batch_size=2"])
+    result = structkd.fit(student, *datasets, teacher=teacher, config=cfg,
+                          out_dir=tmp_path / "run", **{k: v for k, v in TINY.items()
+                                                       if k != "batch_size"})
+    assert result.method["name"] == "pkd" and result.method["weight"] == 3.0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["distill"]["method"] == "pkd"
+    assert saved["distill"]["student_layers"] == ["backbone.fpn"]
+    assert saved["distill"]["teacher_layers"] == ["backbone.fpn"]
+    # values the call did not name come from the config, those it named win
+    assert saved["optim"]["lr"] == 0.005 and saved["data"]["batch_size"] == 2
+    assert saved["trainer"]["out_dir"] == str(tmp_path / "run")
+    assert cfg.trainer.out_dir == Config().trainer.out_dir  # the caller's config is untouched
+
+
+def test_method_argument_wins_over_the_config(datasets, tmp_path) -> None:
+    student, teacher = _pair()
+    cfg = load_config(overrides=["distill.method=pkd"])
+    result = structkd.fit(student, *datasets, teacher=teacher, method="cwd", config=cfg,
+                          out_dir=tmp_path / "run", **TINY)
+    assert result.method["name"] == "cwd"
+
+
+def test_a_method_without_a_teacher_is_an_error(datasets, tmp_path) -> None:
+    student, _ = _pair()
+    with pytest.raises(ValueError, match=r"method='ssim' needs a teacher"):
+        structkd.fit(student, *datasets, method="ssim", out_dir=tmp_path / "run", **TINY)
+    with pytest.raises(ValueError, match=r"method='pkd' needs a teacher"):
+        structkd.fit(student, *datasets, config=load_config(overrides=["distill.method=pkd"]),
+                     out_dir=tmp_path / "run", **TINY)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_and_invalid_options_name_themselves(datasets, tmp_path) -> None:
+    student, _ = _pair()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['learning_rate'\]; expected "
+                                         r"some of .*optim: \[.*'lr'"):
+        structkd.fit(student, *datasets, learning_rate=0.1, out_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"fit\(\): lr=-1; expected a finite number > 0"):
+        structkd.fit(student, *datasets, lr=-1, out_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"fit\(\): batch_size=0; expected an int >= 1"):
+        structkd.fit(student, *datasets, batch_size=0, out_dir=tmp_path / "run")
+
+
+def test_options_are_the_fields_of_the_option_types() -> None:
+    """``fit``'s options are derived, each name once: the run's option types and Distiller's
+    keyword options."""
+    import dataclasses
+    import inspect
+
+    from structkd import Distiller
+    from structkd.engine import Loader, Optim, Schedule, TrainerOptions
+
+    expected = {f.name for cls in (Optim, Schedule, Loader, TrainerOptions)
+                for f in dataclasses.fields(cls)} - {"name"} | {"optimizer"}
+    params = inspect.signature(Distiller.__init__).parameters.values()
+    expected |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    assert set(OPTIONS) == expected
+    assert OPTIONS["optimizer"] == ("optim", "name") and OPTIONS["levels"] == ("distill",
+                                                                                "levels")
+
+
+def test_run_result_reads_back_what_the_run_returned(datasets, tmp_path) -> None:
+    student, teacher = _pair()
+    result = structkd.fit(student, *datasets, teacher=teacher, out_dir=tmp_path / "run",
+                          **{**TINY, "max_steps": 2, "log_every": 1})
+    again = RunResult.load(tmp_path / "run")
+    assert again.metrics == result.metrics and again.params == result.params
+    assert again.method == result.method and again.steps == result.steps == 2
+    assert again.export_prefix == result.export_prefix and again.wall_s == result.wall_s
+    assert again.history == result.history
+    assert [s for s, _ in result.history["train/loss"]] == [0, 1]
+    assert set(result.history) >= {"train/loss", "train/distill", "train/level/s8"}
+
+
+def test_evaluate_objects_equals_the_runs_validation(datasets, tmp_path) -> None:
+    student, _ = _pair()
+    result = structkd.fit(student, *datasets, out_dir=tmp_path / "run", **TINY)
+    metrics = structkd.evaluate(student, datasets[1], batch_size=3)
+    assert {k: metrics[k] for k in ("AP", "AP50", "per_class")} == {
+        k: result.metrics[k] for k in ("AP", "AP50", "per_class")}
+    assert list(metrics["per_class"]) == datasets[1].class_names[1:]

@@ -1,0 +1,273 @@
+"""Runs that cannot silently go wrong or lose work: exact resume after a kill, protected run
+directories, stopped divergence, early config and data errors (issue "Nothing silently wrong")."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdtest import SRC, distill, tiny_overrides, train
+from structkd.engine import load_config
+from structkd.engine.callbacks import DivergenceGuard
+from structkd.engine.module import DetectionModule
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "student.safetensors"))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.Popen([sys.executable, "-m", "structkd.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+# ---- exact resume after an interruption ------------------------------------------------------
+def _kill_mid_run_and_resume(coco_data, tmp_path: Path, arch: str, sig: int) -> None:
+    """Train 3 epochs uninterrupted; train again, kill the process right after the first
+    checkpoint is written (so inside epoch 2), resume with trainer.resume=last: every tensor of
+    the final weights equals the uninterrupted run's. Default loader workers (2)."""
+    common = ["data.num_workers=2", f"model.arch={arch}", "schedule.max_steps=null",
+              "schedule.epochs=3", "data.batch_size=1", "schedule.warmup_iters=2",
+              "trainer.log_every=1"]
+    full = tmp_path / "full"
+    proc = _cli(["train", *_sets(tiny_overrides(coco_data, full, *common))])
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    part = tmp_path / "part"
+    proc = _cli(["train", *_sets(tiny_overrides(coco_data, part, *common))])
+    ckpt = part / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # into the next epoch (or its validation)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert not (part / "results.json").is_file(), "the run finished before it was interrupted"
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < 24
+    proc = _cli(["train", *_sets(tiny_overrides(coco_data, part, *common,
+                                                "trainer.resume=last"))])
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    assert json.loads((part / "results.json").read_text())["steps"] == 24
+    assert _same(_weights(full), _weights(part))
+    m_full = json.loads((full / "results.json").read_text())["metrics"]
+    m_part = json.loads((part / "results.json").read_text())["metrics"]
+    assert m_full["AP"] == m_part["AP"]
+
+
+def test_resume_after_sigkill_is_exact_retinanet(coco_data, tmp_path) -> None:
+    _kill_mid_run_and_resume(coco_data, tmp_path, "retinanet", signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "sig"), [("fcos", signal.SIGINT),
+                                           ("fasterrcnn", signal.SIGKILL),
+                                           ("fasterrcnn", signal.SIGINT)])
+def test_resume_after_interrupt_is_exact(coco_data, tmp_path, arch, sig) -> None:
+    _kill_mid_run_and_resume(coco_data, tmp_path, arch, sig)
+
+
+def test_failed_validation_loses_no_training(coco_data, tmp_path, monkeypatch) -> None:
+    """A validation image that fails to load in epoch 2's validation: the epoch's training is
+    already saved, and resuming from it ends exactly like an uninterrupted run."""
+    from structkd.data import CocoDetection
+
+    common = ("schedule.max_steps=null", "schedule.epochs=3", "schedule.warmup_iters=1")
+    train(load_config(overrides=tiny_overrides(coco_data, tmp_path / "full", *common)))
+    original = CocoDetection.__getitem__
+    calls = {"val": 0}
+
+    def flaky(self, index):
+        if self.ann_file.name == "val.json":
+            calls["val"] += 1
+            if calls["val"] > len(self):  # the second validation pass
+                raise OSError(f"image {index} is unreadable")
+        return original(self, index)
+
+    monkeypatch.setattr(CocoDetection, "__getitem__", flaky)
+    part = tmp_path / "part"
+    with pytest.raises(OSError, match="unreadable"):
+        train(load_config(overrides=tiny_overrides(coco_data, part, *common)))
+    ckpt = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4  # both epochs' training (2 steps each) are saved
+    monkeypatch.setattr(CocoDetection, "__getitem__", original)
+    train(load_config(overrides=tiny_overrides(coco_data, part, *common, "trainer.resume=last")))
+    assert _same(_weights(tmp_path / "full"), _weights(part))
+
+
+def test_resume_refuses_a_pickle_payload(coco_data, tmp_path) -> None:
+    """A checkpoint carrying a pickled object is refused (loaded with weights_only=True) and
+    its payload never runs."""
+    out = tmp_path / "run"
+    train(load_config(overrides=tiny_overrides(coco_data, out)))
+    marker = tmp_path / "pwned"
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt["payload"] = _Payload(str(marker))
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(ValueError, match=r"not a readable checkpoint"):
+        train(load_config(overrides=tiny_overrides(coco_data, out, "trainer.resume=last")))
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# ---- run directories -------------------------------------------------------------------------
+def test_a_finished_run_is_never_overwritten(coco_data, tmp_path) -> None:
+    out = tmp_path / "run"
+    first = train(load_config(overrides=tiny_overrides(coco_data, out)))
+    before = _weights(out)
+    second = train(load_config(overrides=tiny_overrides(coco_data, out, "trainer.seed=5")))
+    assert first.out_dir == out and second.out_dir == tmp_path / "run-2"
+    assert _same(before, _weights(out))  # untouched
+    assert (tmp_path / "run-2" / "results.json").is_file()
+    third = train(load_config(overrides=tiny_overrides(coco_data, out, "trainer.seed=5",
+                                                       "trainer.overwrite=true")))
+    assert third.out_dir == out and _same(_weights(out), _weights(tmp_path / "run-2"))
+
+
+def test_config_is_written_only_after_it_validates(coco_data, tmp_path) -> None:
+    out = tmp_path / "run"
+    train(load_config(overrides=tiny_overrides(coco_data, out)))
+    saved = (out / "config.yaml").read_text()
+    bad = tiny_overrides(coco_data, out, "trainer.resume=last", "distill.method=ssim",
+                         f"teacher.checkpoint={tmp_path / 'missing'}")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        distill(load_config(overrides=bad))
+    assert (out / "config.yaml").read_text() == saved
+
+
+def test_resume_appends_to_the_metrics_log(coco_data, tmp_path) -> None:
+    out = tmp_path / "run"
+    common = ("schedule.max_steps=null", "schedule.warmup_iters=1")
+    train(load_config(overrides=tiny_overrides(coco_data, out, *common, "schedule.epochs=1")))
+    with (out / "metrics.csv").open() as f:
+        first = [r["step"] for r in csv.DictReader(f) if r.get("train/loss")]
+    train(load_config(overrides=tiny_overrides(coco_data, out, *common, "schedule.epochs=2",
+                                               "trainer.resume=last")))
+    with (out / "metrics.csv").open() as f:
+        steps = [r["step"] for r in csv.DictReader(f) if r.get("train/loss")]
+    assert first == ["0", "1"] and steps == ["0", "1", "2", "3"]
+
+
+# ---- divergence ------------------------------------------------------------------------------
+def _poison(monkeypatch, at_call: int, value: float) -> None:
+    original = DetectionModule.training_step
+    calls = {"n": 0}
+
+    def poisoned(self, batch, batch_idx):
+        calls["n"] += 1
+        loss = original(self, batch, batch_idx)
+        return loss * value if calls["n"] == at_call else loss
+
+    monkeypatch.setattr(DetectionModule, "training_step", poisoned)
+
+
+def test_an_exploding_loss_stops_the_run_and_keeps_the_checkpoint(coco_data, tmp_path,
+                                                                 monkeypatch) -> None:
+    """A finite loss 1e30 times its running level stops the run like a NaN; the last good
+    checkpoint stays, finite, and the message says where."""
+    monkeypatch.setattr(DivergenceGuard, "__init__", _guard_init(min_steps=3))
+    _poison(monkeypatch, at_call=6, value=1e30)
+    out = tmp_path / "run"
+    cfg = load_config(overrides=tiny_overrides(
+        coco_data, out, "schedule.max_steps=null", "schedule.epochs=4", "data.batch_size=2",
+        "trainer.val_every=0"))
+    with pytest.raises(FloatingPointError, match=r"exploding loss .* at step 5 \(epoch 1\)") as e:
+        train(cfg)
+    assert "the last good checkpoint is kept" in str(e.value)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
+               if v.is_floating_point())
+    assert not (out / "results.json").exists() and not (out / "student.safetensors").exists()
+
+
+def _guard_init(min_steps: int):
+    original = DivergenceGuard.__init__
+
+    def init(self, factor: float = 100.0, window: int = 50, min_steps_: int = min_steps):
+        original(self, factor=factor, window=window, min_steps=min_steps_)
+
+    return init
+
+
+def test_a_nan_before_any_checkpoint_claims_none_was_kept(coco_data, tmp_path,
+                                                         monkeypatch) -> None:
+    _poison(monkeypatch, at_call=1, value=float("nan"))
+    with pytest.raises(FloatingPointError, match="no checkpoint had been written yet"):
+        train(load_config(overrides=tiny_overrides(coco_data, tmp_path / "run")))
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_guard_thresholds() -> None:
+    g = DivergenceGuard(factor=100, window=5, min_steps=3)
+    assert g._problem(float("inf")) == "non-finite loss"
+    assert g._problem(1e9) is None  # no running level yet
+    g.history.extend([1.0, 1.2, 0.8])
+    assert g._problem(50.0) is None
+    assert g._problem(101.0).startswith("exploding loss")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_on_one_ranks_nan(tmp_path, coco_data) -> None:
+    """Two DDP processes; only rank 1 sees a NaN loss: both stop with the error (no hang)."""
+    script = Path(__file__).with_name("ddp_nan_child.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(script.parents[1])])}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"),
+                           str(coco_data.root)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.count("another process saw a non-finite") >= 1 or \
+        proc.stderr.count("non-finite loss") >= 2, proc.stderr[-3000:]
+
+
+# ---- early, clear config and data errors -----------------------------------------------------
+@pytest.mark.parametrize("override", ["optim.lr=.nan", "optim.lr=.inf", "optim.grad_clip=-.inf",
+                                      "schedule.gamma=.nan"])
+def test_non_finite_config_values_are_refused(override) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"{key}=.*expected a finite number"):
+        load_config(overrides=[override])
+
+
+def test_partial_data_paths_are_an_error(coco_data, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"\['data.train_ann', 'data.val_images'\] not set"):
+        load_config(overrides=[f"data.val_ann={coco_data.val_ann}",
+                               f"data.train_images={coco_data.train_images}",
+                               f"trainer.out_dir={tmp_path / 'run'}"])
+
+
+def test_builtin_data_is_announced(tmp_path, caplog) -> None:
+    from structkd.engine.from_config import resolve_data
+
+    cfg = load_config(overrides=["data.synthetic.num_train=4", "data.synthetic.num_val=2",
+                                 "data.synthetic.image_size=64",
+                                 f"data.synthetic.root={tmp_path / 'syn'}"])
+    with caplog.at_level("INFO", logger="structkd.engine"):
+        resolve_data(cfg)
+    assert "using the built-in synthetic dataset" in caplog.text
