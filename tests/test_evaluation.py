@@ -285,3 +285,21 @@ def test_evaluate_model_end_to_end() -> None:
     assert metrics["num_images"] == 3 and metrics["num_detections"] > 0
     assert set(METRIC_KEYS) <= set(metrics) and set(metrics["per_class"]) == {"a", "b"}
     assert all(0.0 <= metrics[k] <= 100.0 or metrics[k] == -1.0 for k in METRIC_KEYS)
+
+
+def test_the_largest_accepted_ids_give_the_same_ap_as_small_ids() -> None:
+    """Ids up to 2**53 (the largest an annotation file may hold, see tests/data: the evaluator
+    compares ids as float64) evaluate exactly like the same objects and detections with ids
+    1, 2, 3, ... (pycocotools on the small ids is the reference)."""
+    gt, dets = make_gt(), make_detections(make_gt(), 1)
+    big = {i["id"]: 2**53 - k for k, i in enumerate(gt["images"])}
+    gt_big = copy.deepcopy(gt)
+    for im in gt_big["images"]:
+        im["id"] = big[im["id"]]
+    for k, ann in enumerate(gt_big["annotations"]):
+        ann["image_id"], ann["id"] = big[ann["image_id"]], 2**53 - k
+    dets_big = [{**d, "image_id": big[d["image_id"]]} for d in dets]
+    reference = pycocotools_stats(gt, dets) * 100.0
+    ours = coco_metrics(gt_big, dets_big)
+    for key, ref in zip(METRIC_KEYS, reference, strict=True):
+        assert ours[key] == pytest.approx(ref, abs=1e-4), key

@@ -1,12 +1,15 @@
-"""Option checks shared by every room: one message format, ``name=value; what was expected``."""
+"""Option checks shared by every room: one message format, ``name=value; what was expected``;
+and whether an output file can be written, before the work that fills it."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["check_choice", "check_positive"]
+__all__ = ["check_choice", "check_positive", "writable_file"]
 
 T = TypeVar("T")
 
@@ -27,3 +30,26 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}={value!r} is invalid; expected a finite number {bound}")
     return float(value)
+
+
+def writable_file(path: str | os.PathLike, option: str) -> Path:
+    """``path`` once it is known that a file can be written there (its folder created): checked
+    before the work whose result it will hold, so a bad path costs nothing. A ``ValueError``
+    names the option, the path and the reason."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ValueError(f"{option} {target} is a directory; expected a file path")
+    existed = target.exists()
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{option} {target}: cannot write there ({blocker} is a file, not a "
+                         "folder)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {target}: cannot write there ({e.strerror or e})") from None
+    if not existed:
+        target.unlink()
+    return target

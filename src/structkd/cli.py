@@ -75,10 +75,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_torchvision_builder(name: str) -> bool:
-    import torchvision
+def _teacher_key(name: str) -> str:
+    """"torchvision" for a detection builder's name, "checkpoint" for a saved detector; a name
+    that is neither (a builder's name with a typo) is an error naming the close builders."""
+    from .models.load import close_names, torchvision_builders
 
-    return name in torchvision.models.list_models(torchvision.models.detection)
+    builders = torchvision_builders()
+    if name in builders:
+        return "torchvision"
+    path = Path(name).expanduser()
+    saved = [path, *(path.with_name(path.name + s) for s in (".json", ".safetensors"))]
+    if any(p.exists() for p in saved) or "/" in name or path.suffix in (".ckpt", ".safetensors"):
+        return "checkpoint"
+    raise ValueError(f"--teacher {name!r} is neither a torchvision detection builder"
+                     f"{close_names(name, builders)} nor a saved detector (no {name}.json + "
+                     f"{name}.safetensors, .ckpt or run folder); expected a builder such as "
+                     "'retinanet_resnet50_fpn_v2' or the path of a structkd export")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -86,7 +98,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     extra = _run_flags(args)
     if args.teacher:
-        key = "torchvision" if _is_torchvision_builder(args.teacher) else "checkpoint"
+        key = _teacher_key(args.teacher)
         extra.append(f"teacher.{key}={args.teacher}")
     if args.teacher_weights:
         extra.append(f"teacher.weights={args.teacher_weights}")
@@ -151,14 +163,22 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .checks import writable_file
     from .engine import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, _load(args), out_json=args.out,
-                                  device=args.device)
+    out = writable_file(args.out, "--out") if args.out else None  # before the evaluation
+    metrics = evaluate_checkpoint(args.checkpoint, _load(args), device=args.device)
     _print_metrics(str(args.checkpoint), metrics)
     if metrics.get("per_class"):
         print("per-class AP: " + json.dumps({k: round(v, 1) for k, v in
                                              metrics["per_class"].items()}))
+    if out is not None:  # after printing: a failed write loses nothing
+        try:
+            out.write_text(json.dumps(metrics, indent=2))
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot write the metrics ({e.strerror or e}); they "
+                             "are printed above") from None
+        print(f"metrics written to {out}")
     return 0
 
 

@@ -186,6 +186,106 @@ def test_eval_out_is_a_directory_checked_before_evaluating(make_overrides,
     _fails(proc, f"--out {tmp_path / 'metrics'} is a directory")
 
 
+def _read_only_fs(monkeypatch) -> None:
+    """Stand in for a read-only file system (these tests run as root, whom mode bits do not
+    stop): the probe write fails as the kernel fails it."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_out_dir_on_a_read_only_file_system(make_overrides, tmp_path: Path, monkeypatch,
+                                            existing: bool) -> None:
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+    _read_only_fs(monkeypatch)
+    proc = cli_inprocess(["train", *_sets(make_overrides(out))])
+    _fails(proc, f"trainer.out_dir={str(out)!r}", "Read-only file system")
+    assert "data:" not in proc.stderr  # refused before the data was read
+
+
+def test_eval_out_that_cannot_be_written_is_refused_before_evaluating(export, make_overrides,
+                                                                      tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = cli_inprocess(["eval", str(export), "--out", str(blocker / "metrics.json"),
+                          *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, f"--out {blocker / 'metrics.json'}: cannot write there ({blocker} is a file")
+    assert "| " not in proc.stdout  # no evaluation ran
+
+
+def test_eval_prints_the_metrics_before_writing_them(export, make_overrides, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """A write that fails at the end (a full disk) loses nothing: the table is printed first."""
+    out = tmp_path / "metrics.json"
+    original = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self == out:
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    proc = cli_inprocess(["eval", str(export), "--out", str(out),
+                          *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, f"--out {out}: cannot write the metrics (No space left on device)")
+    assert "| model | AP | AP50 |" in proc.stdout and "per-class AP" in proc.stdout
+
+
+def test_export_to_an_unwritable_path_is_refused_before_exporting(export, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = cli_inprocess(["export", str(export), "--onnx", str(blocker / "student.onnx")])
+    _fails(proc, f"--onnx {blocker / 'student.onnx'}: cannot write there ({blocker} is a file")
+
+
+@pytest.mark.parametrize("size", ["100000", "8"])
+def test_export_size_outside_a_sane_range(export, tmp_path: Path, size: str) -> None:
+    proc = cli_inprocess(["export", str(export), "--onnx", str(tmp_path / "s.onnx"),
+                          "--size", size])
+    _fails(proc, f"--size={size} is invalid; expected an int in [32, 8192]")
+    assert not (tmp_path / "s.onnx").exists()
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    (["--set", "distill.options.sigma=wide"],
+     ["distill.options.sigma='wide' must be a number (method 'ssim')"]),
+    (["--set", "data.limit_train=0"], ["data.limit_train=0; expected an int >= 1"]),
+    (["--set", "optim.grad_clip=-1"], ["optim.grad_clip=-1.0; expected a finite number > 0"]),
+    (["--teacher", "retinanet_resnet50_fpn_v3"],
+     ["--teacher 'retinanet_resnet50_fpn_v3' is neither a torchvision detection builder",
+      "did you mean 'retinanet_resnet50_fpn_v2'"]),
+    (["--set", "teacher.torchvision=fcos_resnet_50_fpn"],
+     ["teacher.torchvision='fcos_resnet_50_fpn' is not a torchvision detection builder",
+      "did you mean 'fcos_resnet50_fpn'"]),
+])
+def test_config_errors_before_any_work(args: list[str], names: list[str], make_overrides,
+                                       tmp_path: Path) -> None:
+    proc = cli_inprocess(["distill", *args, *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, *names)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("source", "names"), [
+    ("import sys\nx = (\n", ["importing 'kd_broken_module' failed: SyntaxError", "line 2"]),
+    ("raise RuntimeError('boom at import')\n",
+     ["importing 'kd_broken_module' failed: RuntimeError: boom at import"]),
+])
+def test_a_distill_imports_module_that_fails(source: str, names: list[str], tmp_path: Path,
+                                             monkeypatch) -> None:
+    (tmp_path / "kd_broken_module.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "kd_broken_module", raising=False)
+    proc = cli_inprocess(["config", "--set", "distill.imports=[kd_broken_module]"])
+    _fails(proc, "distill.imports:", *names)
+
+
 # ----------------------------------------------------------------------------- images
 
 

@@ -250,3 +250,31 @@ def test_read_coco_annotations_with_given_categories(tmp_path: Path) -> None:
     assert [lb.tolist() for lb in result.labels] == [[], [], [3]]
     with pytest.raises(ValueError, match=r"categories argument: duplicate category id 7"):
         read_coco_annotations(ann, [*CATEGORIES, {"id": 7, "name": "lynx"}])
+
+
+@pytest.mark.parametrize(("record", "key", "value", "where"), [
+    ("annotations", "id", 10**30, "annotation #0 'id' is 1000000000000000000000000000000"),
+    ("images", "id", -(2**53) - 1, "image #0 'id' is -9007199254740993"),
+    ("images", "width", 10**400, "image id 1 'width' is 10000000000000000000... (401 digits)"),
+    ("categories", "id", 2**62, "category #0 'id' is 4611686018427387904"),
+])
+def test_numbers_beyond_2_53_are_refused(tmp_path: Path, record: str, key: str, value: int,
+                                         where: str) -> None:
+    """An id the COCO evaluator cannot hold exactly (it compares ids as float64) would change
+    the result silently; a size that large overflowed. Both are an error naming the record."""
+    coco = base_coco()
+    coco[record][0][key] = value
+    path = write_dataset(tmp_path, coco, images=False)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {where}")) as e:
+        read_coco_annotations(path)
+    assert "expected an integer of magnitude at most 2**53" in str(e.value)
+
+
+def test_the_largest_ids_are_kept_exactly(tmp_path: Path) -> None:
+    coco = base_coco()
+    coco["annotations"][0]["id"] = 2**53
+    coco["images"][0]["id"] = 2**53 - 1
+    coco["annotations"][:3] = [{**a, "image_id": 2**53 - 1} for a in coco["annotations"][:3]]
+    ds = CocoDetection(write_dataset(tmp_path, coco), tmp_path)
+    assert ds.image_ids[0] == 2**53 - 1 and ds[0][1]["image_id"] == 2**53 - 1
+    assert ds.coco_gt["annotations"][0]["id"] == 2**53

@@ -380,3 +380,12 @@ def test_features_pairs_levels_without_adapters(pair) -> None:
         assert t[p.name].shape[1] == p.teacher_channels
         assert s[p.name].shape[-2:] == t[p.name].shape[-2:]
     assert student.training  # its mode is restored
+
+
+@pytest.mark.parametrize("layers", [[], "", [""], [3]])
+def test_empty_or_malformed_layer_lists_are_refused(pair, layers) -> None:
+    student, teacher = (copy.deepcopy(m) for m in pair)
+    with pytest.raises(ValueError, match=r"student_layers=.*expected a module path"):
+        Distiller(student, teacher, student_layers=layers)
+    with pytest.raises(ValueError, match=r"teacher_layers=.*expected a module path"):
+        Distiller(student, teacher, teacher_layers=layers)

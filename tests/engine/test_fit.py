@@ -119,3 +119,32 @@ def test_evaluate_objects_equals_the_runs_validation(datasets, tmp_path) -> None
     assert {k: metrics[k] for k in ("AP", "AP50", "per_class")} == {
         k: result.metrics[k] for k in ("AP", "AP50", "per_class")}
     assert list(metrics["per_class"]) == datasets[1].class_names[1:]
+
+
+@pytest.mark.parametrize(("train", "problem"), [
+    ([1, 2, 3], "item 0 is int 1, not an (image, target) pair"),
+    ([(torch.rand(3, 8, 8), {"boxes": torch.zeros(1, 4)})],
+     "item 0 has a target without ['labels'] (keys: ['boxes'])"),
+    ([(torch.rand(3, 8, 8), {"boxes": torch.zeros(1, 5), "labels": torch.ones(1).long()})],
+     "item 0 has 'boxes' of shape (1, 5)"),
+    ([(torch.rand(8, 8), {"boxes": torch.zeros(1, 4), "labels": torch.ones(1).long()})],
+     "item 0 has an image of shape (8, 8)"),
+    ([(torch.rand(3, 8, 8), {"boxes": torch.zeros(2, 4), "labels": torch.ones(1).long()})],
+     "item 0 has 'labels' of shape (1,) and dtype torch.int64 for 2 boxes"),
+    ([], "the train dataset (list) is empty"),
+])
+def test_a_malformed_dataset_is_named_before_any_work(train, problem, tmp_path) -> None:
+    student, _ = _pair()
+    with pytest.raises(ValueError) as e:
+        structkd.fit(student, train, out_dir=tmp_path / "run", **TINY)
+    assert problem in str(e.value) and "the train dataset (list)" in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_sample_check_leaves_the_random_state_alone(datasets) -> None:
+    from structkd.engine.samples import check_first_sample
+
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    check_first_sample(datasets[0], "train")  # its flip transform draws from the global RNG
+    assert torch.equal(torch.get_rng_state(), before)

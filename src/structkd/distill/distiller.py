@@ -93,6 +93,11 @@ class Distiller(nn.Module):
         self._has_transform = isinstance(getattr(inner, "transform", None),
                                          GeneralizedRCNNTransform)
         s_layers = [student_layers] if isinstance(student_layers, str) else list(student_layers)
+        for name, layers in (("student_layers", s_layers), ("teacher_layers", teacher_layers)):
+            if not layers or not all(isinstance(p, str) and p for p in (
+                    [layers] if isinstance(layers, str) else layers)):
+                raise ValueError(f"{name}={layers!r}; expected a module path (e.g. 'backbone') "
+                                 "or a non-empty list of them")
         # The student's batched input: torchvision's transform output, else the input of the
         # first tapped module's top-level parent (the root that takes the images).
         s_root = teacher_root if any(p == teacher_root or p.startswith(teacher_root + ".")

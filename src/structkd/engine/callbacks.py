@@ -17,7 +17,9 @@ logger = logging.getLogger("structkd.engine")
 
 class DivergenceGuard(L.Callback):
     """Stops the run before a bad step is applied: a non-finite loss, or one that explodes to
-    more than ``factor`` times the median of the last ``window`` steps (after ``min_steps``).
+    more than ``factor`` times its level. The level is the median of the last ``window`` steps
+    once ``min_steps`` are known, and before that the largest loss seen so far, so an absurd
+    value is caught from the second step on (a non-finite one from the first).
 
     Every rank takes part in the decision, so under DDP all of them stop together instead of
     one raising while the others wait in the next collective.
@@ -30,10 +32,13 @@ class DivergenceGuard(L.Callback):
     def _problem(self, value: float) -> str | None:
         if not torch.isfinite(torch.tensor(value)):
             return "non-finite loss"
-        if self.factor and len(self.history) >= self.min_steps:
-            level = statistics.median(self.history)
+        if self.factor and self.history:
+            if len(self.history) >= self.min_steps:
+                level, what = statistics.median(self.history), "the median"
+            else:
+                level, what = max(self.history), "the largest loss"
             if level > 0 and value > self.factor * level:
-                return (f"exploding loss ({value:.4g}, more than {self.factor:g}x the median "
+                return (f"exploding loss ({value:.4g}, more than {self.factor:g}x {what} "
                         f"{level:.4g} of the last {len(self.history)} steps)")
         return None
 
@@ -48,7 +53,8 @@ class DivergenceGuard(L.Callback):
         terms = {k: round(float(v), 6) for k, v in getattr(pl_module, "last_losses", {}).items()}
         reason = problem or "another process saw a non-finite or exploding loss"
         ckpt = _last_checkpoint(trainer)
-        kept = (f"the last good checkpoint is kept: {ckpt}" if ckpt is not None else
+        kept = (f"the last checkpoint, {ckpt[0]}, holds step {ckpt[1]} (every step up to it "
+                "passed this check) and is kept" if ckpt is not None else
                 "no checkpoint had been written yet")
         raise FloatingPointError(
             f"{reason} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
@@ -63,12 +69,19 @@ class DivergenceGuard(L.Callback):
         self.history.extend(state_dict.get("history", []))
 
 
-def _last_checkpoint(trainer: L.Trainer) -> Path | None:
+def _last_checkpoint(trainer: L.Trainer) -> tuple[Path, int] | None:
+    """The rolling checkpoint and the step it holds, or None before the first one."""
     cb = trainer.checkpoint_callback
     if cb is None or not getattr(cb, "dirpath", None):
         return None
     path = Path(cb.dirpath) / "last.ckpt"
-    return path if path.is_file() else None
+    if not path.is_file():
+        return None
+    step = getattr(cb, "saved_step", None)
+    if step is None:  # written by an earlier process of this run: read its step
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step = int(ckpt.get("global_step", -1))
+    return path, step
 
 
 class SafeCheckpoint(ModelCheckpoint):
@@ -85,6 +98,8 @@ class SafeCheckpoint(ModelCheckpoint):
         filepath = self.format_checkpoint_name(self._monitor_candidates(trainer))
         self._save_checkpoint(trainer, filepath)
 
+    saved_step: int | None = None  # the step of the checkpoint this process last wrote
+
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         module = trainer.lightning_module
         bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
@@ -92,3 +107,4 @@ class SafeCheckpoint(ModelCheckpoint):
             logger.error("not saving %s: parameters %s hold NaN or Inf", filepath, bad[:3])
             return
         super()._save_checkpoint(trainer, filepath)
+        self.saved_step = trainer.global_step

@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -35,8 +36,9 @@ from .module import DetectionModule
 from .options import Loader, Optim, Schedule, TrainerOptions
 from .recipe import Config
 from .results import RunResult, read_history
-from .resume import check_resume, resume_path, run_meta
-from .run_dir import prepare_out_dir
+from .resume import check_resume, resume_path, run_meta, run_options
+from .run_dir import claim_out_dir
+from .samples import check_first_sample
 from .trainer import build_trainer
 
 logger = logging.getLogger("structkd.engine")
@@ -142,6 +144,9 @@ def fit(
         d.options = dict(method_options)
     if isinstance(chosen, DistillMethod) and d.options:
         raise ValueError("method_options are only accepted with a method name")
+    check_first_sample(train, "train")
+    if val is not None:
+        check_first_sample(val, "val")
     # Read before any seeding: a dataset's own transforms may draw random numbers.
     info = eval_info_for(val, class_names) if val is not None else None
     return _run(cfg, student, train, val, teacher=teacher if name != "none" else None,
@@ -165,7 +170,20 @@ def _run(cfg: Config, student: nn.Module, train: Dataset, val: Dataset | None, *
     t = cfg.trainer
     if t.threads:
         torch.set_num_threads(t.threads)
-    out_dir = prepare_out_dir(t.out_dir, resume=t.resume is not None, overwrite=t.overwrite)
+    run_dir = claim_out_dir(t.out_dir, resume=t.resume is not None, overwrite=t.overwrite)
+    try:
+        return _run_in(run_dir.path, cfg, student, train, val, teacher=teacher, method=method,
+                       class_names=class_names, spec=spec, info=info, callbacks=callbacks,
+                       start=start)
+    finally:
+        run_dir.release()
+
+
+def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
+            val: Dataset | None, *, teacher: nn.Module | None, method: DistillMethod | None,
+            class_names: Sequence[str] | None, spec: DetectorSpec | None, info,
+            callbacks: Sequence[L.Callback], start: float) -> RunResult:
+    t = cfg.trainer
     resume = resume_path(t.resume, out_dir)
     L.seed_everything(t.seed, workers=True, verbose=False)
     if teacher is not None:
@@ -174,14 +192,18 @@ def _run(cfg: Config, student: nn.Module, train: Dataset, val: Dataset | None, *
                     [p.name for p in net.pairs])
     else:
         net = DetectorLosses(student)
-    meta = run_meta(net, spec, info, cfg.distill.teacher_dtype)
-    if resume is not None:
-        check_resume(resume, meta)
+    meta = run_meta(net, spec, info, cfg.distill.teacher_dtype, run_options(cfg))
+    resumed = check_resume(resume, meta) if resume is not None else None
+    if resumed is not None and resumed.changed:
+        logger.warning("resuming %s at step %d with changed options, applied from there: %s",
+                       resume, resumed.step, "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b)
+                                                       in resumed.changed.items()))
     module = DetectionModule(net, optim=cfg.optim, schedule=cfg.schedule, eval_info=info,
                              run_meta=meta)
     data = DetectionDataModule(train, val, part(cfg.data, Loader), seed=t.seed,
                                class_names=class_names)
-    trainer = build_trainer(out_dir, t, cfg.schedule, cfg.optim, callbacks)
+    trainer = build_trainer(out_dir, t, cfg.schedule, cfg.optim, callbacks,
+                            resume_step=resumed.step if resumed is not None else None)
     if trainer.is_global_zero:  # written only now: everything above has validated it
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..checks import writable_file
 from ..config import ConfigError, part
 from ..data import CocoDetection, build_transforms, make_synthetic_coco
 from ..labels import label_map
@@ -28,6 +29,7 @@ from .hazards import cpu_bf16_hazard
 from .options import Loader
 from .recipe import Augment, Config
 from .results import RunResult
+from .run_dir import check_out_dir
 from .sampling import limit
 
 logger = logging.getLogger("structkd.engine")
@@ -161,6 +163,7 @@ def build_run(cfg: Config) -> Run:
 
 def run_config(cfg: Config, *, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """Train (``distill.method: none``) or distil, as the config says."""
+    check_out_dir(cfg.trainer.out_dir)  # before the data is read and the models built
     run = build_run(cfg)
     return fit(run.student, run.train, run.val, teacher=run.teacher, config=cfg,
                spec=cfg.spec(run.train.num_classes), callbacks=callbacks)
@@ -170,8 +173,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, *,
                         out_json: str | Path | None = None,
                         device: str = "cpu") -> dict[str, Any]:
     """COCO box metrics of a saved detector on ``cfg``'s val split, with its own label map."""
-    if out_json is not None and Path(out_json).is_dir():
-        raise ValueError(f"--out {out_json} is a directory; expected a JSON file path")
+    out_path = writable_file(out_json, "--out") if out_json is not None else None
     model, info = load_detector(checkpoint)
     train_ds, val_ds = load_datasets(cfg, resolve_data(cfg), check=("val",))
     check_labels(info, train_ds, "detector")
@@ -191,7 +193,6 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, *,
                        class_names=info.class_names or None,
                        label_to_cat_id=info.label_to_cat_id or None,
                        progress=cfg.trainer.progress)
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(metrics, indent=2))
+    if out_path is not None:
+        out_path.write_text(json.dumps(metrics, indent=2))
     return metrics

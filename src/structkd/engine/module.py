@@ -73,6 +73,31 @@ class DetectionModule(L.LightningModule):
             self.eval_info = datamodule.eval_info()
 
     # ---- training -------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        """After a resume, the optimiser and its schedule follow the options of now: a changed
+        rate, momentum, weight decay or schedule applies from the resumed step on (Lightning
+        restored the checkpoint's; unchanged values are left exactly as restored)."""
+        saved = (self.resumed_meta or {}).get("options")
+        now = self.run_meta.get("options")
+        if not saved or not now:
+            return
+        changed = [k for k in now if k.split(".")[0] in ("optim", "schedule")
+                   and k in saved and saved[k] != now[k]]
+        if not changed:
+            return
+        opt = self.optimizers(use_pl_optimizer=False)
+        sched = self.lr_schedulers()
+        nb = self.trainer.num_training_batches
+        steps_per_epoch = nb if isinstance(nb, int | float) and nb > 0 else math.inf
+        factor = self.schedule.factor(sched.last_epoch, steps_per_epoch)
+        for group in opt.param_groups:
+            group["initial_lr"] = self.optim.lr
+            group["lr"] = self.optim.lr * factor
+            group["weight_decay"] = self.optim.weight_decay
+            if "momentum" in group:
+                group["momentum"] = self.optim.momentum
+        sched.base_lrs = [self.optim.lr] * len(opt.param_groups)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._t0 = time.perf_counter()
 

@@ -42,6 +42,7 @@ from ..data.transforms import build_transforms
 from ..distill import Distiller
 from ..methods import check_method
 from ..models import DetectorSpec
+from ..models.load import close_names, torchvision_builders
 from .options import Loader, Optim, Schedule, TrainerOptions
 
 __all__ = ["RENAMED", "Config", "TeacherSource", "load_config"]
@@ -138,6 +139,11 @@ class TeacherSource:
         if self.checkpoint and self.weights:
             raise ValueError(f"weights={self.weights!r} goes with torchvision (a builder name), "
                              "not with checkpoint")
+        if self.torchvision:
+            builders = torchvision_builders()
+            if self.torchvision not in builders:
+                raise ValueError(f"torchvision={self.torchvision!r} is not a torchvision "
+                                 f"detection builder{close_names(self.torchvision, builders)}")
 
 
 DistillSection = section_from_signature(
@@ -209,6 +215,13 @@ def check_distill(cfg: Config) -> None:
         except ImportError as e:
             raise ConfigError(f"distill.imports: cannot import {module!r} ({e}); expected an "
                               "importable module that registers methods") from None
+        except Exception as e:  # the module itself failed: a syntax error, a raise
+            where = ""
+            if isinstance(e, SyntaxError):
+                where = f" ({Path(e.filename or '?').name}, line {e.lineno})"
+            raise ConfigError(f"distill.imports: importing {module!r} failed: "
+                              f"{type(e).__name__}: {getattr(e, 'msg', None) or e}{where}"
+                              ) from None
     if "weight" in d.options:
         raise ConfigError("distill.options.weight: set distill.weight instead")
     if d.method == "none":
@@ -220,4 +233,9 @@ def check_distill(cfg: Config) -> None:
     try:
         check_method(method, options)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"distill.method={method!r}: {e}") from None
+        message = str(e)
+        named = next((k for k in options if message.startswith(f"{k}=")), None)
+        if named is not None:  # a bad value of one option: name its key
+            key = "distill.weight" if named == "weight" else f"distill.options.{named}"
+            raise ConfigError(f"{key}{message[len(named):]} (method {method!r})") from None
+        raise ConfigError(f"distill.method={method!r}: {message}") from None

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,39 @@ from ..distill import DetectorLosses, Distiller, weights_fingerprint
 from ..models import DetectorSpec
 from .evalinfo import EvalInfo
 
-__all__ = ["IDENTITY_KEYS", "check_resume", "resume_path", "rng_states", "run_meta",
-           "set_rng_states"]
+__all__ = ["APPLIED_ON_RESUME", "FIXED_ON_RESUME", "IDENTITY_KEYS", "Resumed", "check_resume",
+           "resume_path", "rng_states", "run_meta", "run_options", "set_rng_states"]
 
 IDENTITY_KEYS = ("spec", "class_names", "label_to_cat_id", "method", "levels", "teacher")
+# Options a resume may change: applied from the resumed step on (and logged).
+APPLIED_ON_RESUME = ("optim.lr", "optim.momentum", "optim.weight_decay", "optim.grad_clip",
+                     "schedule.preset", "schedule.epochs", "schedule.milestones",
+                     "schedule.gamma", "schedule.warmup_iters", "schedule.warmup_ratio",
+                     "schedule.max_steps")
+# Options that make another run (the optimiser's state, the data order or the batches would
+# not be this run's): a resume that changes one is refused.
+FIXED_ON_RESUME = ("optim.name", "trainer.seed", "data.batch_size", "data.limit_train",
+                   "data.hflip_prob", "data.scale_range")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A checkpoint a run resumes from: its step and the options the resume changes
+    (key -> (checkpoint's value, now))."""
+
+    path: Path
+    step: int
+    changed: dict[str, tuple[Any, Any]]
+
+
+def run_options(cfg: Any) -> dict[str, Any]:
+    """The values of the options a resume compares (``section.key`` -> value)."""
+    out = {}
+    for key in (*APPLIED_ON_RESUME, *FIXED_ON_RESUME):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        out[key] = list(value) if isinstance(value, tuple | list) else value
+    return out
 
 
 def rng_states() -> dict[str, Any]:
@@ -53,9 +83,12 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def run_meta(net: Distiller | DetectorLosses, spec: DetectorSpec | None,
-             info: EvalInfo | None, teacher_dtype: str | None) -> dict[str, Any]:
-    """The identity of a run, saved in its checkpoints and compared on resume."""
+             info: EvalInfo | None, teacher_dtype: str | None,
+             options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The identity of a run and its resumable options, saved in its checkpoints and compared
+    on resume."""
     meta: dict[str, Any] = {
+        "options": dict(options or {}),
         "structkd_version": __version__,
         "spec": spec.to_dict() if spec is not None else None,
         "class_names": list(info.class_names) if info else [],
@@ -82,8 +115,10 @@ def resume_path(resume: str | None, out_dir: Path) -> Path | None:
     return path
 
 
-def check_resume(path: Path, meta: Mapping[str, Any]) -> None:
-    """Refuse to resume ``path`` into a run that is not the same: say what differs."""
+def check_resume(path: Path, meta: Mapping[str, Any]) -> Resumed:
+    """Refuse to resume ``path`` into a run that is not the same (its identity or an option of
+    ``FIXED_ON_RESUME`` differs): say what differs, with both values. Returns the checkpoint's
+    step and the changes of ``APPLIED_ON_RESUME`` options, which the resumed run applies."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -93,13 +128,23 @@ def check_resume(path: Path, meta: Mapping[str, Any]) -> None:
     saved = ckpt.get("structkd") if isinstance(ckpt, dict) else None
     if not isinstance(saved, dict):
         raise ValueError(f"{path} is not a checkpoint of a structkd run (no 'structkd' entry)")
-    diffs = []
-    for key in IDENTITY_KEYS:
-        a, b = saved.get(key), meta.get(key)
-        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True,
-                                                                    default=str):
-            diffs.append(f"{key}: checkpoint {json.dumps(a, default=str)[:300]} vs now "
-                         f"{json.dumps(b, default=str)[:300]}")
+    diffs = [f"{key}: checkpoint {_text(saved.get(key))} vs now {_text(meta.get(key))}"
+             for key in IDENTITY_KEYS if not _same(saved.get(key), meta.get(key))]
+    then, now = saved.get("options") or {}, meta.get("options") or {}
+    diffs += [f"{key}: checkpoint {_text(then[key])} vs now {_text(now.get(key))}"
+              for key in FIXED_ON_RESUME if key in then and not _same(then[key], now.get(key))]
     if diffs:
         raise ValueError(f"cannot resume {path}: it belongs to another run; "
                          + "; ".join(diffs))
+    changed = {key: (then[key], now.get(key)) for key in APPLIED_ON_RESUME
+               if key in then and not _same(then[key], now.get(key))}
+    return Resumed(path, int(ckpt.get("global_step", 0)), changed)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True,
+                                                                     default=str)
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, default=str)[:300]

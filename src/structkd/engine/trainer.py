@@ -16,13 +16,15 @@ __all__ = ["build_trainer"]
 
 
 def build_trainer(out_dir: Path, options: TrainerOptions, schedule: Schedule, optim: Optim,
-                  callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+                  callbacks: Sequence[L.Callback] = (), *,
+                  resume_step: int | None = None) -> L.Trainer:
     """One trainer for fitting and the final validation, so both log into the same CSV and
     TensorBoard files (a second trainer would start them afresh and lose the curves).
 
     It keeps one rolling checkpoint, ``checkpoints/last.ckpt``, written every
     ``checkpoint_every`` epochs as soon as the epoch's training ends, and stops a diverging run
-    (:class:`~structkd.engine.callbacks.DivergenceGuard`).
+    (:class:`~structkd.engine.callbacks.DivergenceGuard`). ``resume_step``: the step of the
+    checkpoint a resumed run starts from (its CSV log drops the rows it redoes).
     """
     t, s = options, schedule
     ckpt = SafeCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_top_k=1,
@@ -43,5 +45,5 @@ def build_trainer(out_dir: Path, options: TrainerOptions, schedule: Schedule, op
         logger=loggers,
     )
     if trainer.is_global_zero:
-        open_csv_logger(csv_log, out_dir)
+        open_csv_logger(csv_log, out_dir, resume_step=resume_step)
     return trainer

@@ -31,8 +31,15 @@ def check_pair(student: Tensor, teacher: Tensor, *, check_finite: bool = True) -
                 raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_number(name: str, value: object) -> None:
+    """``value`` must be a real number (an int or a float, not a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name}={value!r} must be a number")
+
+
 def check_window(window_size: int, sigma: float) -> None:
     """The Gaussian window must be a positive odd size with a positive sigma."""
+    check_number("sigma", sigma)
     if isinstance(window_size, bool) or not isinstance(window_size, int):
         raise ValueError(f"window_size={window_size!r} must be an int")
     if window_size <= 0 or window_size % 2 == 0:

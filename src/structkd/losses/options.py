@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from ..checks import check_choice
+from ._checks import check_number
 from .normalize import DEFAULT_EPS, NORMALIZE_MODES
 
 _Options = TypeVar("_Options", bound="DistanceOptions")
@@ -102,3 +103,6 @@ class NormalizeOptions(DistanceOptions):
 
     def __post_init__(self) -> None:
         check_choice("normalize", self.normalize, NORMALIZE_MODES)
+        check_number("eps", self.eps)
+        if not isinstance(self.check_finite, bool):
+            raise ValueError(f"check_finite={self.check_finite!r} must be true or false")

@@ -181,12 +181,12 @@ def torchvision_detector(builder: str, weights: str | None = None, *,
     the enum's categories comes with it (COCO: ids 0-90 with "N/A" gaps, as torchvision numbers
     them). Without weights the model is randomly initialised (``num_classes`` required).
     """
-    try:
-        fn = torchvision.models.get_model_builder(builder)
-    except ValueError:
-        known = [n for n in torchvision.models.list_models(torchvision.models.detection)]
+    known = torchvision_builders()
+    if builder not in known:
         raise ValueError(f"teacher.torchvision={builder!r} is not a torchvision detection "
-                         f"builder; expected one of {sorted(known)}") from None
+                         f"builder{close_names(builder, known)}; expected one of "
+                         f"{sorted(known)}")
+    fn = torchvision.models.get_model_builder(builder)
     names: list[str] = []
     state = None
     if weights is None:
@@ -222,6 +222,19 @@ def torchvision_detector(builder: str, weights: str | None = None, *,
                          "weights_file": str(weights_file(weights)) if weights and
                          not Path(weights).expanduser().is_file() else weights})
     return model.eval(), info
+
+
+def torchvision_builders() -> list[str]:
+    """The names of torchvision's detection builders (``retinanet_resnet50_fpn_v2``, ...)."""
+    return list(torchvision.models.list_models(torchvision.models.detection))
+
+
+def close_names(name: str, known: list[str]) -> str:
+    """ ``" (did you mean 'a' or 'b'?)"`` for the known names close to ``name``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _classes_in_state(state: Mapping[str, torch.Tensor]) -> int | None:

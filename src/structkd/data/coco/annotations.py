@@ -160,12 +160,24 @@ def _record_name(kind: str, record: Any, index: int) -> str:
     return f"{kind} #{index} in '{key}'"
 
 
+# The largest integer magnitude kept exactly: the COCO evaluator handles ids as float64, which
+# holds every integer up to 2**53 (ids near 2**62 collapsed there and broke the evaluation).
+MAX_ID = 2**53
+
+
 def _require_int(value: Any, what: str, source: Path | str) -> int:
-    """Return ``value`` as int, accepting only ints (or integral floats), never bools."""
+    """Return ``value`` as int, accepting only ints (or integral floats) of magnitude at most
+    2**53, never bools: a larger id would be silently changed on its way to the evaluator."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{source}: {what} must be an integer, got {value!r}")
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{source}: {what} must be an integer, got {value!r}")
+    if not -MAX_ID <= value <= MAX_ID:
+        shown = f"{value!r}" if len(repr(value)) <= 40 else f"{repr(value)[:20]}... " \
+            f"({len(str(abs(int(value))))} digits)"
+        raise ValueError(f"{source}: {what} is {shown}; expected an integer of magnitude at most "
+                         "2**53 (the largest float64, which the COCO evaluator uses, holds "
+                         "exactly)")
     return int(value)
 
 

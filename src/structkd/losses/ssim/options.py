@@ -12,7 +12,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from ...checks import check_choice
-from .._checks import check_window
+from .._checks import check_number, check_window
 from ..options import NormalizeOptions
 from .blur import GaussianBlur
 
@@ -40,6 +40,8 @@ class SSIMOptions(NormalizeOptions):
     components: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
+        for name in ("k1", "k2", "data_range"):
+            check_number(name, getattr(self, name))
         check_window(self.window_size, self.sigma)
         check_choice("padding", self.padding, PADDINGS)
         if not self.data_range > 0:
@@ -47,7 +49,9 @@ class SSIMOptions(NormalizeOptions):
         for name, k in (("k1", self.k1), ("k2", self.k2)):
             if not k > 0:
                 raise ValueError(f"{name}={k!r} must be > 0")
-        comps = tuple(float(c) for c in self.components)
+        numbers = isinstance(self.components, list | tuple) and all(
+            isinstance(c, int | float) and not isinstance(c, bool) for c in self.components)
+        comps = tuple(float(c) for c in self.components) if numbers else ()
         if len(comps) != 3 or any(not c >= 0 or math.isinf(c) for c in comps):
             raise ValueError(
                 f"components={self.components!r} must be three finite exponents >= 0 "

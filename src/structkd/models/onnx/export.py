@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from ..._version import __version__
+from ...checks import writable_file
 from ...labels import default_class_names
 from ..spec import DetectorSpec, as_spec
 
@@ -42,6 +43,9 @@ METADATA_KEY = "structkd"
 DEFAULT_OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("boxes", "scores", "labels")
+# Input sides an export accepts: below 32 px the FPN's last levels vanish; above 8192 px one
+# image's tensors alone take gigabytes (the exporter's trace would run out of memory first).
+SIZE_RANGE = (32, 8192)
 _SUPPORTED = (RetinaNet, FCOS, FasterRCNN)
 
 
@@ -66,9 +70,11 @@ def _as_hw(image_size: int | Sequence[int], argument: str = "image_size") -> tup
         hw = tuple(image_size)
     else:
         hw = ()
-    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in hw):
-        raise ValueError(f"{argument}={image_size!r} is invalid; expected an int >= 1 (square) "
-                         "or a pair (height, width) of ints >= 1")
+    low, high = SIZE_RANGE
+    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high
+                           for v in hw):
+        raise ValueError(f"{argument}={image_size!r} is invalid; expected an int in [{low}, "
+                         f"{high}] (square) or a pair (height, width) of such ints")
     return int(hw[0]), int(hw[1])
 
 
@@ -214,8 +220,7 @@ def export_onnx(
     hw = _as_hw(image_size) if image_size is not None else default_image_size(model, spec)
     meta = dict(meta or {})
     names, l2c = _label_map(meta, class_names, label_to_cat_id, _num_classes(model))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable_file(path, "--onnx")
 
     arch = spec.arch if spec is not None else type(model).__name__.lower()
     document: dict[str, Any] = {
@@ -294,6 +299,9 @@ def export_run(run_dir_or_prefix: str | os.PathLike, onnx_path: str | os.PathLik
     is rebuilt from its spec alone (no teacher, no adapters) and written with its label map.
     ``image_size`` defaults to the spec's ``min_size`` (square).
     """
+    writable_file(onnx_path, "--onnx")  # checked before any work
+    if image_size is not None:
+        _as_hw(image_size, "--size")
     from ..load import load_detector
 
     source = Path(run_dir_or_prefix).expanduser()
