@@ -38,3 +38,24 @@ def test_minmax_errors() -> None:
         minmax_normalize(torch.rand(1, 1, 2, 2), "zscore")
     with pytest.raises(ValueError, match=r"expects \(B, C, H, W\), got shape \(2, 2\)"):
         minmax_normalize(torch.rand(2, 2), "minmax")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_blockwise_extremes_equal_min_max_with_indices(seed) -> None:
+    """``_extreme`` equals ``rows.min/max(dim=1)``, first-occurrence index included, with ties
+    (few distinct values), constant rows and NaN."""
+    from structkd.losses.normalize import _extreme
+
+    g = torch.Generator().manual_seed(seed)
+    r, n1, n2 = torch.randint(1, 6, (3,), generator=g).tolist()
+    x = torch.randint(-2, 3, (r, n1, n2), generator=g).float()
+    if seed % 5 == 0:
+        x.view(-1)[int(torch.randint(0, x.numel(), (1,), generator=g))] = float("nan")
+    if seed % 7 == 0:
+        x.fill_(3.0)
+    rows = x.reshape(r, -1)
+    for largest in (False, True):
+        value, index = _extreme(x, largest=largest)
+        v_ref, i_ref = rows.max(dim=1) if largest else rows.min(dim=1)
+        assert torch.equal(index, i_ref)
+        assert torch.allclose(value, v_ref, equal_nan=True)

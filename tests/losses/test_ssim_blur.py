@@ -98,3 +98,46 @@ def test_gaussian_window_errors():
         gaussian_window(6, 1.5)
     with pytest.raises(ValueError, match=r"sigma=0"):
         gaussian_window(5, 0)
+
+
+@pytest.mark.parametrize(("dim", "taps"), [(40, 11), (33, 11), (36, 31), (12, 23), (5, 9), (3, 3)])
+def test_border_matrix_is_reflect_minus_zero_padding(dim, taps):
+    """``border_matrix`` (and its flip at the high end) is exactly what reflect padding adds to a
+    zero-padded blur: the dense reflect matrix minus the banded zero-padded one."""
+    reflect = blur_mod.blur_matrix(dim, taps, 1.5, "same", F64, "cpu")
+    g = gaussian_window(taps, 1.5, dtype=F64)
+    p = taps // 2
+    zero = torch.zeros(dim, dim, dtype=F64)
+    for i in range(dim):
+        for t in range(taps):
+            if 0 <= i + t - p < dim:
+                zero[i, i + t - p] += g[t]
+    a = blur_mod.border_matrix(taps, 1.5, F64, "cpu")
+    expected = torch.zeros(dim, dim, dtype=F64)
+    expected[:p, 1 : p + 1] += a
+    expected[dim - p :, dim - p - 1 : dim - 1] += a.flip(0, 1)
+    assert_close(reflect - zero, expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_reflected_border_and_its_adjoint(axis, layout):
+    """Zero-padded convolution + ``add_reflected_border`` equals a convolution of the reflect-padded
+    map, and the adjoint flag gives the transpose (<A y, u> = <y, A^T u>)."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = rand((2, 3, 37, 41), 62).contiguous(memory_format=fmt)
+    u = rand((2, 3, 37, 41), 63).contiguous(memory_format=fmt)
+    a = blur_mod.border_matrix(11, 1.5, F64, "cpu")
+    got, adj = torch.zeros_like(x), torch.zeros_like(u)
+    blur_mod.add_reflected_border(got, x, a, axis, adjoint=False)
+    blur_mod.add_reflected_border(adj, u, a, axis, adjoint=True)
+    pads = (0, 0, 5, 5) if axis == -2 else (5, 5, 0, 0)
+    full = torch.nn.functional.pad(x, pads, mode="reflect") - torch.nn.functional.pad(x, pads)
+    n = x.shape[axis]
+    # the padded-out pixels, folded onto the border pixels their taps reach
+    g = gaussian_window(11, 1.5, dtype=F64)
+    kernel = g.view(1, 1, -1, 1) if axis == -2 else g.view(1, 1, 1, -1)
+    expected = torch.nn.functional.conv2d(full, kernel.expand(3, 1, *kernel.shape[2:]), groups=3)
+    assert expected.shape[axis] == n
+    assert_close(got, expected, rtol=0, atol=1e-14)
+    assert_close((got * u).sum(), (x * adj).sum(), rtol=1e-13, atol=0)

@@ -389,3 +389,38 @@ def test_golden_ssim_distance(entry):
     # which average only 36 output pixels; 1e-6 holds for the others
     rel = 5e-6 if opts.get("padding") == "valid" else 1e-6
     assert float(ssim_distance(s, t, **opts)) == pytest.approx(entry["expected"], rel=rel)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def test_backward_weighted_and_retained_graph():
+    """The saved gradient is returned as is for grad_out == 1 (no copy): repeated backward with
+    retain_graph accumulates correctly, and a weighted loss scales the gradient."""
+    x, y = pair((2, 3, 36, 40), 90)
+    x.requires_grad_()
+    loss = ssim_distance(x, y)
+    loss.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert_close(x.grad, 3 * g1, rtol=0, atol=1e-18)
+    x.grad = None
+    (2.5 * ssim_distance(x, y)).backward()
+    assert_close(x.grad, 2.5 * g1, rtol=1e-15, atol=0)
+    _, (g_ref, _) = grads(lambda a, b: ref_distance(a, b, "minmax"), x.detach(), y)
+    assert_close(g1, g_ref, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_fused_convolution_path_with_chunks_matches_reference(normalize, padding, monkeypatch):
+    """Axes longer than MATMUL_MAX (the convolution blur with its reflected border), chunked
+    channels over the reused workspaces (2 + 2 + 1), both inputs needing gradients."""
+    x, y = pair((2, 5, 35, 41), 91)
+    expected = grads(lambda a, b: ref_distance(a, b, normalize, padding=padding), x, y)
+    monkeypatch.setattr(fused_mod, "CHUNK_ELEMENTS", 2 * 35 * 41 * 2)
+    v, g = grads(lambda a, b: ssim_distance(a, b, normalize=normalize, padding=padding), x, y)
+    assert_close(v, expected[0], rtol=0, atol=1e-14)
+    for a, b in zip(g, expected[1], strict=True):
+        assert_close(a, b, rtol=0, atol=1e-14)

@@ -39,13 +39,15 @@ class MinMaxStats:
         no gradient, e.g. the teacher's features.
         """
         per_channel = mode == "minmax_channel"
-        b, c = x.shape[:2]
-        rows = x.reshape(b * c, -1) if per_channel else x.reshape(b, -1)
+        b, c, h, w = x.shape
+        # Rows split into blocks (a channel per sample, a line per channel) for ``_extreme``.
+        blocks = x.reshape(b * c, h, w) if per_channel else x.reshape(b, c, h * w)
         imin = imax = None
         if index:
-            vmin, imin = rows.min(dim=1)
-            vmax, imax = rows.max(dim=1)
+            vmin, imin = _extreme(blocks, largest=False)
+            vmax, imax = _extreme(blocks, largest=True)
         else:  # amin/amax are about 8x faster than min/max with indices (aminmax is slower)
+            rows = blocks.reshape(blocks.shape[0], -1)
             vmin, vmax = rows.amin(dim=1), rows.amax(dim=1)
         shape = (b, c, 1, 1) if per_channel else (b, 1, 1, 1)
         inv_range = (vmax - vmin + eps).reciprocal()
@@ -61,11 +63,17 @@ class MinMaxStats:
         """Rescale ``x`` (or a channel slice of it, with stats sliced by ``channels``)."""
         return (x - self.low) * self.inv_range
 
-    def backward(self, grad_z: Tensor, sum_g: Tensor, sum_gz: Tensor) -> Tensor:
-        """Turn dL/dz into dL/dx in place, given per-row sums of g and of g*z."""
+    def backward(self, grad_z: Tensor, sum_g: Tensor, sum_gz: Tensor, *,
+                 scaled: bool = False) -> Tensor:
+        """Turn dL/dz into dL/dx in place, given per-row sums of g and of g*z.
+
+        ``scaled=True``: ``grad_z`` already holds dL/dz times ``inv_range`` (a caller that writes
+        the gradient in a pass of its own folds the product in and saves a full-size pass).
+        """
         if self.argmin is None or self.argmax is None:
             raise RuntimeError("MinMaxStats built with index=False cannot back-propagate")
-        grad_z.mul_(self.inv_range)
+        if not scaled:
+            grad_z.mul_(self.inv_range)
         rows = grad_z.view(self.argmin.numel(), -1)
         inv = self.inv_range.reshape(-1)
         rows.scatter_add_(1, self.argmin[:, None], (-(sum_g - sum_gz) * inv)[:, None])
@@ -75,6 +83,22 @@ class MinMaxStats:
     def row_sums(self, t: Tensor) -> Tensor:
         """Sum ``t`` (B, C', H, W) over each row: (B,) per sample or (B, C') per channel."""
         return t.sum(dim=(2, 3)) if self.per_channel else t.sum(dim=(1, 2, 3))
+
+
+def _extreme(blocks: Tensor, *, largest: bool) -> tuple[Tensor, Tensor]:
+    """Per-row minimum (or maximum) of (rows, n1, n2) ``blocks`` and its flat index in the row.
+
+    Equals ``rows.min(dim=1)`` / ``max``, index of the first occurrence included (NaN counts as
+    the extreme), but about 8x faster on CPU: the extreme of every block with amin/amax (fast,
+    vectorised), then the index within the first block holding the row's extreme.
+    """
+    per_block = blocks.amax(dim=2) if largest else blocks.amin(dim=2)  # (rows, n1)
+    arg = per_block.argmax if largest else per_block.argmin
+    j = arg(dim=1)  # first block holding the row's extreme
+    rows = torch.arange(blocks.shape[0], device=blocks.device)
+    block = blocks[rows, j]  # (rows, n2)
+    k = block.argmax(dim=1) if largest else block.argmin(dim=1)
+    return per_block[rows, j], j * blocks.shape[2] + k
 
 
 class _MinMaxNormalize(torch.autograd.Function):

@@ -2,7 +2,8 @@
 
 Windows larger than a feature level are truncated per dimension to the largest odd size the
 padding allows (``window_taps``) and renormalised. Short axes are blurred by a small dense matrix
-(padding folded in), long ones by a depthwise convolution after reflect padding.
+(padding folded in), long ones by a zero-padded depthwise convolution whose border is then
+corrected for the reflected taps (``border_matrix``): no padded copy of the maps is made.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ class GaussianBlur:
     """Separable Gaussian blur of every channel for one spatial size, with its exact adjoint.
 
     An axis of up to ``MATMUL_MAX`` pixels is blurred by one small dense matrix (padding folded
-    in) applied with a matrix product; a longer axis by a depthwise convolution after reflect
-    padding. Small maps thus need no padded copies, and their adjoint is the transposed matrix.
+    in) applied with a matrix product; a longer axis by a depthwise convolution. With "same"
+    padding that convolution zero-pads (mkldnn pads for free, a reflect-padded copy costs as much
+    as the convolution on CPU) and the ``p = taps // 2`` border pixels at each end then receive the
+    reflected taps from a (p, p) matrix product. The adjoint is the same zero-padded convolution
+    (the window is symmetric) plus the transposed border products.
     """
 
     def __init__(
@@ -58,6 +62,9 @@ class GaussianBlur:
         small_h, small_w = self.kh > 1 and height <= MATMUL_MAX, self.kw > 1 and width <= MATMUL_MAX
         self.rh = blur_matrix(height, self.kh, *key) if small_h else None
         self.rw = blur_matrix(width, self.kw, *key) if small_w else None
+        same = padding == "same"
+        self.bh = border_matrix(self.kh, sigma, dtype, str(device)) if same else None
+        self.bw = border_matrix(self.kw, sigma, dtype, str(device)) if same else None
         self._weights: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _w(self, groups: int) -> tuple[Tensor, Tensor]:
@@ -73,36 +80,75 @@ class GaussianBlur:
         Runs in the input's memory layout; channels-last is many times faster on CPU.
         """
         if self.kw > 1:  # one axis at a time: the W pass then skips the H border
-            if self.rw is not None:
-                x = _matmul_w(x, self.rw)
-            else:
-                x = reflect_pad(x, 0, self.pw) if self.pw else x
-                x = F.conv2d(x, self._w(x.shape[1])[1], groups=x.shape[1])
+            x = _matmul_w(x, self.rw) if self.rw is not None else self._conv(x, -1, False)
         if self.kh > 1:
-            if self.rh is not None:
-                x = _matmul_h(x, self.rh)
-            else:
-                x = reflect_pad(x, self.ph, 0) if self.ph else x
-                x = F.conv2d(x, self._w(x.shape[1])[0], groups=x.shape[1])
+            x = _matmul_h(x, self.rh) if self.rh is not None else self._conv(x, -2, False)
         return x
 
     def apply_adjoint(self, u: Tensor) -> Tensor:
         """The transpose of ``__call__``: maps an output-sized gradient to the input size."""
         if self.kh > 1:
-            if self.rh is not None:
-                u = _matmul_h(u, self.rh.T)
-            else:
-                u = F.conv2d(u, self._w(u.shape[1])[0], groups=u.shape[1],
-                             padding=(self.kh - 1, 0))
-                u = reflect_pad_adjoint(u, self.ph, 0) if self.ph else u
+            u = _matmul_h(u, self.rh.T) if self.rh is not None else self._conv(u, -2, True)
         if self.kw > 1:
-            if self.rw is not None:
-                u = _matmul_w(u, self.rw.T)
-            else:
-                u = F.conv2d(u, self._w(u.shape[1])[1], groups=u.shape[1],
-                             padding=(0, self.kw - 1))
-                u = reflect_pad_adjoint(u, 0, self.pw) if self.pw else u
+            u = _matmul_w(u, self.rw.T) if self.rw is not None else self._conv(u, -1, True)
         return u
+
+    def _conv(self, x: Tensor, axis: int, adjoint: bool) -> Tensor:
+        """The 1-D blur along ``axis`` (-1: W, -2: H) by depthwise convolution, or its adjoint."""
+        wh, ww = self._w(x.shape[1])
+        taps, weight, border = (self.kw, ww, self.bw) if axis == -1 else (self.kh, wh, self.bh)
+        if border is None:  # "valid": the adjoint is the full convolution
+            pad = taps - 1 if adjoint else 0
+            return F.conv2d(x, weight, groups=x.shape[1],
+                            padding=(0, pad) if axis == -1 else (pad, 0))
+        p = taps // 2
+        y = F.conv2d(x, weight, groups=x.shape[1], padding=(0, p) if axis == -1 else (p, 0))
+        add_reflected_border(y, x, border, axis, adjoint=adjoint)
+        return y
+
+
+@functools.lru_cache(maxsize=256)
+def border_matrix(taps: int, sigma: float, dtype: torch.dtype, device: str) -> Tensor:
+    """The (p, p) matrix, ``p = taps // 2``, of the taps that reflect padding adds at the low end
+    of an axis to a zero-padded blur: ``out[i] += sum_j A[i, j] x[1 + j]``. Entry (i, j) is
+    ``g[p - 1 - i - j]`` where ``i + j < p``. The high end uses ``A`` flipped on both axes."""
+    g = gaussian_window(taps, sigma, dtype=torch.float64).tolist()
+    p = taps // 2
+    a = torch.zeros(p, p, dtype=torch.float64)
+    for i in range(p):
+        for j in range(p - i):
+            a[i, j] = g[p - 1 - i - j]
+    return a.to(dtype=dtype, device=device)
+
+
+def add_reflected_border(y: Tensor, x: Tensor, a: Tensor, axis: int, *, adjoint: bool) -> None:
+    """Add to ``y`` (in place) what reflect padding contributes beyond zero padding along
+    ``axis`` (-1 or -2) of ``x``, given ``a = border_matrix(...)``; or, with ``adjoint``, the
+    transpose of that: the gradient the reflected pixels send back to the pixels they copy."""
+    p, n = a.shape[0], x.shape[axis]
+    if p == 0:
+        return
+    lo, hi = (a.T, a.flip(0, 1).T) if adjoint else (a, a.flip(0, 1))
+    # (source start, target start) of the low and the high strip, each p pixels long
+    src_lo, dst_lo = (0, 1) if adjoint else (1, 0)
+    src_hi, dst_hi = (n - p, n - p - 1) if adjoint else (n - p - 1, n - p)
+    for m, src, dst in ((lo, src_lo, dst_lo), (hi, src_hi, dst_hi)):
+        _strip_add(y, x, m, axis, src, dst, p)
+
+
+def _strip_add(y: Tensor, x: Tensor, m: Tensor, axis: int, src: int, dst: int, p: int) -> None:
+    """``y[axis: dst:dst+p] += m @ x[axis: src:src+p]``, in the layout of ``x``."""
+    if is_channels_last(x):  # memory (N, H, W, C): matrix products on (p, C) or (p, W*C) blocks
+        xs = x.permute(0, 2, 3, 1).narrow(axis - 1, src, p)
+        ys = y.permute(0, 2, 3, 1).narrow(axis - 1, dst, p)
+        if axis == -1:  # (N, H, p, C); einsum is ~4x faster here than matmul's (p, C) batches
+            ys.add_(torch.einsum("ij,nhjc->nhic", m, xs))
+        else:  # (N, p, W, C) -> (N, p, W*C): a batch of (p, W*C) blocks
+            ys.add_(torch.matmul(m, xs.flatten(2, 3)).view(ys.shape))
+    elif axis == -1:
+        y.narrow(-1, dst, p).add_(torch.matmul(x.narrow(-1, src, p), m.T))
+    else:
+        y.narrow(-2, dst, p).add_(torch.matmul(m, x.narrow(-2, src, p)))
 
 
 @functools.lru_cache(maxsize=256)

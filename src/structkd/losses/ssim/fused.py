@@ -57,10 +57,16 @@ def fused_ssim(
     n_out = b * c * oh * ow
     scale = -1.0 / n_out  # d mean((1 - S) / 2) / dS, times 2 for the half-derivatives
     step = _chunk_size(x)
+    # Chunk buffers are carved from two workspaces allocated once: fresh multi-MiB blocks in
+    # every chunk can be returned to the OS and page-faulted back in, which costs as much as the
+    # arithmetic on CPU.
+    n_maps = 2 + need_gx + need_gy
+    ws_q = x.new_empty(4 * b * min(c, step) * h * w)
+    ws_u = x.new_empty(n_maps * b * min(c, step) * oh * ow) if need_grad else None
     for c0 in range(0, c, step):
         sl = slice(c0, min(c, c0 + step))
         k = sl.stop - sl.start
-        q = _empty_cl(x, (4 * b, k, h, w))
+        q = _cl_view(ws_q, (4 * b, k, h, w))
         zx, zy, zsq, zxy = q.split(b)
         _normalise_into(zx, x[:, sl], stats_x, sl)
         _normalise_into(zy, y[:, sl], stats_y, sl)
@@ -88,8 +94,7 @@ def fused_ssim(
             continue
         # Half-derivatives of S w.r.t. the blurred maps (the factor 2 goes into ``scale``):
         # mu_x -> h_a mu_y + h_b mu_x, E_sq -> -S / B2, E_xy -> h_xy.
-        n_maps = 2 + need_gx + need_gy
-        u = _empty_cl(x, (n_maps * b, k, *s.shape[-2:]))
+        u = _cl_view(ws_u, (n_maps * b, k, oh, ow))
         parts = list(u.split(b))
         m_sq, m_xy = parts[-2], parts[-1]
         torch.mul(s, inv_b2, out=m_sq)  # S / B2 (dS/dE_sq = -S / B2: a minus sign below)
@@ -116,7 +121,7 @@ def fused_ssim(
     for grad, stats, name in ((grad_x, stats_x, "x"), (grad_y, stats_y, "y")):
         if grad is not None and stats is not None:
             sum_g, sum_gz = (t.mul_(scale).reshape(-1) for t in sums[name])
-            stats.backward(grad, sum_g, sum_gz)
+            stats.backward(grad, sum_g, sum_gz, scaled=True)
     total = torch.stack(partial).sum()
     return (0.5 - 0.5 * total / n_out).to(x.dtype), grad_x, grad_y
 
@@ -141,14 +146,27 @@ class FusedSSIMDistance(torch.autograd.Function):
                 "ssim_map, which runs on plain autograd, for higher-order gradients"
             )
         saved = list(ctx.saved_tensors)
-        gx = saved.pop(0) * grad_out if ctx.has[0] else None
-        gy = saved.pop(0) * grad_out if ctx.has[1] else None
+        gx = _times(saved.pop(0), grad_out) if ctx.has[0] else None
+        gy = _times(saved.pop(0), grad_out) if ctx.has[1] else None
         return gx, gy, None, None, None
 
 
-def _empty_cl(like: Tensor, shape: tuple[int, ...]) -> Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device,
-                       memory_format=torch.channels_last)
+def _times(grad: Tensor, grad_out: Tensor) -> Tensor:
+    """``grad * grad_out``, skipping the full-size product (and its fresh allocation, whose page
+    faults cost as much again on CPU) when ``grad_out`` is 1 on the CPU, the common case of an
+    unweighted loss; checking on an accelerator would synchronise, so there it always multiplies.
+    Returning the saved tensor itself is safe: autograd copies it before accumulating into a
+    ``.grad`` while the graph (with retain_graph) still holds it."""
+    if grad_out.device.type == "cpu" and grad_out.numel() == 1 and float(grad_out) == 1.0:
+        return grad
+    return grad * grad_out
+
+
+def _cl_view(workspace: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """A channels-last (N, C, H, W) tensor of ``shape`` over the start of a flat workspace."""
+    assert workspace is not None
+    n, c, h, w = shape
+    return workspace[: n * c * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def _normalise_into(out: Tensor, t: Tensor, stats: MinMaxStats | None, sl: slice) -> None:
@@ -162,11 +180,14 @@ def _normalise_into(out: Tensor, t: Tensor, stats: MinMaxStats | None, sl: slice
 
 
 def _store(grad: Tensor, gz: Tensor, z: Tensor, stats, sums, sl: slice, scale: float) -> None:
-    """Write ``scale`` * dS/dz of a chunk into ``grad`` (one pass, which also converts the
-    layout) and accumulate the unscaled row sums min-max's backward needs."""
-    torch.mul(gz, scale, out=grad[:, sl])
+    """Write ``scale`` * dS/dz of a chunk into ``grad``, times min-max's 1 / range where there is
+    one (one pass, which also converts the layout; ``MinMaxStats.backward(scaled=True)`` then
+    skips its own full-size product), and accumulate the row sums min-max's backward needs."""
     if stats is None:
+        torch.mul(gz, scale, out=grad[:, sl])
         return
+    inv_range = stats.inv_range[:, sl] if stats.per_channel else stats.inv_range
+    torch.mul(gz, inv_range * scale, out=grad[:, sl])
     sum_g, sum_gz = sums
     if stats.per_channel:
         sum_g[:, sl] += gz.sum(dim=(2, 3))
