@@ -17,7 +17,6 @@ every method within 1.10x of MSE).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -25,25 +24,12 @@ import platform
 
 import torch
 
+from common import random_batch, step_parser
 from structkd.distill import DetectorLosses, Distiller
 from structkd.models import build_detector
 from structkd.timing import interleaved
 
 MODES = ("none", "mse", "ssim", "pkd", "cwd", "mgd", "fgd", "ssim_bf16t")
-
-
-def _batch(n: int, size: int, device: str, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(n)]
-    targets = []
-    for _ in range(n):
-        k = 3
-        xy = torch.rand(k, 2, generator=g) * size * 0.6
-        wh = 16 + torch.rand(k, 2, generator=g) * size * 0.35
-        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
-        labels = torch.randint(1, 7, (k,), generator=g)
-        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-    return images, targets
 
 
 def build(mode: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -66,23 +52,17 @@ def build(mode: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
+    p = step_parser(__doc__)
     p.add_argument("--fpn", type=int, default=256)
     p.add_argument("--student", default="resnet18")
     p.add_argument("--teacher", default="resnet50")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per mode (interleaved)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="which modes to time ('none' always runs)")
-    p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
     modes = ["none", *[m for m in args.modes if m != "none"]]
     torch.set_num_threads(args.threads)
     runs = {m: build(m, args) for m in modes}
-    batches = [_batch(args.batch, args.size, args.device, s) for s in range(2)]
+    batches = [random_batch(args.batch, args.size, s, args.device) for s in range(2)]
 
     def stepper(mode: str):
         """One training step of ``mode`` per call: the warm-up on batch 0, timed step i on

@@ -107,3 +107,22 @@ def distill(cfg):
     if cfg.distill.method is None:
         cfg.distill.method = "ssim"
     return run_config(cfg)
+
+
+def tiny_retinanet(fpn: int, num_classes: int = 3, size: int = IMAGE_SIZE):
+    """A RetinaNet ResNet-18 with random weights for ``size`` px inputs (distill unit tests)."""
+    from structkd.models import build_detector
+
+    return build_detector(arch="retinanet", num_classes=num_classes, backbone="resnet18",
+                          fpn_channels=fpn, min_size=size, max_size=size)
+
+
+def det_batch(seed: int = 0, size: int = IMAGE_SIZE):
+    """Two random images with one box each, in torchvision's (images, targets) form."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 8.0, 60.0, 50.0]]), "labels": torch.tensor([2])}]
+    return images, targets

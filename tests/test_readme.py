@@ -168,17 +168,24 @@ def test_your_data_on_the_command_line(coco_data, tmp_path, monkeypatch) -> None
     (tmp_path / "my_student.yaml").write_text("model: {arch: retinanet, fpn_channels: 16}\n")
     lines = [ln.split("#")[0].split() for ln in
              _block("Your data on the command line", "bash").splitlines() if ln.strip()]
-    outs = {"train": "runs/teacher", "distill": "runs/student"}
+    outs = {"train": "runs/teacher", "distill": "runs/student", "compare": "runs/unused",
+            "cache-teacher": "runs/unused"}
     for words in lines:
         assert words[0] == "structkd"
         args = words[1:]
         if args[0] in outs or args[0] == "eval":
             out = outs.get(args[0], "runs/eval")
             args += [a for o in tiny_overrides(coco_data, out) for a in ("--set", o)]
+        if args[0] == "compare":  # one seed, one step per run: the command, not the study
+            args += ["--seeds", "1", "--set", "schedule.max_steps=1"]
         if args[0] == "export":
             args = [*args, "--size", "64"]
         proc = cli_inprocess(args)
         assert proc.returncode == 0, (args, proc.stderr[-2000:])
         if args[0] == "distill":
             assert "distillation: fgd" in proc.stderr
+        if args[0] == "compare":
+            assert "| mgd_auto | auto (" in proc.stdout
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "student.onnx").is_file()
+    assert (tmp_path / "levels" / "manifest.json").is_file()
+    assert (tmp_path / "structkd_compare" / "report.md").is_file()

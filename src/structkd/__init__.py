@@ -8,10 +8,13 @@ The public API, in the order of the data flow::
     fit(student, train, val, teacher=..., method=...)       a whole run on Lightning (objects)
     evaluate(model, dataset)                                COCO metrics (objects)
     load_config(path, overrides) / run_config(config)       the same from a YAML experiment
+    calibrate_weight(distiller, batches)                    a weight by measurement ("auto")
+    compare(config, ["none", "ssim", "mgd:auto"], seeds=3)  does it help on my data? a verdict
 """
 
 from ._version import __version__
-from .distill import Distiller, FeatureTap
+from .compare import compare
+from .distill import Distiller, FeatureTap, calibrate_weight
 from .engine import (
     Config,
     DetectionDataModule,
@@ -60,6 +63,8 @@ __all__ = [
     "__version__",
     "build_detector",
     "build_method",
+    "calibrate_weight",
+    "compare",
     "describe_methods",
     "evaluate",
     "export_student",

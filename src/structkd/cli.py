@@ -8,7 +8,10 @@
     structkd config  [-c CONFIG] [--set ...]   (print the resolved config: every key)
     structkd data make|show ...
     structkd demo [--quick]
-    structkd benchmark [--seeds 3]
+    structkd compare -c CONFIG --methods none ssim mgd:auto [--seeds 3] [--teacher PATH]
+                     [--budget 0.25]   (paired seeds, a confidence interval, a verdict)
+    structkd benchmark [--seeds 3]    (compare on the built-in study's plan)
+    structkd cache-teacher -c CONFIG --teacher PATH --out DIR   (the teacher's levels, once)
     structkd configs            (list the shipped configs)
 """
 
@@ -214,7 +217,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .apps.demo import run_demo
 
     run_demo(out=args.out, quick=args.quick, cache=args.cache, seed=args.seed,
-             overrides=args.set, overwrite=args.overwrite)
+             overrides=args.set, overwrite=args.overwrite, teacher_levels=args.teacher_cache)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .compare import compare, write_report
+
+    cfg = _load(args, show=False)
+    c = compare(cfg, args.methods, seeds=args.seeds, out=args.out, teacher=args.teacher,
+                teacher_config=resolve_config_path(args.teacher_config),
+                budget=args.budget, teacher_levels=args.teacher_cache, report=False)
+    paths = write_report(c, command="structkd " + shlex.join(sys.argv[1:]))
+    print(paths["report"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from .engine import cache_teacher
+
+    extra = [f"teacher.{_teacher_key(args.teacher)}={args.teacher}"] if args.teacher else []
+    extra += [f"teacher.cache_dtype={args.dtype}"] if args.dtype else []
+    cfg = _load(args, extra, show=False)
+    cache = cache_teacher(cfg, args.out, batch_size=args.batch_size,
+                          progress=cfg.trainer.progress)
+    print(f"teacher cache written to {cache.root}: {len(cache.index)} images x "
+          f"{len(cache.variants)} variant(s) ({', '.join(cache.variants)}); train from it with "
+          f"--set teacher.cache={cache.root}")
     return 0
 
 
@@ -222,7 +254,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from .apps.study import run_benchmark
 
     run_benchmark(out=args.out, seeds=args.seeds, quick=args.quick, cache=args.cache,
-                  results_md=args.results_md, methods=args.methods)
+                  results_md=args.results_md, methods=args.methods,
+                  teacher_levels=args.teacher_cache)
     return 0
 
 
@@ -334,7 +367,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true",
                     help="replace an earlier demo in --out (by default it is kept and this one "
                     "goes to OUT-2, OUT-3, ...)")
+    sp.add_argument("--teacher-cache", action="store_true",
+                    help="the students read the teacher's levels from a cache written once "
+                    "(structkd cache-teacher) instead of running the teacher every step")
     sp.set_defaults(func=cmd_demo)
+
+    sp = _command(sub, "compare", help="does distillation help on this config? methods x "
+                  "paired seeds, a confidence interval and a verdict")
+    with_config(sp)
+    sp.add_argument("--methods", nargs="+", default=["none", "ssim"], metavar="ROW",
+                    help="rows: a method name (its default weight), NAME:WEIGHT or NAME:auto; "
+                    "'none' (the baseline) is added when missing")
+    sp.add_argument("--seeds", type=int, default=3, help="seeds per row (0..N-1)")
+    sp.add_argument("--out", default="structkd_compare",
+                    help="folder for every run, results.json, report.md and gains.png "
+                    "(finished runs of the same config are reused, interrupted ones resumed)")
+    sp.add_argument("--teacher", help="teacher checkpoint or export (else the config's teacher)")
+    sp.add_argument("--teacher-config", metavar="CONFIG",
+                    help="train the teacher once from this config (into OUT/teacher) when no "
+                    "teacher is given")
+    sp.add_argument("--budget", type=float, metavar="SHARE",
+                    help="quick first answer: train on this share of the training images "
+                    "(e.g. 0.25), stated in the report")
+    sp.add_argument("--teacher-cache", action="store_true",
+                    help="write the teacher's levels once (OUT/teacher_levels) and let every "
+                    "row read them instead of running the teacher each step")
+    sp.set_defaults(func=cmd_compare)
+
+    sp = _command(sub, "cache-teacher", help="run the teacher once over the training set and "
+                  "store its levels for every augmentation variant training can draw")
+    with_config(sp)
+    sp.add_argument("--teacher", help="teacher: a structkd export prefix or .ckpt, or a "
+                    "torchvision detection builder name (else the config's teacher)")
+    sp.add_argument("--out", required=True, help="cache folder (an interrupted write continues "
+                    "there)")
+    sp.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                    help="storage precision (teacher.cache_dtype; default float16)")
+    sp.add_argument("--batch-size", type=int, default=8, help="images per teacher forward")
+    sp.set_defaults(func=cmd_cache_teacher)
 
     sp = _command(sub, "benchmark", help="the seed study behind the demo's claim")
     sp.add_argument("--out", default="structkd_benchmark",
@@ -345,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--results-md", default="benchmarks/RESULTS.md",
                     help="where to write the study's markdown table")
     sp.add_argument("--methods", nargs="+", help="subset of the study's method names")
+    sp.add_argument("--teacher-cache", action="store_true",
+                    help="every student reads the teacher's levels from one cache (written "
+                    "once into OUT/teacher_levels) instead of running the teacher")
     sp.set_defaults(func=cmd_benchmark)
     return p
 

@@ -248,15 +248,16 @@ def test_benchmark_quick_writes_results_and_resumes(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert summary["rows"]["ssim"]["n"] == 2 and len(summary["rows"]["ssim"]["AP_runs"]) == 2
     # Interrupt one student run and the teacher's training (as a kill would leave them): run
-    # again, the study reuses the three finished runs and trains those two again in place,
-    # to the same numbers as the uninterrupted first invocation.
+    # again, the study reuses the three finished runs, resumes the student from its last
+    # checkpoint and trains the teacher again in place, to the same numbers as the
+    # uninterrupted first invocation.
     for d in (tmp_path / "study" / "seed1" / "ssim", *(tmp_path / "cache" / "teachers").iterdir()):
         (d / "results.json").unlink()
         (d / "student.safetensors").unlink()
     again = cli_subprocess(args, timeout=900)
     _ok(again)
     assert again.stderr.count("reusing the finished run") == 3
-    assert "holds an interrupted run" in again.stderr
+    assert "resuming the interrupted run in" in again.stderr
     assert "holds an interrupted training of this teacher" in again.stderr
     assert "3 of the 4 student runs were reused" in (tmp_path / "RESULTS.md").read_text()
     assert "were reused" not in text  # the first invocation trained every run

@@ -389,3 +389,23 @@ def test_empty_or_malformed_layer_lists_are_refused(pair, layers) -> None:
         Distiller(student, teacher, student_layers=layers)
     with pytest.raises(ValueError, match=r"teacher_layers=.*expected a module path"):
         Distiller(student, teacher, teacher_layers=layers)
+
+
+def test_a_teacher_on_its_own_device_gives_the_same_losses(pair) -> None:
+    """``teacher_device`` (a second GPU for multi-GPU users; here the CPU beside a CPU student,
+    the only device kind this machine has): same values, the teacher stays there."""
+    student, teacher = (copy.deepcopy(m) for m in pair)
+    torch.manual_seed(0)
+    a = Distiller(copy.deepcopy(student).train(), copy.deepcopy(teacher), "ssim", weight=2.0)
+    torch.manual_seed(0)
+    b = Distiller(copy.deepcopy(student).train(), copy.deepcopy(teacher), "ssim", weight=2.0,
+                  teacher_device="cpu")
+    images, targets = _batch()
+    torch.manual_seed(1)  # Faster R-CNN samples its proposals
+    la = a(images, targets)
+    torch.manual_seed(1)
+    lb = b(images, targets)
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+    b.to(torch.float64)
+    assert next(b.teacher.parameters()).dtype == torch.float64
+    assert next(b.teacher.parameters()).device == torch.device("cpu")

@@ -88,9 +88,9 @@ def test_options_are_the_fields_of_the_option_types() -> None:
     import inspect
 
     from structkd import Distiller
-    from structkd.engine import Loader, Optim, Schedule, TrainerOptions
+    from structkd.engine import Balance, Loader, Optim, Schedule, TrainerOptions
 
-    expected = {f.name for cls in (Optim, Schedule, Loader, TrainerOptions)
+    expected = {f.name for cls in (Optim, Schedule, Loader, TrainerOptions, Balance)
                 for f in dataclasses.fields(cls)} - {"name"} | {"optimizer"}
     params = inspect.signature(Distiller.__init__).parameters.values()
     expected |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}

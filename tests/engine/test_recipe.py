@@ -232,16 +232,19 @@ def test_sections_are_derived_from_the_api() -> None:
 
     from structkd import Distiller
     from structkd.data import build_transforms, make_synthetic_coco
-    from structkd.engine import Optim, TrainerOptions
+    from structkd.engine import Balance, Optim, TrainerOptions
     from structkd.models import DetectorSpec
 
     cfg = Config()
     fields = lambda obj: [f.name for f in dataclasses.fields(obj)]  # noqa: E731
     params = inspect.signature(Distiller.__init__).parameters
     keyword = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
-    assert fields(cfg.distill) == ["method", *keyword, "options", "imports"]
+    assert fields(cfg.distill) == ["method", *keyword, "options", "imports",
+                                   *fields(Balance)]
     assert {n: params[n].default for n in keyword} == {
         n: getattr(cfg.distill, n) for n in keyword}
+    assert all(getattr(cfg.distill, f.name) == getattr(Balance(), f.name)
+               for f in dataclasses.fields(Balance))
     assert fields(cfg.model) == [f for f in fields(DetectorSpec) if f != "num_classes"]
     synthetic = inspect.signature(make_synthetic_coco).parameters
     assert fields(cfg.data.synthetic) == [n for n in synthetic if n != "overwrite"]

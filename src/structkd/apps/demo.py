@@ -31,6 +31,7 @@ from .plan import (
     ensure_teacher,
     get_plan,
     run_student,
+    student_config,
     synthetic,
     train_steps,
 )
@@ -118,11 +119,13 @@ def demo_dir(out: Path, overwrite: bool) -> Path:
 def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
              cache: str | Path = "~/.cache/structkd", seed: int = 0,
              overrides: list[str] | None = None, overwrite: bool = False,
-             ) -> list[dict[str, Any]]:
+             teacher_levels: bool = False) -> list[dict[str, Any]]:
     """Teacher (cached) + students none/mse/ssim; prints the table, writes report and plots.
 
     A folder that already holds a demo is kept (this one goes to ``<out>-2``, ...) unless
-    ``overwrite``.
+    ``overwrite``. ``teacher_levels``: write the teacher's levels once (``structkd
+    cache-teacher``, kept in the cache for later demos) and let the students read them there
+    instead of running the teacher every step.
     """
     t_start = time.perf_counter()
     plan = get_plan(quick)
@@ -148,10 +151,13 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
             assert teacher is not None
             rows = [_metrics_row("teacher", "-", t_res)]
             runs: list[RunResult] = []
+            levels = _teacher_levels(plan, teacher, cache, out, seed, overrides) \
+                if teacher_levels else []
             for i, method in enumerate(plan.demo_methods, 1):
                 progress.begin(f"student {i}/{len(plan.demo_methods)}: {method}")
                 res, _ = run_student(plan, plan.methods[method], teacher, cache, out / method,
-                                     seed, [*overrides, *prog_override], callbacks=[progress])
+                                     seed, [*overrides, *prog_override, *levels],
+                                     callbacks=[progress])
                 rows.append(_metrics_row(f"student-{method}", method, res))
                 runs.append(res)
         finally:
@@ -177,6 +183,22 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
     for f in figures:
         print(f"figure: {f}")
     return rows
+
+
+def _teacher_levels(plan: Plan, teacher: Path, cache: Path, out: Path, seed: int,
+                    overrides: list[str]) -> list[str]:
+    """Write (or reuse) the cache of the teacher's levels for the students' setting; the
+    overrides that make the students read it."""
+    from ..engine import cache_teacher
+
+    cfg = student_config(plan, {"method": "ssim"}, teacher, cache, out / "_levels", seed,
+                         overrides)
+    where = cache / "teacher_levels" / teacher.parent.name
+    logger.info("demo: the students read the teacher's levels from %s (written once, for all "
+                "students: flips are replayed)", where)
+    with quieter("structkd.data"):
+        written = cache_teacher(cfg, where, progress=False)
+    return ["teacher.checkpoint=null", f"teacher.cache={written.root}"]
 
 
 def _gap_lines(rows: list[dict[str, Any]]) -> list[str]:

@@ -8,6 +8,7 @@ their AP): ``docs/plan_candidates.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import lightning as L
 
 from .._version import __version__
 from ..data import SyntheticPaths
-from ..engine import Config, RunResult, holds_run, load_config, run_config
+from ..engine import Balance, Config, RunResult, holds_run, load_config, run_config
 
 logger = logging.getLogger("structkd.demo")
 
@@ -39,7 +40,8 @@ class Plan:
 
 
 # Study rows: a name -> the distill section. "matched" weights are set by the study's
-# calibration so that the term has SSIM's size at the start of training (see study.py).
+# calibration so that the term has SSIM's size at the start of training (see study.py);
+# "auto" weights by each run itself (gradient-norm ratio, structkd.distill.calibrate_weight).
 METHODS: dict[str, dict[str, Any]] = {
     "none": {"method": "none"},
     "l1": {"method": "l1", "weight": 2.0},
@@ -58,9 +60,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "mgd_matched": {"method": "mgd", "weight": "matched"},
     "fgd": {"method": "fgd"},
     "fgd_matched": {"method": "fgd", "weight": "matched"},
+    **{f"{m}_auto": {"method": m, "weight": "auto"} for m in ("mse", "ssim", "pkd", "cwd",
+                                                               "mgd", "fgd")},
 }
-STUDY_METHODS = ("none", "mse", "mse_matched", "ssim", "pkd", "pkd_matched", "cwd",
-                 "cwd_matched", "mgd", "mgd_matched", "fgd", "fgd_matched")
+STUDY_METHODS = ("none", "mse", "mse_matched", "mse_auto", "ssim", "ssim_auto", "pkd",
+                 "pkd_matched", "pkd_auto", "cwd", "cwd_matched", "cwd_auto", "mgd",
+                 "mgd_matched", "mgd_auto", "fgd", "fgd_matched", "fgd_auto")
 
 # The generator's "easier" setting at the detectors' input size (128 px, nothing is resized):
 # at most 5 objects, at most 35% of an object hidden, at most 5 clutter items, fewer small
@@ -139,6 +144,13 @@ def run_key(cfg: Config) -> str:
     """A hash of what defines a run's result (not where it is written)."""
     d = cfg.to_dict()
     d["trainer"] = {k: v for k, v in d["trainer"].items() if k in ("seed", "precision")}
+    if d["distill"]["method"] == "none":
+        # How a distillation is weighted and watched, and a teacher cache, never change a plain
+        # run (the teachers'): left out, so teachers cached before these keys existed stay valid.
+        for name in [f.name for f in dataclasses.fields(Balance)] + ["teacher_device"]:
+            d["distill"].pop(name, None)
+        for k in ("cache", "cache_dtype"):
+            d["teacher"].pop(k, None)
     text = json.dumps([d, __version__], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..compare import compare, write_report
 from ..distill import Distiller
 from ..engine import DetectionDataModule, Loader, RunResult, build_run
 from ..evaluation import TABLE_KEYS
 from ..models import load_exported, torch_runner
 from ..timing import interleaved
-from .plan import Plan, ensure_teacher, get_plan, run_student, student_config
+from .plan import Plan, ensure_teacher, get_plan, student_config
 
 logger = logging.getLogger("structkd.demo")
 CALIBRATION_BATCHES = 4
@@ -97,8 +98,11 @@ def calibrate(plan: Plan, cache: Path, teacher_prefix: Path, names: list[str]) -
 def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, quick: bool = False,
                   cache: str | Path = "~/.cache/structkd",
                   results_md: str | Path | None = "benchmarks/RESULTS.md",
-                  methods: list[str] | None = None) -> dict[str, Any]:
-    """Every method over ``seeds`` seeds against one cached teacher; writes RESULTS.md."""
+                  methods: list[str] | None = None,
+                  teacher_levels: bool = False) -> dict[str, Any]:
+    """``structkd compare`` on the plan: every method over ``seeds`` seeds against one cached
+    teacher; writes the comparison's report into ``out`` and RESULTS.md. ``teacher_levels``:
+    every student reads the teacher's levels from one cache instead of running it."""
     t_start = time.perf_counter()
     plan = get_plan(quick)
     out, cache = Path(out), Path(cache).expanduser()
@@ -118,23 +122,23 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
             assert calibration is not None
             d["weight"] = float(f"{calibration['weights'][m]:.4g}")
         resolved[m] = d
-    runs: dict[str, list[RunResult]] = {m: [] for m in methods}
-    reused = 0
-    for seed in range(seeds):
-        for m in methods:
-            logger.info("benchmark: seed %d, method %s", seed, m)
-            result, was_reused = run_student(plan, resolved[m], teacher, cache,
-                                             out / f"seed{seed}" / m, seed, [], reuse=True)
-            runs[m].append(result)
-            reused += was_reused
+    base = student_config(plan, {"method": "none"}, teacher, cache, out / "seed0" / "none", 0,
+                          [])
+    c = compare(base, resolved, seeds=seeds, out=out, teacher_ap=t_res.metrics["AP"],
+                teacher_levels=teacher_levels, report=False)
+    cmd = "structkd benchmark" + (f" --seeds {seeds}" if seeds != 3 else "") + (
+        " --quick" if quick else "")
+    write_report(c, command=cmd)
+    runs = {m: c.runs[m] for m in methods}
     summary = _summarise(runs, resolved, t_res, teacher, plan)
+    summary["compare"] = c.to_dict()
     summary["calibration"] = calibration
     summary["elapsed_min"] = (time.perf_counter() - t_start) / 60
     summary["runs"] = sum(len(rs) for rs in runs.values())
-    summary["reused_runs"] = reused
+    summary["reused_runs"] = sum(h.count("reused") for h in c.how.values())
     summary["run_minutes"] = sum(r.wall_s or 0.0 for rs in runs.values() for r in rs) / 60
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     text = _results_markdown(summary, seeds, quick, plan)
     print(text)
     if results_md:
@@ -198,8 +202,11 @@ def _cell(mean_std: tuple[float, float]) -> str:
     return "-" if mean < 0 else f"{mean:.2f} ± {std:.2f}"
 
 
-def _weight_text(d: dict[str, Any]) -> str:
+def _weight_text(d: dict[str, Any], row: dict[str, Any] | None = None) -> str:
     w = d.get("weight")
+    if w == "auto":
+        used = [v for v in (row or {}).get("weights_used", []) if isinstance(v, int | float)]
+        return "auto" + (f" ({min(used):.3g}–{max(used):.3g})" if used else "")
     return "-" if d["method"] == "none" else ("paper" if w is None else f"{w:g}")
 
 
@@ -222,16 +229,20 @@ def _results_markdown(s: dict[str, Any], seeds: int, quick: bool, plan: Plan) ->
         + json.dumps(plan.student["model"]) + "; student schedule: "
         + json.dumps(plan.student["schedule"]) + f"; data: {json.dumps(plan.data)}.", "",
         "| method | weight | n | AP | AP50 | AP75 | APs | APm | APl | AP - none (paired) | "
-        "gap closed | step ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "95% CI | gap closed | step ms | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    verdicts = {r["name"]: r for r in s.get("compare", {}).get("rows", [])}
     for m, r in s["rows"].items():
         cells = [_cell(r["metrics"][k]) for k in TABLE_KEYS]
         d = r["diff_vs_none"]
         dtxt = "-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f}"
         gap = "-" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
-        lines.append(f"| {m} | {_weight_text(r['distill'])} | {r['n']} | " + " | ".join(cells)
-                     + f" | {dtxt} | {gap} | {r['step_time_ms']:.0f} |")
+        g = (verdicts.get(m) or {}).get("gain")
+        ci = "-" if not g or g["low"] is None else f"[{g['low']:+.2f}, {g['high']:+.2f}]"
+        lines.append(f"| {m} | {_weight_text(r['distill'], verdicts.get(m))} | {r['n']} | "
+                     + " | ".join(cells) + f" | {dtxt} | {ci} | {gap} | "
+                     f"{r['step_time_ms']:.0f} | {g['verdict'] if g else 'baseline'} |")
     t = s["teacher"]
     cal = s.get("calibration")
     lines += [

@@ -52,6 +52,21 @@ class RandomScale(v2.Transform):
         return self._call_kernel(F.resize, inpt, params["size"], antialias=self.antialias)
 
 
+class RecordedHorizontalFlip(v2.RandomHorizontalFlip):
+    """``v2.RandomHorizontalFlip`` that also writes whether it flipped into the target
+    (``target["hflip"]``), so a teacher cache can hand over the levels of that variant. It
+    draws exactly the random number its parent draws: runs are the same with either."""
+
+    def forward(self, *inputs: Any) -> Any:
+        state = torch.get_rng_state()
+        flip = bool(torch.rand(1) < self.p)  # the parent's draw, peeked
+        torch.set_rng_state(state)
+        out = super().forward(*inputs)
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+            out = (out[0], {**out[1], "hflip": flip})
+        return out
+
+
 def build_transforms(
     train: bool,
     *,
@@ -60,10 +75,11 @@ def build_transforms(
 ) -> Callable:
     """Build the joint ``(image, target) -> (image, target)`` pipeline.
 
-    Train: horizontal flip with ``hflip_prob``, random rescale by a factor in ``scale_range``
-    (skipped when it is ``(1, 1)``), then removal of boxes that became degenerate (with their
-    labels). Val: only dtype (float32 in [0, 1]) and box format (XYXY) normalisation;
-    ``hflip_prob`` and ``scale_range`` are ignored so one config can build both pipelines.
+    Train: horizontal flip with ``hflip_prob`` (recorded as ``target["hflip"]``), random
+    rescale by a factor in ``scale_range`` (skipped when it is ``(1, 1)``), then removal of
+    boxes that became degenerate (with their labels). Val: only dtype (float32 in [0, 1]) and
+    box format (XYXY) normalisation; ``hflip_prob`` and ``scale_range`` are ignored so one
+    config can build both pipelines.
     """
     scale_range = _check_scale_range(scale_range)
     if not 0.0 <= hflip_prob <= 1.0:
@@ -75,7 +91,7 @@ def build_transforms(
     ]
     if train:
         if hflip_prob > 0:
-            ops.append(v2.RandomHorizontalFlip(p=hflip_prob))
+            ops.append(RecordedHorizontalFlip(p=hflip_prob))
         if scale_range != (1.0, 1.0):
             ops.append(RandomScale(scale_range))
         ops += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)]

@@ -14,9 +14,11 @@ whose values sum to the training loss, as in torchvision's reference loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from ..methods import DistillContext, DistillMethod, build_method, resolve_metho
 from .pairing import measure_levels, pair_levels
 from .taps import FeatureTap, find_module, unwrap
 from .teacher import FrozenTeacher, TeacherDtype, normalisation, weights_fingerprint
+from .teacher_cache import TeacherCache
 
 logger = logging.getLogger("structkd.distill")
 
@@ -50,10 +53,14 @@ class Distiller(nn.Module):
         student: a detector in torchvision's calling convention (``student(images, targets)``
             returns a dict of losses in train mode).
         teacher: the same kind of detector; frozen, kept out of ``parameters()`` and
-            ``state_dict()``, but moved by ``.to()``.
+            ``state_dict()``, but moved by ``.to()``. Or a :class:`TeacherCache`: its levels
+            written once by ``structkd cache-teacher``, looked up by each target's
+            ``image_id`` and ``hflip`` (the teacher is then not needed at all).
         method: a registered method name or alias (``structkd methods`` lists them:
             "ssim", "l1", "mse", "pkd", "cwd", "mgd", "fgd", ...) or a built ``DistillMethod``.
-        weight: the method's overall weight (None: the method's default or its preset's).
+        weight: the method's overall weight (None: the method's default or its preset's;
+            "auto": measured before training by :func:`~structkd.distill.calibrate_weight`,
+            which ``fit`` calls on the first batches; the Distiller refuses to train until then).
         levels: distil only these paired levels (e.g. ``["s8", "s16"]``); None: the levels the
             method's preset names (PKD: strides 8-64 of RetinaNet-like students), else every
             level the two detectors share.
@@ -61,6 +68,8 @@ class Distiller(nn.Module):
             backbone + FPN output of torchvision detectors). A list taps one level per module.
         teacher_root: the teacher module that takes the batched images (``"backbone"``).
         teacher_dtype: "bfloat16" runs the teacher in bf16; None follows the trainer's autocast.
+        teacher_device: run the teacher on this device (e.g. "cuda:1", beside a student on
+            "cuda:0"): the batch goes there and the levels come back; None: the student's.
         **options: the method's other options (``structkd methods`` lists them; checked when
             the method is built, with the valid names in the message).
 
@@ -77,15 +86,19 @@ class Distiller(nn.Module):
     """
 
     def __init__(
-        self, student: nn.Module, teacher: nn.Module, method: str | DistillMethod = "ssim", *,
-        weight: float | None = None, levels: list[str] | None = None,
+        self, student: nn.Module, teacher: nn.Module | TeacherCache,
+        method: str | DistillMethod = "ssim", *,
+        weight: float | Literal["auto"] | None = None, levels: list[str] | None = None,
         student_layers: str | list[str] = "backbone",
         teacher_layers: str | list[str] = "backbone", teacher_root: str = "backbone",
-        teacher_dtype: TeacherDtype | torch.dtype | None = None, **options: Any,
+        teacher_dtype: TeacherDtype | torch.dtype | None = None,
+        teacher_device: str | None = None, **options: Any,
     ) -> None:
         super().__init__()
         inner = unwrap(student)
-        if inner is unwrap(teacher):  # also through DDP / torch.compile wrappers
+        self._cache = teacher if isinstance(teacher, TeacherCache) else None
+        self.last_teacher: dict[str, Tensor] = {}  # the teacher's levels of a probing step
+        if self._cache is None and inner is unwrap(teacher):  # also through DDP / compile
             raise ValueError("student and teacher are the same module; pass two detectors")
         self.student = student
         # Only torchvision's transform gives (ImageList, targets); any other ``transform``
@@ -107,8 +120,16 @@ class Distiller(nn.Module):
                                input_path=None if self._has_transform else s_root,
                                batch_path="transform" if self._has_transform else None)
         self._frozen: list[FrozenTeacher] = []
-        if weight is not None:
+        self.auto_weight = weight == "auto"
+        self.calibration: Any = None  # what calibrate_weight measured (weight "auto")
+        self._probing = False
+        self.auto_weight_set = False
+        if isinstance(weight, str) and not self.auto_weight:
+            raise ValueError(f"weight={weight!r}; expected a number >= 0, 'auto' or None")
+        if weight is not None and not self.auto_weight:
             options["weight"] = weight
+        self.student_layers = s_layers
+        self.teacher_device = None if teacher_device is None else torch.device(teacher_device)
         try:
             self._wire(student, teacher, method, s_root=s_root, teacher_layers=teacher_layers,
                        teacher_root=teacher_root, levels=levels, teacher_dtype=teacher_dtype,
@@ -122,16 +143,24 @@ class Distiller(nn.Module):
               levels: list[str] | None, teacher_dtype: str | torch.dtype | None,
               options: dict[str, Any]) -> None:
         """Freeze the teacher, measure and pair the levels, build the method."""
-        self._frozen = [FrozenTeacher(teacher, root=teacher_root, layers=teacher_layers,
-                                      dtype=teacher_dtype, student_norm=normalisation(student))]
         s_levels = measure_levels(student, self._tap, s_root)
-        t_tap = self._frozen[0].tap_for_dry_run()
-        try:
-            t_levels = measure_levels(self._frozen[0].model, t_tap, teacher_root)
-        finally:
-            if t_tap is not self._frozen[0].tap:
-                t_tap.close()
+        if isinstance(teacher, TeacherCache):
+            t_levels = teacher.levels
+        else:
+            self._frozen = [FrozenTeacher(teacher, root=teacher_root, layers=teacher_layers,
+                                          dtype=teacher_dtype,
+                                          student_norm=normalisation(student))]
+            if self.teacher_device is not None:
+                self._frozen[0].model.to(self.teacher_device)
+            t_tap = self._frozen[0].tap_for_dry_run()
+            try:
+                t_levels = measure_levels(self._frozen[0].model, t_tap, teacher_root)
+            finally:
+                if t_tap is not self._frozen[0].tap:
+                    t_tap.close()
         pairs = pair_levels(s_levels, t_levels, levels)
+        self.unpaired = ([k for k in s_levels if k not in {p.student for p in pairs}],
+                         [k for k in t_levels if k not in {p.teacher for p in pairs}])
         self.method_name = method if isinstance(method, str) else method.name
         if isinstance(method, DistillMethod):
             if options:
@@ -168,35 +197,102 @@ class Distiller(nn.Module):
     @property
     def teacher(self) -> nn.Module:
         """The teacher detector as given (frozen, eval mode)."""
+        if self._cache is not None:  # not AttributeError: nn.Module would replace the message
+            raise RuntimeError(f"this Distiller reads the teacher's levels from the cache "
+                                 f"{self._cache.root}; it has no teacher model")
         return self._frozen[0].model
+
+    @property
+    def teacher_cache(self) -> TeacherCache | None:
+        """The teacher cache the levels come from, if any."""
+        return self._cache
 
     @property
     def frozen_teacher(self) -> FrozenTeacher:
         return self._frozen[0]
 
     def teacher_fingerprint(self) -> str:
-        """A hash of the teacher's weights (checked when a run resumes)."""
+        """A hash of the teacher's weights (checked when a run resumes; a cache records the
+        hash of the teacher it was written from)."""
+        if self._cache is not None:
+            return self._cache.teacher_fingerprint
         return weights_fingerprint(self.teacher)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        self._frozen[0].to(fn)
+        for frozen in self._frozen:
+            frozen.to(fn)
+            if self.teacher_device is not None:  # dtype changes apply, the device stays
+                frozen.to(lambda t: t.to(self.teacher_device))
         return self
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
-        self.teacher.eval()  # BatchNorm statistics of the teacher must never drift
+        for frozen in self._frozen:
+            frozen.model.eval()  # BatchNorm statistics of the teacher must never drift
         return self
+
+    # ---- the weight ---------------------------------------------------------------------------
+    @property
+    def weight(self) -> float:
+        """The method's overall weight (what multiplies its terms)."""
+        return float(self.method.weight)
+
+    def set_weight(self, weight: float) -> None:
+        """Set the method's overall weight (a calibrated or adapted one)."""
+        if not (isinstance(weight, int | float) and weight >= 0 and weight < float("inf")):
+            raise ValueError(f"weight={weight!r}; expected a finite number >= 0")
+        self.method.weight = float(weight)
+        self.auto_weight_set = True
+
+    @contextlib.contextmanager
+    def probing(self, weight: float | None = None) -> Iterator[None]:
+        """Steps for measurement only (calibration, start-up checks): allowed before an
+        ``"auto"`` weight is set, at ``weight`` if given; the weight is restored after."""
+        before, was = self.method.weight, self._probing
+        self._probing = True
+        if weight is not None:
+            self.method.weight = float(weight)
+        try:
+            yield
+        finally:
+            self.method.weight, self._probing = before, was
 
     # ---- one step ---------------------------------------------------------------------------
     def teacher_features(self, batch: Tensor,
-                         image_sizes: Sequence[tuple[int, int]] | None = None) -> dict:
-        """The teacher's tapped levels on the student's batched input."""
-        return self._frozen[0].features(batch, image_sizes)
+                         image_sizes: Sequence[tuple[int, int]] | None = None,
+                         targets: Sequence[dict[str, Any]] | None = None) -> dict:
+        """The teacher's tapped levels on the student's batched input (from the cache: the
+        levels of each target's ``image_id`` and ``hflip`` variant)."""
+        if self._cache is None:
+            if self.teacher_device is None or self.teacher_device == batch.device:
+                return self._frozen[0].features(batch, image_sizes)
+            levels = self._frozen[0].features(
+                batch.to(self.teacher_device, non_blocking=True), image_sizes)
+            return OrderedDict((k, v.to(batch.device, non_blocking=True))
+                               for k, v in levels.items())
+        cache = self._cache
+        if targets is None:
+            raise ValueError("levels from a teacher cache are looked up by the targets' "
+                             "image_id and hflip; this call has no targets")
+        if tuple(batch.shape[-2:]) != cache.batch_shape:
+            raise ValueError(f"the teacher cache {cache.root} holds levels of {cache.batch_shape} "
+                             f"batches; this batch is {tuple(batch.shape[-2:])}")
+        keys = []
+        for t in targets:
+            if "hflip" not in t and len(cache.variants) > 1:
+                raise ValueError("the targets carry no 'hflip' entry, so the cached variant is "
+                                 "unknown: use structkd.data.build_transforms for training")
+            keys.append((int(t["image_id"]), int(bool(t.get("hflip", False)))))
+        return cache.features(keys, device=batch.device, dtype=batch.dtype)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         if not self.student.training:
             raise RuntimeError("Distiller.forward computes training losses; call .train() first")
+        if self.auto_weight and not self._probing and not self.auto_weight_set:
+            raise RuntimeError(
+                "weight='auto' is not measured yet: call structkd.distill.calibrate_weight("
+                "distiller, batches) before training (structkd.fit does it on the first batches)")
         self._tap.clear()
         det_losses = self.student(images, targets)
         s_levels, t_levels, batch, sizes, t_targets = self._tapped(targets)
@@ -210,6 +306,8 @@ class Distiller(nn.Module):
         if t_targets is not None:
             boxes = [t["boxes"] for t in t_targets]
             labels = [t["labels"] for t in t_targets]
+        if self._probing:
+            self.last_teacher = {k: v.detach() for k, v in teacher.items()}
         ctx = DistillContext(student, teacher, self.method.levels,
                              batch_shape=tuple(batch.shape[-2:]), image_sizes=sizes,
                              boxes=boxes, labels=labels)
@@ -244,7 +342,8 @@ class Distiller(nn.Module):
             batch, sizes, t_targets = self._tap.batch()
         else:
             batch, sizes, t_targets = self._tap.input()[0], None, targets
-        return s_levels, self.teacher_features(batch, sizes), batch, sizes, t_targets
+        return (s_levels, self.teacher_features(batch, sizes, targets), batch, sizes,
+                t_targets)
 
     def level_values(self) -> dict[str, Tensor]:
         """``level/<name>`` -> the last step's per-level value (detached, unweighted): what the

@@ -60,9 +60,14 @@ def find_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
         except AttributeError:
             parent, options = "", [n for n, _ in model.named_children()]
         where = f"'{parent}'" if parent else type(model).__name__
+        hint = ""
+        head = path.split(".")[0]
+        if head in ("module", "_orig_mod") and head not in options:
+            hint = (f"; paths are relative to the detector inside DDP / DataParallel / "
+                    f"torch.compile wrappers: drop the '{head}.' prefix")
         raise ValueError(
             f"{role} ({type(model).__name__}) has no module '{path}'; children of {where}: "
-            f"{options}"
+            f"{options}{hint}"
         ) from None
 
 

@@ -2,22 +2,28 @@
 and the standard pieces (DataModule, LightningModule, Trainer factory) for your own Trainer."""
 
 from .datamodule import DetectionDataModule
+from .distill_start import DistillStart
+from .distill_watch import DistillWatch
 from .evalinfo import EvalInfo, eval_info_for
 from .evaluate import evaluate
 from .fit import OPTIONS, fit
 from .from_config import build_run, evaluate_checkpoint, load_teacher, run_config
 from .module import DetectionModule
-from .options import Loader, Optim, Schedule, TrainerOptions
+from .options import Balance, Loader, Optim, Schedule, TrainerOptions
 from .recipe import Config, TeacherSource, load_config
 from .results import RunResult
 from .run_dir import holds_run, next_free
+from .teacher_cache import cache_teacher, open_teacher_cache
 from .trainer import build_trainer
 
 __all__ = [
     "OPTIONS",
+    "Balance",
     "Config",
     "DetectionDataModule",
     "DetectionModule",
+    "DistillStart",
+    "DistillWatch",
     "EvalInfo",
     "Loader",
     "Optim",
@@ -27,6 +33,7 @@ __all__ = [
     "TrainerOptions",
     "build_run",
     "build_trainer",
+    "cache_teacher",
     "eval_info_for",
     "evaluate",
     "evaluate_checkpoint",
@@ -35,5 +42,6 @@ __all__ = [
     "load_config",
     "load_teacher",
     "next_free",
+    "open_teacher_cache",
     "run_config",
 ]

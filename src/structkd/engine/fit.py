@@ -27,13 +27,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import part
-from ..distill import DetectorLosses, Distiller, unwrap
+from ..distill import DetectorLosses, Distiller, TeacherCache, unwrap
 from ..methods import DistillMethod
 from ..models import DetectorSpec, count_parameters, export_student
 from .datamodule import DetectionDataModule
+from .distill_start import DistillStart
+from .distill_watch import DistillWatch
 from .evalinfo import eval_info_for
 from .module import DetectionModule
-from .options import Loader, Optim, Schedule, TrainerOptions
+from .options import Balance, Loader, Optim, Schedule, TrainerOptions
 from .recipe import Config
 from .results import RunResult, read_history
 from .resume import check_resume, resume_path, run_meta, run_options
@@ -58,7 +60,7 @@ def _options() -> dict[str, tuple[str, str]]:
     ``optim.name``)."""
     owners: dict[str, tuple[str, str]] = {}
     groups = [("optim", Optim), ("schedule", Schedule), ("data", Loader),
-              ("trainer", TrainerOptions)]
+              ("trainer", TrainerOptions), ("distill", Balance)]
     names = [(s, f.name) for s, cls in groups for f in dataclasses.fields(cls)]
     names += [("distill", n) for n in _distiller_options()]
     for section, name in names:
@@ -97,7 +99,8 @@ def _with_options(cfg: Config, options: Mapping[str, Any]) -> Config:
 
 def fit(
     student: nn.Module, train: Dataset, val: Dataset | None = None, *,
-    teacher: nn.Module | None = None, method: str | DistillMethod | None = None,
+    teacher: nn.Module | TeacherCache | None = None,
+    method: str | DistillMethod | None = None,
     method_options: Mapping[str, Any] | None = None, config: Config | None = None,
     class_names: Sequence[str] | None = None, spec: DetectorSpec | None = None,
     callbacks: Sequence[L.Callback] = (), **options: Any,
@@ -105,7 +108,9 @@ def fit(
     """Train ``student`` on ``train`` (and distil ``teacher`` into it when given).
 
     Args:
-        student, teacher: detectors in torchvision's calling convention.
+        student, teacher: detectors in torchvision's calling convention; ``teacher`` may be
+            a ``TeacherCache`` (``structkd cache-teacher``): the levels are then read from it
+            by each training target's ``image_id`` and ``hflip``.
         train, val: datasets of ``(image, target)`` as torchvision's detection references use
             (``target``: ``boxes`` XYXY, ``labels`` 1..K, ``image_id``). Augment inside them.
         method: a method name or alias, a built ``DistillMethod``, or "none"; default: the
@@ -124,8 +129,14 @@ def fit(
             ``milestones``, ``preset``, ``warmup_iters``, ...), loader (``batch_size``,
             ``num_workers``, ``limit_train``, ...), trainer (``out_dir``, ``accelerator``,
             ``devices``, ``precision``, ``seed``, ``resume``, ``overwrite``, ...) and
-            distillation (``weight``, ``levels``, ``student_layers``, ``teacher_layers``,
-            ``teacher_root``, ``teacher_dtype``).
+            distillation (``weight``, a number or "auto", ``levels``, ``student_layers``,
+            ``teacher_layers``, ``teacher_root``, ``teacher_dtype``) and its balance and
+            watch (``auto_ratio``, ``auto_batches``, ``auto_every``, ``watch_every``,
+            ``watch_stall``, ``watch_band``).
+
+    A distillation run first checks on the first batch that the distillation is on (every tap
+    fired, a non-constant teacher, a term whose gradient reaches the student) and stops with
+    one error otherwise; ``weight="auto"`` is then measured on the first batches.
     """
     cfg = _with_options(config if config is not None else Config(), options)
     d = cfg.distill
@@ -163,7 +174,7 @@ def _distiller(cfg: Config, student: nn.Module, teacher: nn.Module,
 
 
 def _run(cfg: Config, student: nn.Module, train: Dataset, val: Dataset | None, *,
-         teacher: nn.Module | None, method: DistillMethod | None,
+         teacher: nn.Module | TeacherCache | None, method: DistillMethod | None,
          class_names: Sequence[str] | None, spec: DetectorSpec | None, info,
          callbacks: Sequence[L.Callback]) -> RunResult:
     start = time.perf_counter()
@@ -180,7 +191,8 @@ def _run(cfg: Config, student: nn.Module, train: Dataset, val: Dataset | None, *
 
 
 def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
-            val: Dataset | None, *, teacher: nn.Module | None, method: DistillMethod | None,
+            val: Dataset | None, *, teacher: nn.Module | TeacherCache | None,
+            method: DistillMethod | None,
             class_names: Sequence[str] | None, spec: DetectorSpec | None, info,
             callbacks: Sequence[L.Callback], start: float) -> RunResult:
     t = cfg.trainer
@@ -198,11 +210,14 @@ def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
         logger.warning("resuming %s at step %d with changed options, applied from there: %s",
                        resume, resumed.step, "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b)
                                                        in resumed.changed.items()))
+    balance = part(cfg.distill, Balance)
+    distilling = isinstance(net, Distiller)
     module = DetectionModule(net, optim=cfg.optim, schedule=cfg.schedule, eval_info=info,
                              run_meta=meta)
+    watchers = [DistillStart(balance), DistillWatch(balance)] if distilling else []
     data = DetectionDataModule(train, val, part(cfg.data, Loader), seed=t.seed,
                                class_names=class_names)
-    trainer = build_trainer(out_dir, t, cfg.schedule, cfg.optim, callbacks,
+    trainer = build_trainer(out_dir, t, cfg.schedule, cfg.optim, [*watchers, *callbacks],
                             resume_step=resumed.step if resumed is not None else None)
     if trainer.is_global_zero:  # written only now: everything above has validated it
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,6 +231,11 @@ def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
     student = unwrap(student)  # a compiled or DDP-wrapped student exports its own weights
     result = RunResult(out_dir, metrics, None, step_time, count_parameters(student),
                        steps=trainer.global_step, method=meta["method"])
+    if distilling:
+        checked, watch = watchers
+        assert isinstance(checked, DistillStart) and isinstance(watch, DistillWatch)
+        result.distill = {"weight": net.weight, "calibration": checked.calibration,
+                          "start_check": checked.check, "watch": watch.summary}
     if trainer.is_global_zero:
         result.export_prefix = out_dir / "student"
         export_meta: dict[str, Any] = {"metrics": {k: v for k, v in metrics.items()

@@ -21,6 +21,7 @@ from torch import nn
 from ..checks import writable_file
 from ..config import ConfigError, part
 from ..data import CocoDetection, build_transforms, make_synthetic_coco
+from ..distill import TeacherCache
 from ..labels import label_map
 from ..models import DetectorInfo, build_detector, load_detector, torchvision_detector
 from .evaluate import evaluate
@@ -140,7 +141,7 @@ class Run:
     student: nn.Module
     train: CocoDetection
     val: CocoDetection
-    teacher: nn.Module | None
+    teacher: nn.Module | TeacherCache | None
 
 
 def build_run(cfg: Config) -> Run:
@@ -153,8 +154,12 @@ def build_run(cfg: Config) -> Run:
         logger.warning(hazard)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the student's init
     student = build_detector(spec)
-    teacher = None
-    if cfg.distill.method != "none":
+    teacher: nn.Module | TeacherCache | None = None
+    if cfg.distill.method != "none" and cfg.teacher.cache:
+        from .teacher_cache import open_teacher_cache
+
+        teacher = open_teacher_cache(cfg, student, train_ds)
+    elif cfg.distill.method != "none":
         teacher, info = load_teacher(cfg)
         if cfg.teacher.strict_classes:
             check_labels(info, train_ds, "teacher")

@@ -181,6 +181,8 @@ class DetectionModule(L.LightningModule):
     # ---- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["structkd"] = {**self.run_meta, "rng": rng_states()}
+        if isinstance(self.net, Distiller):  # a calibrated or adapted weight is the run's own
+            checkpoint["structkd"]["distill_weight"] = self.net.weight
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("structkd")
@@ -189,3 +191,5 @@ class DetectionModule(L.LightningModule):
         self.resumed_meta = meta
         if "rng" in meta:
             set_rng_states(meta["rng"])
+        if isinstance(self.net, Distiller) and "distill_weight" in meta:
+            self.net.set_weight(float(meta["distill_weight"]))

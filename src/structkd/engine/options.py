@@ -15,7 +15,9 @@ from typing import Literal
 
 import torch
 
-__all__ = ["SCHEDULE_PRESETS", "Loader", "Optim", "Schedule", "TrainerOptions"]
+from ..distill import DEFAULT_RATIO
+
+__all__ = ["SCHEDULE_PRESETS", "Balance", "Loader", "Optim", "Schedule", "TrainerOptions"]
 
 # mmdetection's schedules: epochs and the epochs where the learning rate drops 10x.
 SCHEDULE_PRESETS: dict[str, tuple[int, tuple[float, ...]]] = {"1x": (12, (8, 11)),
@@ -162,3 +164,45 @@ class TrainerOptions:
         _count("checkpoint_every", self.checkpoint_every, low=1)
         _count("threads", self.threads, low=1, optional=True)
         _number("divergence_factor", self.divergence_factor)
+
+
+@dataclass
+class Balance:
+    """How the distillation term is weighted and watched (the ``distill`` section's other keys).
+
+    ``weight: auto`` sets the method's weight before the first step so that the distillation
+    gradient's norm on the student parameters both losses reach is ``auto_ratio`` times the
+    detection gradient's, averaged over ``auto_batches`` batches of the untrained student;
+    ``auto_every`` > 0 measures again every that many steps and moves the weight halfway (in
+    log scale) toward the ratio again (gradient-norm balancing during training).
+    ``watch_every``: log the gradient-norm ratio every that many steps (0: never);
+    ``watch_stall``: warn when the term stays at 0 or constant for that many steps (0: never);
+    ``watch_band``: warn when the ratio leaves ``[low, high]``.
+    """
+
+    auto_ratio: float = DEFAULT_RATIO
+    auto_batches: int = 4
+    auto_every: int = 0
+    watch_every: int = 50
+    watch_stall: int = 100
+    watch_band: list[float] = field(default_factory=lambda: [0.01, 100.0])
+
+    def __post_init__(self) -> None:
+        _number("auto_ratio", self.auto_ratio, strict=True)
+        _count("auto_batches", self.auto_batches, low=1)
+        _count("auto_every", self.auto_every, low=0)
+        _count("watch_every", self.watch_every, low=0)
+        _count("watch_stall", self.watch_stall, low=0)
+        band = list(self.watch_band)
+        if len(band) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                     and math.isfinite(v) and v >= 0 for v in band) \
+                or band[0] >= band[1]:
+            raise ValueError(f"watch_band={self.watch_band!r}; expected [low, high] with "
+                             "0 <= low < high")
+        self.watch_band = [float(v) for v in band]
+
+    @property
+    def grad_every(self) -> int:
+        """Steps between gradient-norm measurements (0: none): both uses share them."""
+        every = [n for n in (self.auto_every, self.watch_every) if n]
+        return math.gcd(*every) if every else 0

@@ -7,7 +7,8 @@ data       the data paths here, ``make_synthetic_coco`` (``data.synthetic``),
            ``build_transforms`` (augmentation) and :class:`Loader`
 model      the fields of ``DetectorSpec`` (``num_classes`` comes from the data)
 teacher    :class:`TeacherSource` (where the teacher comes from)
-distill    the keyword parameters of ``Distiller`` (``options``: the method's own)
+distill    the keyword parameters of ``Distiller`` (``options``: the method's own) and
+           :class:`Balance` (weight "auto", what the run watches)
 optim      :class:`Optim`
 schedule   :class:`Schedule`
 trainer    :class:`TrainerOptions`
@@ -25,7 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..config import (
     ConfigError,
@@ -43,7 +44,7 @@ from ..distill import Distiller
 from ..methods import check_method
 from ..models import DetectorSpec
 from ..models.load import close_names, torchvision_builders
-from .options import Loader, Optim, Schedule, TrainerOptions
+from .options import Balance, Loader, Optim, Schedule, TrainerOptions
 
 __all__ = ["RENAMED", "Config", "TeacherSource", "load_config"]
 
@@ -124,15 +125,23 @@ class TeacherSource:
     detection builder name such as ``retinanet_resnet50_fpn_v2``) with ``weights`` (its weights
     enum, e.g. ``RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1``, read from the torch.hub cache, or
     a local ``.pth`` of that builder's state dict) and ``num_classes`` (builder without COCO
-    weights only). ``strict_classes``: the teacher's label set must be the dataset's."""
+    weights only). ``strict_classes``: the teacher's label set must be the dataset's.
+    ``cache``: a teacher cache written by ``structkd cache-teacher`` (the teacher is then not
+    built at all); ``cache_dtype``: the precision ``cache-teacher`` stores the levels in."""
 
     checkpoint: str | None = None
     torchvision: str | None = None
     weights: str | None = None
     num_classes: int | None = None
     strict_classes: bool = True
+    cache: str | None = None
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
 
     def __post_init__(self) -> None:
+        if self.cache and (self.checkpoint or self.torchvision):
+            raise ValueError(f"cache={self.cache!r} and a teacher model "
+                             f"({self.checkpoint or self.torchvision!r}) are both set; a run "
+                             "from a cache never builds the teacher: keep only cache")
         if self.checkpoint and self.torchvision:
             raise ValueError(f"checkpoint={self.checkpoint!r} and torchvision="
                              f"{self.torchvision!r} are both set; expected one of them")
@@ -146,14 +155,20 @@ class TeacherSource:
                                  f"detection builder{close_names(self.torchvision, builders)}")
 
 
-DistillSection = section_from_signature(
-    Distiller.__init__, "DistillSection", skip=("student", "teacher"), var_keyword="options",
+DistillerSection = section_from_signature(
+    Distiller.__init__, "DistillerSection", skip=("student", "teacher"), var_keyword="options",
     defaults={"method": None},
     extra=[("imports", list[str], [])],
-    doc="The distillation: the keyword options of ``structkd.Distiller``. ``method``: a method "
-        "name or alias (``structkd methods``), \"none\", or null (ssim with a teacher, none "
-        "without); ``options``: the method's own options; ``imports``: modules to import "
-        "first, where your own ``@register_method`` classes live.")
+    doc="The keyword options of ``structkd.Distiller``.")
+DistillSection = compose(
+    "DistillSection", DistillerSection, Balance,
+    doc="The distillation: the keyword options of ``structkd.Distiller`` and of ``Balance``. "
+        "``method``: a method name or alias (``structkd methods``), \"none\", or null (ssim "
+        "with a teacher, none without); ``weight``: a number, null (the method's default) or "
+        "\"auto\" (measured on the first batches: ``auto_ratio``, ``auto_batches``, "
+        "``auto_every``); ``watch_*``: what the run watches while it trains; ``options``: the "
+        "method's own options; ``imports``: modules to import first, where your own "
+        "``@register_method`` classes live.")
 
 
 @dataclass
@@ -228,7 +243,7 @@ def check_distill(cfg: Config) -> None:
         return
     method = d.method or "ssim"  # null: ssim when there is a teacher
     options = dict(d.options)
-    if d.weight is not None:
+    if d.weight is not None and d.weight != "auto":
         options["weight"] = d.weight
     try:
         check_method(method, options)

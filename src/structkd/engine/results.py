@@ -32,6 +32,9 @@ class RunResult:
     steps: int = 0
     method: dict[str, Any] | None = None
     wall_s: float | None = None  # the whole run: set-up, training, validation, export
+    # Distillation runs: the weight used, an "auto" weight's calibration, the start-up check
+    # and how large the term was over the run (``DistillStart`` / ``DistillWatch``).
+    distill: dict[str, Any] | None = None
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
@@ -43,7 +46,7 @@ class RunResult:
         return {
             "mode": self.mode, "method": self.method, "metrics": self.metrics,
             "step_time_s": self.step_time_s, "params": self.params, "steps": self.steps,
-            "wall_s": self.wall_s,
+            "wall_s": self.wall_s, "distill": self.distill,
             "export": str(self.export_prefix) if self.export_prefix else None,
             "out_dir": str(self.out_dir),
         }
@@ -66,7 +69,7 @@ class RunResult:
         return cls(out_dir=out_dir, metrics=data["metrics"], export_prefix=export,
                    step_time_s=data.get("step_time_s"), params=data["params"],
                    steps=data.get("steps", 0), method=data.get("method"),
-                   wall_s=data.get("wall_s"),
+                   wall_s=data.get("wall_s"), distill=data.get("distill"),
                    history=read_history(out_dir / "metrics.csv"))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..distill import DetectorLosses, Distiller, weights_fingerprint
+from ..distill import DetectorLosses, Distiller
 from ..models import DetectorSpec
 from .evalinfo import EvalInfo
 
@@ -96,10 +96,11 @@ def run_meta(net: Distiller | DetectorLosses, spec: DetectorSpec | None,
         "method": None, "levels": None, "teacher": None,
     }
     if isinstance(net, Distiller):
-        meta["method"] = {"name": net.method_name, "weight": net.method.weight,
+        meta["method"] = {"name": net.method_name,
+                          "weight": "auto" if net.auto_weight else net.method.weight,
                           "options": dict(net.options)}
         meta["levels"] = [dataclasses.asdict(p) for p in net.pairs]
-        meta["teacher"] = {"fingerprint": weights_fingerprint(net.teacher),
+        meta["teacher"] = {"fingerprint": net.teacher_fingerprint(),
                            "dtype": teacher_dtype}
     return meta
 
