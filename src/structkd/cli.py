@@ -226,8 +226,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from .compare import compare, write_report
 
-    cfg = _load(args, show=False)
-    c = compare(cfg, args.methods, seeds=args.seeds, out=args.out, teacher=args.teacher,
+    extra = [f"teacher.{_teacher_key(args.teacher)}={args.teacher}"] if args.teacher else []
+    cfg = _load(args, extra, show=False)
+    c = compare(cfg, args.methods, seeds=args.seeds, out=args.out,
                 teacher_config=resolve_config_path(args.teacher_config),
                 budget=args.budget, teacher_levels=args.teacher_cache, report=False)
     paths = write_report(c, command="structkd " + shlex.join(sys.argv[1:]))
@@ -382,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="structkd_compare",
                     help="folder for every run, results.json, report.md and gains.png "
                     "(finished runs of the same config are reused, interrupted ones resumed)")
-    sp.add_argument("--teacher", help="teacher checkpoint or export (else the config's teacher)")
+    sp.add_argument("--teacher", help="teacher: a structkd export prefix or .ckpt, or a "
+                    "torchvision detection builder name (else the config's teacher)")
     sp.add_argument("--teacher-config", metavar="CONFIG",
                     help="train the teacher once from this config (into OUT/teacher) when no "
                     "teacher is given")
