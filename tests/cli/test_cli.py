@@ -141,16 +141,21 @@ def test_distill_without_teacher_is_a_clear_error(coco_data, tmp_path: Path) -> 
 
 def test_ddp_two_cpu_processes(coco_data, teacher_run, tmp_path: Path) -> None:
     """Distillation under DDP (2 processes, gloo): each rank sees half of the images, the
-    evaluation gathers both halves, and only rank 0 writes the export."""
+    evaluation gathers both halves, and only rank 0 writes the export; an auto weight is
+    measured with the norms averaged over the ranks, and the ratio is watched every step."""
     out = tmp_path / "ddp"
     proc = cli_subprocess(["distill", "--teacher", str(teacher_run.export_prefix), *_sets(
         tiny_overrides(coco_data, out, "trainer.strategy=ddp", "trainer.devices=2",
                        "schedule.max_steps=null", "schedule.epochs=1", "data.batch_size=2",
-                       "data.val_batch_size=1"))], timeout=600)
+                       "data.val_batch_size=1", "distill.weight=auto",
+                       "distill.watch_every=1"))], timeout=600)
     _ok(proc)
     results = json.loads((out / "results.json").read_text())
     # 8 images, 2 per rank and step, 2 ranks: 2 optimiser steps for the epoch.
     assert results["steps"] == 2
+    cal = results["distill"]["calibration"]
+    assert results["distill"]["weight"] == pytest.approx(cal["weight"]) and cal["weight"] > 0
+    assert results["distill"]["watch"]["grad_measurements"] == 2
     assert 0 <= results["metrics"]["AP"] <= 100
     assert (out / "student.safetensors").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()
