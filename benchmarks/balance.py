@@ -20,7 +20,6 @@ batches. The per-step cost of watching every N steps is (measured step - plain s
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import os
 import platform
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import random_batch, step_parser
+from common import random_batch, step_parser, train_step
 from structkd.distill import (
     DEFAULT_RATIO,
     Distiller,
@@ -90,23 +89,18 @@ def cost(size: int, batch: int, steps: int) -> dict:
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3)
         nets[mode] = (net, opt, [p for _, p in student_parameters(net)])
 
-    def stepper(mode: str):
-        net, opt, params = nets[mode]
-        it = itertools.chain(batches[:1], itertools.cycle(batches))
+    def probe(mode: str):
+        """What DistillWatch does at a watched step, before it: a probing pass."""
+        net, _, params = nets[mode]
 
-        def step() -> None:
-            batch = next(it)
-            if mode == "measured":  # what DistillWatch does at a watched step
-                with preserved_state(net), net.probing():
-                    grad_norms(net(*batch), params, retain_graph=False)
-            losses = net(*batch)
-            opt.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            opt.step()
+        def measure(batch) -> None:
+            with preserved_state(net), net.probing():
+                grad_norms(net(*batch), params, retain_graph=False)
 
-        return step
+        return measure if mode == "measured" else None
 
-    t = interleaved({m: stepper(m) for m in nets}, rounds=steps, warmup=1)
+    t = interleaved({m: train_step(*nets[m][:2], batches, before=probe(m)) for m in nets},
+                    rounds=steps, warmup=1)
     net = nets["plain"][0]
     d = Distiller(copy.deepcopy(net.student), copy.deepcopy(net.teacher), "ssim",
                   weight="auto").train()

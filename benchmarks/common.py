@@ -1,9 +1,13 @@
-"""What the step benchmarks share: their command-line options and a batch of random images with
-boxes. (Imported as ``common``: the scripts run as ``python benchmarks/<name>.py``.)"""
+"""What the step benchmarks share: their command-line options, a batch of random images with
+boxes, and one timed training step. (Imported as ``common``: the scripts run as ``python
+benchmarks/<name>.py``.)"""
 
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -40,3 +44,22 @@ def random_batch(n: int, size: int, seed: int, device: str = "cpu"):
     """``(images, targets)`` of :func:`random_samples`."""
     samples = random_samples(n, size, seed, device)
     return [s[0] for s in samples], [s[1] for s in samples]
+
+
+def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, batches: Sequence[Any],
+               before: Callable[[Any], None] | None = None) -> Callable[[], None]:
+    """One training step of ``net`` per call (forward, backward, optimiser step): the warm-up
+    call on ``batches[0]``, timed call i on ``batches[i % len(batches)]``; ``before(batch)``
+    runs first in each call (what a benchmark adds to the step)."""
+    it = itertools.chain(batches[:1], itertools.cycle(batches))
+
+    def step() -> None:
+        batch = next(it)
+        if before is not None:
+            before(batch)
+        losses = net(*batch)
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+
+    return step

@@ -17,14 +17,13 @@ every method within 1.10x of MSE).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import platform
 
 import torch
 
-from common import random_batch, step_parser
+from common import random_batch, step_parser, train_step
 from structkd.distill import DetectorLosses, Distiller
 from structkd.models import build_detector
 from structkd.timing import interleaved
@@ -64,22 +63,9 @@ def main() -> None:
     runs = {m: build(m, args) for m in modes}
     batches = [random_batch(args.batch, args.size, s, args.device) for s in range(2)]
 
-    def stepper(mode: str):
-        """One training step of ``mode`` per call: the warm-up on batch 0, timed step i on
-        batch i % 2."""
-        net, opt = runs[mode]
-        batch = itertools.chain(batches[:1], itertools.cycle(batches))
-
-        def step() -> None:
-            losses = net(*next(batch))
-            opt.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            opt.step()
-
-        return step
-
     # One warm-up step per mode, then args.steps rounds; CUDA is synchronised around each step.
-    timings = interleaved({m: stepper(m) for m in modes}, rounds=args.steps, warmup=1,
+    timings = interleaved({m: train_step(*runs[m], batches) for m in modes},
+                          rounds=args.steps, warmup=1,
                           device=args.device)
     med = {m: timings[m].median_ms for m in modes}
     print(f"device={args.device} threads={args.threads} size={args.size} batch={args.batch} "

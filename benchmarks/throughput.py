@@ -14,7 +14,6 @@ cached step within 1.05x of the plain one), and the cache's size per image.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import random_samples, step_parser
+from common import random_samples, step_parser, train_step
 from structkd.distill import DetectorLosses, Distiller, cache_key, write_teacher_cache
 from structkd.models import build_detector
 from structkd.timing import interleaved
@@ -67,19 +66,7 @@ def main() -> None:
                         [{k: (v.to(args.device) if torch.is_tensor(v) else v)
                           for k, v in t.items()} for _, t in chunk]))
 
-    def stepper(name: str):
-        net, opt = runs[name]
-        it = itertools.chain(batches[:1], itertools.cycle(batches))
-
-        def step() -> None:
-            losses = net(*next(it))
-            opt.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            opt.step()
-
-        return step
-
-    t = interleaved({m: stepper(m) for m in runs}, rounds=args.steps, warmup=1,
+    t = interleaved({m: train_step(*runs[m], batches) for m in runs}, rounds=args.steps, warmup=1,
                     device=args.device)
     med = {m: t[m].median_ms for m in runs}
     print(f"device={args.device} threads={args.threads} size={args.size} batch={args.batch} "

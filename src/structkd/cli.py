@@ -96,15 +96,19 @@ def _teacher_key(name: str) -> str:
                      "'retinanet_resnet50_fpn_v2' or the path of a structkd export")
 
 
+def _teacher_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``teacher.*`` overrides of ``--teacher`` (and ``--teacher-weights`` where the
+    command has it)."""
+    extra = [f"teacher.{_teacher_key(args.teacher)}={args.teacher}"] if args.teacher else []
+    if getattr(args, "teacher_weights", None):
+        extra.append(f"teacher.weights={args.teacher_weights}")
+    return extra
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from .engine import run_config
 
-    extra = _run_flags(args)
-    if args.teacher:
-        key = _teacher_key(args.teacher)
-        extra.append(f"teacher.{key}={args.teacher}")
-    if args.teacher_weights:
-        extra.append(f"teacher.weights={args.teacher_weights}")
+    extra = [*_run_flags(args), *_teacher_overrides(args)]
     if args.method:
         extra.append(f"distill.method={args.method}")
     cfg = _load(args, extra, show=False)
@@ -226,8 +230,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from .compare import compare, write_report
 
-    extra = [f"teacher.{_teacher_key(args.teacher)}={args.teacher}"] if args.teacher else []
-    cfg = _load(args, extra, show=False)
+    cfg = _load(args, _teacher_overrides(args), show=False)
     c = compare(cfg, args.methods, seeds=args.seeds, out=args.out,
                 teacher_config=resolve_config_path(args.teacher_config),
                 budget=args.budget, teacher_levels=args.teacher_cache, report=False)
@@ -240,7 +243,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from .engine import cache_teacher
 
-    extra = [f"teacher.{_teacher_key(args.teacher)}={args.teacher}"] if args.teacher else []
+    extra = _teacher_overrides(args)
     extra += [f"teacher.cache_dtype={args.dtype}"] if args.dtype else []
     cfg = _load(args, extra, show=False)
     cache = cache_teacher(cfg, args.out, batch_size=args.batch_size,
@@ -282,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config key, e.g. --set optim.lr=0.02 (repeatable; "
                         "`structkd config` prints every key with its value)")
 
+    def with_teacher(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--teacher", help="teacher: a structkd export prefix or .ckpt "
+                        "(teacher.checkpoint), or a torchvision detection builder name such as "
+                        "retinanet_resnet50_fpn_v2 (teacher.torchvision); else the config's")
+
+    def with_teacher_cache(sp: argparse.ArgumentParser, where: str) -> None:
+        sp.add_argument("--teacher-cache", action="store_true",
+                        help=f"write the teacher's levels once ({where}) and let every student "
+                        "read them instead of running the teacher each step")
+
     def with_overwrite(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--overwrite", action="store_true",
                         help="replace a run already in trainer.out_dir (by default a finished "
@@ -295,9 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = _command(sub, "distill", help="distil a teacher into a student")
     with_config(sp)
     with_overwrite(sp)
-    sp.add_argument("--teacher", help="teacher: a structkd export prefix or .ckpt "
-                    "(teacher.checkpoint), or a torchvision detection builder name such as "
-                    "retinanet_resnet50_fpn_v2 (teacher.torchvision)")
+    with_teacher(sp)
     sp.add_argument("--teacher-weights", help="with a torchvision builder: its weights enum "
                     "(e.g. RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1) or a local .pth file")
     sp.add_argument("--method", metavar="NAME",
@@ -368,9 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true",
                     help="replace an earlier demo in --out (by default it is kept and this one "
                     "goes to OUT-2, OUT-3, ...)")
-    sp.add_argument("--teacher-cache", action="store_true",
-                    help="the students read the teacher's levels from a cache written once "
-                    "(structkd cache-teacher) instead of running the teacher every step")
+    with_teacher_cache(sp, "CACHE/teacher_levels")
     sp.set_defaults(func=cmd_demo)
 
     sp = _command(sub, "compare", help="does distillation help on this config? methods x "
@@ -383,24 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="structkd_compare",
                     help="folder for every run, results.json, report.md and gains.png "
                     "(finished runs of the same config are reused, interrupted ones resumed)")
-    sp.add_argument("--teacher", help="teacher: a structkd export prefix or .ckpt, or a "
-                    "torchvision detection builder name (else the config's teacher)")
+    with_teacher(sp)
     sp.add_argument("--teacher-config", metavar="CONFIG",
                     help="train the teacher once from this config (into OUT/teacher) when no "
                     "teacher is given")
     sp.add_argument("--budget", type=float, metavar="SHARE",
                     help="quick first answer: train on this share of the training images "
                     "(e.g. 0.25), stated in the report")
-    sp.add_argument("--teacher-cache", action="store_true",
-                    help="write the teacher's levels once (OUT/teacher_levels) and let every "
-                    "row read them instead of running the teacher each step")
+    with_teacher_cache(sp, "OUT/teacher_levels")
     sp.set_defaults(func=cmd_compare)
 
     sp = _command(sub, "cache-teacher", help="run the teacher once over the training set and "
                   "store its levels for every augmentation variant training can draw")
     with_config(sp)
-    sp.add_argument("--teacher", help="teacher: a structkd export prefix or .ckpt, or a "
-                    "torchvision detection builder name (else the config's teacher)")
+    with_teacher(sp)
     sp.add_argument("--out", required=True, help="cache folder (an interrupted write continues "
                     "there)")
     sp.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
@@ -417,9 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--results-md", default="benchmarks/RESULTS.md",
                     help="where to write the study's markdown table")
     sp.add_argument("--methods", nargs="+", help="subset of the study's method names")
-    sp.add_argument("--teacher-cache", action="store_true",
-                    help="every student reads the teacher's levels from one cache (written "
-                    "once into OUT/teacher_levels) instead of running the teacher")
+    with_teacher_cache(sp, "OUT/teacher_levels")
     sp.set_defaults(func=cmd_benchmark)
     return p
 

@@ -155,7 +155,7 @@ def run_demo(out: str | Path = "structkd_demo", *, quick: bool = False,
                 if teacher_levels else []
             for i, method in enumerate(plan.demo_methods, 1):
                 progress.begin(f"student {i}/{len(plan.demo_methods)}: {method}")
-                res, _ = run_student(plan, plan.methods[method], teacher, cache, out / method,
+                res = run_student(plan, plan.methods[method], teacher, cache, out / method,
                                      seed, [*overrides, *prog_override, *levels],
                                      callbacks=[progress])
                 rows.append(_metrics_row(f"student-{method}", method, res))

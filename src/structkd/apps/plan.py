@@ -191,32 +191,14 @@ def student_config(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Pa
 
 
 def run_student(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path, out_dir: Path,
-                seed: int, overrides: Sequence[str], *, reuse: bool = False,
-                callbacks: Sequence[L.Callback] = ()) -> tuple[RunResult, bool]:
-    """Train one student with the ``distill`` section; returns its result (``out_dir``: where
-    the run went: the plan's runs replace what their folder holds, see :func:`section`; with
-    ``trainer.overwrite=false`` set, a numbered ``<out_dir>-2``) and whether it was reused.
-
-    ``reuse=True`` (how an interrupted study resumes) returns the result already in
-    ``out_dir`` when that run finished with exactly this config; an interrupted run or one of
-    another config is trained again in its place.
-    """
-    cfg = student_config(plan, distill, teacher, cache, out_dir, seed, overrides)
-    if reuse and (out_dir / "results.json").is_file() and \
-            (out_dir / "student.safetensors").is_file():
-        try:
-            same = load_config(out_dir / "config.yaml").to_dict() == cfg.to_dict()
-        except (OSError, ValueError):
-            same = False
-        if same:
-            logger.info("reusing the finished run in %s", out_dir)
-            return RunResult.load(out_dir), True
-        logger.info("%s holds a run of another config; training it again in its place",
-                    out_dir)
-    elif reuse and holds_run(out_dir):
-        logger.warning("%s holds an interrupted run (no results.json); training it again from "
-                       "the start", out_dir)
-    return run_config(cfg, callbacks=callbacks), False
+                seed: int, overrides: Sequence[str], *,
+                callbacks: Sequence[L.Callback] = ()) -> RunResult:
+    """Train one student with the ``distill`` section (``out_dir``: where the run goes: the
+    plan's runs replace what their folder holds, see :func:`section`; with
+    ``trainer.overwrite=false`` set, a numbered ``<out_dir>-2``). The study reuses and resumes
+    its runs through ``structkd.compare.run_row``."""
+    return run_config(student_config(plan, distill, teacher, cache, out_dir, seed, overrides),
+                      callbacks=callbacks)
 
 
 def train_steps(plan_part: dict[str, Any], data: dict[str, Any]) -> int:

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..compare import compare, write_report
+from ..compare import Comparison, compare, write_report
+from ..compare.report import cell
 from ..distill import Distiller
 from ..engine import DetectionDataModule, Loader, RunResult, build_run
 from ..evaluation import TABLE_KEYS
@@ -38,16 +39,6 @@ from .plan import Plan, ensure_teacher, get_plan, student_config
 logger = logging.getLogger("structkd.demo")
 CALIBRATION_BATCHES = 4
 REFERENCE = {"method": "ssim", "weight": 2.0}
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def _metric_stats(xs: list[float]) -> tuple[float, float]:
-    """Mean and std of a COCO metric over seeds; (-1, 0) when it is undefined (-1) in any run,
-    never a mean of -1 with real values."""
-    return (-1.0, 0.0) if any(x < 0 for x in xs) else _mean_std(xs)
 
 
 @torch.no_grad()
@@ -130,7 +121,7 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
         " --quick" if quick else "")
     write_report(c, command=cmd)
     runs = {m: c.runs[m] for m in methods}
-    summary = _summarise(runs, resolved, t_res, teacher, plan)
+    summary = _summarise(c, methods, resolved, t_res, teacher, plan)
     summary["compare"] = c.to_dict()
     summary["calibration"] = calibration
     summary["elapsed_min"] = (time.perf_counter() - t_start) / 60
@@ -147,23 +138,25 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
     return summary
 
 
-def _summarise(runs: dict[str, list[RunResult]], resolved, t_res: RunResult, teacher: Path,
+def _summarise(c: Comparison, methods: list[str], resolved, t_res: RunResult, teacher: Path,
                plan: Plan) -> dict[str, Any]:
-    base = [r.metrics["AP"] for r in runs.get("none", [])]
-    t_ap = t_res.metrics["AP"]
+    """The study's summary: the comparison's rows (statistics computed there) in the study's
+    layout, the teacher, and the latency of teacher and student."""
     rows = {}
-    for m, rs in runs.items():
-        stats = {k: _metric_stats([r.metrics[k] for r in rs]) for k in TABLE_KEYS}
-        aps = [r.metrics["AP"] for r in rs]
-        diff = [a - b for a, b in zip(aps, base, strict=False)] if base and m != "none" else []
-        gap = t_ap - statistics.fmean(base) if base else math.nan
-        rows[m] = {"n": len(rs), "distill": resolved[m], "metrics": stats, "AP_runs": aps,
-                   "diff_vs_none": _mean_std(diff) if diff else None,
-                   "gap_closed": (statistics.fmean(diff) / gap) if diff and gap > 0 else None,
-                   "step_time_ms": 1000 * statistics.median(
-                       [r.step_time_s for r in rs if r.step_time_s] or [math.nan])}
+    paired = "none" in methods  # a study without the none row shows no gains
+    for row in c.rows:
+        if row.name not in methods:
+            continue
+        r = c.row_summary(row)
+        g = r["gain"] if paired else None
+        rows[row.name] = {
+            "n": r["n"], "distill": resolved[row.name], "metrics": r["metrics"],
+            "AP_runs": r["AP_per_seed"],
+            "diff_vs_none": None if g is None else (g["mean"], g["sd"] or 0.0),
+            "gap_closed": r["gap_closed"] if paired else None,
+            "step_time_ms": math.nan if r["step_time_ms"] is None else r["step_time_ms"]}
     s_size = plan.student["model"]["min_size"]
-    any_student = next(iter(runs.values()))[0]
+    any_student = c.runs[methods[0]][0]
     t_model, _, _ = load_exported(teacher)
     s_model, _, _ = load_exported(any_student.export_prefix)
     lat = {n: t.median_ms for n, t in interleaved(
@@ -194,12 +187,6 @@ def _verdict(rows: dict[str, Any]) -> list[str]:
         out.append(f"SSIM - {m}: {ap['ssim'][0] - ap[m][0]:+.2f} AP (means); SSIM above: "
                    f"{'yes' if ap['ssim'][0] > ap[m][0] else 'NO'}.")
     return out
-
-
-def _cell(mean_std: tuple[float, float]) -> str:
-    """``mean ± std``, or ``-`` where COCO's metric is undefined (-1: no object of that size)."""
-    mean, std = mean_std
-    return "-" if mean < 0 else f"{mean:.2f} ± {std:.2f}"
 
 
 def _weight_text(d: dict[str, Any], row: dict[str, Any] | None = None) -> str:
@@ -234,7 +221,7 @@ def _results_markdown(s: dict[str, Any], seeds: int, quick: bool, plan: Plan) ->
     ]
     verdicts = {r["name"]: r for r in s.get("compare", {}).get("rows", [])}
     for m, r in s["rows"].items():
-        cells = [_cell(r["metrics"][k]) for k in TABLE_KEYS]
+        cells = [cell(r["metrics"][k]) for k in TABLE_KEYS]
         d = r["diff_vs_none"]
         dtxt = "-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f}"
         gap = "-" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"

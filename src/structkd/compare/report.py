@@ -12,10 +12,11 @@ from ..evaluation import TABLE_KEYS
 if TYPE_CHECKING:
     from .runner import Comparison
 
-__all__ = ["markdown", "plot_gains", "write_report"]
+__all__ = ["cell", "markdown", "plot_gains", "write_report"]
 
 
-def _cell(mean_std: tuple[float, float] | list[float]) -> str:
+def cell(mean_std: tuple[float, float] | list[float]) -> str:
+    """``mean ± std``, or ``-`` where COCO's metric is undefined (-1: no object of that size)."""
     mean, std = mean_std
     return "-" if mean < 0 else f"{mean:.2f} ± {std:.2f}"
 
@@ -56,7 +57,7 @@ def markdown(c: Comparison, *, command: str | None = None) -> str:
         step = "-" if r["step_time_ms"] is None else f"{r['step_time_ms']:.0f}"
         verdict = "baseline" if g is None else g["verdict"]
         lines.append(f"| {r['name']} | {_weight(r['distill'], r['weights_used'])} | {r['n']} | "
-                     + " | ".join(_cell(r["metrics"][k]) for k in TABLE_KEYS)
+                     + " | ".join(cell(r["metrics"][k]) for k in TABLE_KEYS)
                      + f" | {gain} | {ci} | {gap} | {step} | {verdict} |")
     lines += ["", "Mean ± sample std over seeds. AP gain: the mean over seeds of (row AP − "
               f"no-distillation AP) of the same seed; {pct} CI: Student's t over those paired "

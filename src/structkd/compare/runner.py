@@ -32,7 +32,7 @@ from .stats import PairedGain, paired_gain
 
 logger = logging.getLogger("structkd.compare")
 
-__all__ = ["Comparison", "Row", "compare", "parse_rows", "row_config", "run_row"]
+__all__ = ["Comparison", "Row", "compare", "metric_stats", "parse_rows", "row_config", "run_row"]
 
 BASELINE = "none"
 
@@ -132,7 +132,7 @@ def run_row(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> tuple[RunResul
     return run_config(cfg, callbacks=callbacks), "trained"
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+def metric_stats(xs: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std; (-1, 0) when COCO left the metric undefined (-1) in any run."""
     if any(x < 0 for x in xs):
         return -1.0, 0.0
@@ -171,7 +171,7 @@ class Comparison:
         weights = [(r.distill or {}).get("weight") for r in rs]
         return {
             "name": row.name, "distill": row.distill, "n": len(rs),
-            "metrics": {k: _mean_std([r.metrics[k] for r in rs]) for k in TABLE_KEYS},
+            "metrics": {k: metric_stats([r.metrics[k] for r in rs]) for k in TABLE_KEYS},
             "AP_per_seed": [r.metrics["AP"] for r in rs],
             "gain": g.to_dict() if g is not None else None,
             "verdict": g.sentence() if g is not None else None,

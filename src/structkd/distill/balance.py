@@ -15,6 +15,7 @@ untrained student. Pure torch: usable in any training loop.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -69,7 +70,8 @@ class GradNorms:
         return self.distill / self.detection if self.detection > 0 else float("inf")
 
 
-def _norm(grads: Iterable[Tensor]) -> float:
+def total_norm(grads: Iterable[Tensor]) -> float:
+    """The 2-norm of several gradient tensors taken as one vector (0 for none)."""
     norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
@@ -89,8 +91,8 @@ def grad_norms(losses: Mapping[str, Tensor], params: Sequence[Tensor], *,
         if dis.requires_grad else none
     shared = [i for i, (a, b) in enumerate(zip(g_det, g_dis, strict=True))
               if a is not None and b is not None]
-    return GradNorms(detection=_norm(g_det[i] for i in shared),
-                     distill=_norm(g_dis[i] for i in shared), shared=len(shared),
+    return GradNorms(detection=total_norm(g_det[i] for i in shared),
+                     distill=total_norm(g_dis[i] for i in shared), shared=len(shared),
                      distill_reached=sum(g is not None for g in g_dis))
 
 
@@ -154,7 +156,7 @@ def calibrate_weight(distiller: Distiller, batches: Iterable[tuple[Any, Any]], *
     if reduce is not None:
         det, dis = (float(v) for v in reduce(torch.tensor([det, dis], dtype=torch.float64,
                                                            device=params[0].device)))
-    if not (dis > 0 and det > 0) or not all(map(torch.isfinite, map(torch.tensor, (det, dis)))):
+    if not (0 < det < math.inf and 0 < dis < math.inf):
         raise ValueError(
             f"cannot set the weight: on {len(rows)} batch(es) the detection gradient's norm is "
             f"{det:.4g} and the distillation term's (weight 1) {dis:.4g} on the "

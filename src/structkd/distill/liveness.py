@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .balance import preserved_state, split_losses, student_parameters
+from .balance import preserved_state, split_losses, student_parameters, total_norm
 
 if TYPE_CHECKING:
     from .distiller import Distiller
@@ -101,8 +101,7 @@ def check_distillation(distiller: Distiller, images: list[Tensor],
             f"{distiller.student_layers}; trainable groups {_groups([n for n, _ in params])}): "
             "the tapped output is detached, the layers before it are frozen, or the method "
             "returns a value that does not depend on the student's features")
-    norm = float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(g.float()) for g in grads if g is not None])))
+    norm = total_norm(g for g in grads if g is not None)
     if value == 0.0 or norm == 0.0:
         raise ValueError(f"the distillation term is {value:.4g} with a gradient norm of "
                          f"{norm:.4g} on the student's groups {_groups(reached)} on the first "

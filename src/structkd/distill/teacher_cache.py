@@ -253,7 +253,7 @@ def write_teacher_cache(out: str | os.PathLike, student: nn.Module, teacher: nn.
                 for flip in ([False, True] if hflip else [False]):
                     batch = [img.flip(-1) if flip else img for img in images]
                     image_list, _ = transform(batch)
-                    manifest_shape(manifest, image_list, ids[-len(images):])
+                    _check_geometry(manifest, image_list, ids[-len(images):])
                     feats = frozen.features(image_list.tensors, image_list.image_sizes)
                     per_variant.append(feats)
                 for k in per_variant[0]:
@@ -281,7 +281,7 @@ def write_teacher_cache(out: str | os.PathLike, student: nn.Module, teacher: nn.
     return TeacherCache(out)
 
 
-def manifest_shape(manifest: dict[str, Any], image_list: Any, ids: list[int]) -> None:
+def _check_geometry(manifest: dict[str, Any], image_list: Any, ids: list[int]) -> None:
     """Record the batch geometry once; refuse images that make another one (not exact)."""
     shape = list(image_list.tensors.shape[-2:])
     sizes = [list(s) for s in image_list.image_sizes]

@@ -23,7 +23,13 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..distill import Distiller, grad_norms, preserved_state, student_parameters
+from ..distill import (
+    Distiller,
+    grad_norms,
+    preserved_state,
+    split_losses,
+    student_parameters,
+)
 from .options import Balance
 
 logger = logging.getLogger("structkd.engine")
@@ -83,8 +89,7 @@ class DistillWatch(L.Callback):
         losses = getattr(pl_module, "last_losses", None)
         if not isinstance(net, Distiller) or not losses:
             return
-        dis = sum(float(v) for k, v in losses.items() if k.startswith("distill"))
-        det = sum(float(v) for k, v in losses.items() if not k.startswith("distill"))
+        det, dis = (0.0 if v is None else float(v) for v in split_losses(losses))
         self.steps += 1
         self.sum_distill += dis
         self.sum_detection += det

@@ -214,7 +214,8 @@ def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
     distilling = isinstance(net, Distiller)
     module = DetectionModule(net, optim=cfg.optim, schedule=cfg.schedule, eval_info=info,
                              run_meta=meta)
-    watchers = [DistillStart(balance), DistillWatch(balance)] if distilling else []
+    checks, watch = DistillStart(balance), DistillWatch(balance)
+    watchers = [checks, watch] if distilling else []
     data = DetectionDataModule(train, val, part(cfg.data, Loader), seed=t.seed,
                                class_names=class_names)
     trainer = build_trainer(out_dir, t, cfg.schedule, cfg.optim, [*watchers, *callbacks],
@@ -232,10 +233,8 @@ def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
     result = RunResult(out_dir, metrics, None, step_time, count_parameters(student),
                        steps=trainer.global_step, method=meta["method"])
     if distilling:
-        checked, watch = watchers
-        assert isinstance(checked, DistillStart) and isinstance(watch, DistillWatch)
-        result.distill = {"weight": net.weight, "calibration": checked.calibration,
-                          "start_check": checked.check, "watch": watch.summary}
+        result.distill = {"weight": net.weight, "calibration": checks.calibration,
+                          "start_check": checks.check, "watch": watch.summary}
     if trainer.is_global_zero:
         result.export_prefix = out_dir / "student"
         export_meta: dict[str, Any] = {"metrics": {k: v for k, v in metrics.items()

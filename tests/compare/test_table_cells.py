@@ -1,8 +1,10 @@
-"""The seed study's table: undefined COCO metrics are shown as such, never averaged."""
+"""The comparison's table (and the seed study's, which is one): undefined COCO metrics are
+shown as such, never averaged."""
 
 from __future__ import annotations
 
-from structkd.apps.study import _cell, _metric_stats
+from structkd.compare.report import cell as _cell
+from structkd.compare.runner import metric_stats as _metric_stats
 
 
 def test_undefined_metric_is_a_dash_not_a_mean() -> None:
