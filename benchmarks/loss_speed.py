@@ -23,6 +23,11 @@ dimension and structkd truncates the window (see ``structkd.losses.ssim``).
     python benchmarks/loss_speed.py --json out.json    # and JSON
     python benchmarks/loss_speed.py --device cuda      # on a GPU (synchronised timings)
     python benchmarks/loss_speed.py --rounds 2 --methods structkd-ssim method-pkd method-fgd
+    python benchmarks/loss_speed.py --ssim-compile     # SSIM's compiled element-wise kernels
+
+``--ssim-compile`` turns on ``structkd.losses.ssim.fused.set_compile`` (float32 CPU): the timed
+rounds are steady state (the untimed warm-up step compiles), and the warm-up time, compilation
+included, is printed under the table.
 """
 
 from __future__ import annotations
@@ -235,14 +240,21 @@ def time_methods(methods: list[str], device: str, rounds: int, threads: int) -> 
     from structkd.timing import interleaved
 
     warnings.filterwarnings("ignore")
+    import time
+
     torch.set_num_threads(threads)
     steps = {m: _stepper(m, device) for m in methods}
-    values = {m: steps[m]() for m in methods}  # warm-up, and the loss values
+    values, warmup_s = {}, {}
+    for m in methods:  # warm-up (compilation, where on), and the loss values
+        t0 = time.perf_counter()
+        values[m] = steps[m]()
+        warmup_s[m] = time.perf_counter() - t0
     # The warm-up round is the one above; CUDA is synchronised around every timed step.
     times = interleaved(steps, rounds=rounds, warmup=0, device=device)
     return [
         {"method": m, "ms": times[m].median_ms, "ms_min": times[m].min_ms,
-         "loss": values[m][0], "loss_p3_p6": values[m][1], "rounds": rounds}
+         "loss": values[m][0], "loss_p3_p6": values[m][1], "rounds": rounds,
+         "warmup_s": warmup_s[m]}
         for m in methods
     ]
 
@@ -255,8 +267,12 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=list(METHODS),
                    help="rows to run (default: all that can run on the device)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--ssim-compile", action="store_true",
+                   help="compiled element-wise kernels for the SSIM rows (float32 CPU)")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.ssim_compile:  # read by structkd.losses.ssim.fused, here and in the subprocesses
+        os.environ["STRUCTKD_SSIM_COMPILE"] = "1"
     if args.memory_of:
         print(json.dumps(peak_memory(args.memory_of, args.device)))
         return
@@ -297,10 +313,16 @@ def main() -> None:
         dtxt = f"{diff:+.1e}" if r["numerics_diff_p3_p6"] is not None else ""
         print(f"| {r['method']:<20} | {r['ms']:>9.1f} | {r['ms_min']:>7.1f} | {ratio:>9} | "
               f"{vs_ssim:>9} | {r['peak_mib']:>8.0f} | {r['loss']:>10.6g} | {dtxt:>14} |")
+    if args.ssim_compile:
+        for r in rows:
+            if "ssim" in r["method"] and r["method"] != REFERENCE:
+                print(f"{r['method']}: compiled kernels; warm-up step (compilation included) "
+                      f"{r['warmup_s']:.1f} s")
     if args.json:
         import torch
 
         meta = {"device": args.device, "threads": args.threads, "rounds": args.rounds,
+                "ssim_compile": args.ssim_compile,
                 "machine": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(), "torch": torch.__version__, "levels": LEVELS,
                 "methods": {m: METHODS[m] for m in args.methods}}

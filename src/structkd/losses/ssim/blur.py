@@ -74,37 +74,103 @@ class GaussianBlur:
             self._weights[groups] = (wh, ww)
         return self._weights[groups]
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, buffers: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Blur every channel of (B, G, H, W); "same" keeps H, W, "valid" shrinks them.
 
         Runs in the input's memory layout; channels-last is many times faster on CPU.
+        ``buffers``: two flat scratch tensors, each at least ``x.numel()`` long, that the
+        convolutions may write into instead of fresh memory (see ``conv_into``); the result may
+        then be a view of either, valid until they are reused.
         """
+        bufs = _Buffers(buffers)
         if self.kw > 1:  # one axis at a time: the W pass then skips the H border
-            x = _matmul_w(x, self.rw) if self.rw is not None else self._conv(x, -1, False)
+            x = _matmul_w(x, self.rw) if self.rw is not None else self._conv(x, -1, False, bufs)
         if self.kh > 1:
-            x = _matmul_h(x, self.rh) if self.rh is not None else self._conv(x, -2, False)
+            x = _matmul_h(x, self.rh) if self.rh is not None else self._conv(x, -2, False, bufs)
         return x
 
-    def apply_adjoint(self, u: Tensor) -> Tensor:
-        """The transpose of ``__call__``: maps an output-sized gradient to the input size."""
+    def apply_adjoint(self, u: Tensor, buffers: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The transpose of ``__call__``: maps an output-sized gradient to the input size.
+
+        ``buffers`` as for ``__call__``, each at least as long as the input-sized result.
+        """
+        bufs = _Buffers(buffers)
         if self.kh > 1:
-            u = _matmul_h(u, self.rh.T) if self.rh is not None else self._conv(u, -2, True)
+            u = _matmul_h(u, self.rh.T) if self.rh is not None else self._conv(u, -2, True, bufs)
         if self.kw > 1:
-            u = _matmul_w(u, self.rw.T) if self.rw is not None else self._conv(u, -1, True)
+            u = _matmul_w(u, self.rw.T) if self.rw is not None else self._conv(u, -1, True, bufs)
         return u
 
-    def _conv(self, x: Tensor, axis: int, adjoint: bool) -> Tensor:
+    def _conv(self, x: Tensor, axis: int, adjoint: bool, bufs: _Buffers) -> Tensor:
         """The 1-D blur along ``axis`` (-1: W, -2: H) by depthwise convolution, or its adjoint."""
         wh, ww = self._w(x.shape[1])
         taps, weight, border = (self.kw, ww, self.bw) if axis == -1 else (self.kh, wh, self.bh)
-        if border is None:  # "valid": the adjoint is the full convolution
-            pad = taps - 1 if adjoint else 0
-            return F.conv2d(x, weight, groups=x.shape[1],
-                            padding=(0, pad) if axis == -1 else (pad, 0))
-        p = taps // 2
-        y = F.conv2d(x, weight, groups=x.shape[1], padding=(0, p) if axis == -1 else (p, 0))
-        add_reflected_border(y, x, border, axis, adjoint=adjoint)
+        # "valid": the adjoint is the full convolution; "same": zero padding, border added below
+        p = taps // 2 if border is not None else (taps - 1 if adjoint else 0)
+        shape = list(x.shape)
+        shape[axis] += 2 * p - taps + 1
+        y = conv_into(x, weight, (0, p) if axis == -1 else (p, 0), bufs.next(shape))
+        if border is not None:
+            add_reflected_border(y, x, border, axis, adjoint=adjoint)
         return y
+
+
+class _Buffers:
+    """Hands out a caller's two flat scratch buffers in turn, as channels-last views of the
+    requested shape (None where the caller gave none, or a buffer is too short)."""
+
+    def __init__(self, buffers: tuple[Tensor, Tensor] | None) -> None:
+        self.buffers, self.i = buffers, 0
+
+    def next(self, shape: list[int]) -> Tensor | None:
+        if self.buffers is None:
+            return None
+        buf = self.buffers[self.i % 2]
+        self.i += 1
+        n, c, h, w = shape
+        if buf.numel() < n * c * h * w:
+            return None
+        return buf[: n * c * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def conv_into(x: Tensor, weight: Tensor, padding: tuple[int, int], out: Tensor | None) -> Tensor:
+    """``F.conv2d(x, weight, padding=padding, groups=C)``, written into ``out`` where it can be.
+
+    A fresh multi-MiB output is returned to the OS when freed and page-faulted back in by the
+    next call, which on CPU costs more than the convolution itself; mkldnn's in-place
+    convolution-plus-add into a zeroed ``out`` avoids that. Used for float32 channels-last
+    tensors that need no autograd; elsewhere, or if that (private) operator fails, the plain
+    convolution (the results are the same: the same kernel, plus zero).
+    """
+    groups = x.shape[1]
+    if out is not None and _inplace_ok(x, out):
+        try:
+            out.zero_()
+            return _MKLDNN_INPLACE[1](out, x, weight, None, list(padding), [1, 1], [1, 1],
+                                      groups, "add", None, None, [], None)
+        except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover - build specific
+            _MKLDNN_INPLACE[0] = False
+    return F.conv2d(x, weight, groups=groups, padding=padding)
+
+
+def _find_inplace_conv() -> list:
+    """[usable, op]: mkldnn's in-place convolution with a fused add, where this build has it."""
+    try:
+        op = torch.ops.mkldnn._convolution_pointwise_.binary
+        return [bool(torch.backends.mkldnn.is_available()), op]
+    except (AttributeError, RuntimeError):  # pragma: no cover - build specific
+        return [False, None]
+
+
+_MKLDNN_INPLACE = _find_inplace_conv()
+
+
+def _inplace_ok(x: Tensor, out: Tensor) -> bool:
+    return (
+        _MKLDNN_INPLACE[0] and x.dtype == torch.float32 and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and is_channels_last(x) and is_channels_last(out)
+    )
 
 
 @functools.lru_cache(maxsize=256)
