@@ -61,7 +61,16 @@ def _kill_mid_run_and_resume(coco_data, tmp_path: Path, arch: str, sig: int) -> 
     while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.5)  # into the next epoch (or its validation)
-    proc.send_signal(sig)
+    for _ in range(20):
+        # Python drops a KeyboardInterrupt that lands in a destructor (e.g. a DataLoader
+        # iterator's __del__: "Exception ignored in ..."), and the run goes on; like a user, press
+        # Ctrl+C again until the process stops.
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     proc.wait(timeout=120)
     assert not (part / "results.json").is_file(), "the run finished before it was interrupted"
     step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
