@@ -189,3 +189,72 @@ def test_your_data_on_the_command_line(coco_data, tmp_path, monkeypatch) -> None
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "student.onnx").is_file()
     assert (tmp_path / "levels" / "manifest.json").is_file()
     assert (tmp_path / "structkd_compare" / "report.md").is_file()
+
+
+def test_other_families_transformers(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("transformers")
+    code = _block("Other detector families: the DETR family of transformers")
+    code = _sub(code, "num_train=256, num_val=64, image_size=320",
+                "num_train=8, num_val=4, image_size=64")
+    code = code.replace("epochs=12", "epochs=1, max_steps=1, progress=False, num_workers=0, "
+                        "batch_size=2, threads=1")
+    code = _sub(code, 'backbone="resnet50", min_size=320, max_size=320',
+                'backbone="resnet18", fpn_channels=16, min_size=64, max_size=64')
+    code = _sub(code, 'size="small",\n                                min_size=320, max_size=320',
+                'size="tiny", num_queries=50,\n                                min_size=64, '
+                'max_size=64')
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert 0 <= scope["result"].metrics["AP"] <= 100
+    assert (tmp_path / "runs" / "rtdetr_cwd" / "student_native" / "config.json").is_file()
+
+
+def test_other_families_transformers_cli(coco_data, teacher_run, tmp_path) -> None:
+    pytest.importorskip("transformers")
+    args = shlex.split(_block("Other detector families: the DETR family of transformers",
+                              "bash").replace("\\\n", " "))
+    assert args[:2] == ["structkd", "distill"]
+    args = [str(teacher_run.export_prefix) if a == "runs/teacher/student" else a
+            for a in args[1:]]
+    args = [a.replace("model.size=small", "model.size=tiny") for a in args]
+    out = tmp_path / "rtdetr"
+    sets = [x for o in tiny_overrides(coco_data, out, "model.options={num_queries: 50}")
+            for x in ("--set", o)]
+    proc = cli_subprocess([*args, *sets], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "student_native" / "config.json").is_file()
+
+
+def test_other_families_ultralytics(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("ultralytics")
+    code = _block("Other detector families: YOLO (Ultralytics)")
+    code = _sub(code, "num_train=256, num_val=64, image_size=320",
+                "num_train=8, num_val=4, image_size=64")
+    code = code.replace("epochs=12", "epochs=1, max_steps=1, progress=False, num_workers=0, "
+                        "batch_size=2, threads=1")
+    code = code.replace("min_size=320, max_size=320", "min_size=64, max_size=64")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert 0 <= scope["result"].metrics["AP"] <= 100
+    assert (tmp_path / "runs" / "yolo26n_mgd" / "student_native.pt").is_file()
+
+
+def test_inside_ultralytics_own_trainer(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("ultralytics")
+    code = _block("Inside Ultralytics' own trainer")
+    code = _sub(code, "num_train=256, num_val=64, image_size=320",
+                "num_train=8, num_val=4, image_size=64")
+    small = ("epochs=1, imgsz=64, batch=4, workers=0, device='cpu', plots=False, amp=False, "
+             f"project={str(tmp_path / 'runs')!r}, verbose=False")
+    code = _sub(code, "teacher.train(data=data_yaml, epochs=30, imgsz=320)",
+                f"teacher.train(data=data_yaml, {small}, name='teacher')")
+    code = _sub(code, "student.train(data=data_yaml, epochs=30, imgsz=320,",
+                f"student.train(data=data_yaml, {small}, name='student',")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    run = tmp_path / "runs" / "student"
+    assert (run / "weights" / "last.pt").is_file() and (run / "distill_state.pt").is_file()
+    assert "distill" in (run / "results.csv").read_text().splitlines()[0]

@@ -138,6 +138,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .detectors import describe_families
+    from .models.spec import ARCHS, BACKBONES
+
+    print(f"torchvision (model.family=torchvision): model.arch one of {list(ARCHS)}, "
+          f"model.backbone one of {list(BACKBONES)}; a teacher may be any torchvision detection "
+          "builder (--teacher retinanet_resnet50_fpn_v2)")
+    for info in describe_families():
+        where = f"model.family={info.family} model.name=NAME"
+        if info.available:
+            print(f"{info.family} ({where}): {', '.join(info.names)} ({info.note})")
+        else:
+            print(f"{info.family} ({where}): not installed here: {info.note}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import describe_methods
 
@@ -330,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = _command(sub, "methods", help="list the distillation methods with options and papers")
     sp.set_defaults(func=cmd_methods)
+
+    sp = _command(sub, "models", help="list the detector families and what builds each here "
+                  "(and what to install for the others)")
+    sp.set_defaults(func=cmd_models)
 
     sp = _command(sub, "config", help="print the resolved config (every key, with the values "
                   "the defaults, the file and --set give)")

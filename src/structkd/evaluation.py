@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .detectors import as_detector
+
 __all__ = [
     "METRIC_KEYS",
     "TABLE_KEYS",
@@ -231,8 +233,10 @@ def evaluate_model(
 
     ``loader`` yields ``(images, targets)`` as lists (a detection ``collate_fn``); only each
     target's ``image_id`` is used. The model must return boxes in the images' own coordinates (as
-    torchvision detectors do). Its train/eval mode is restored afterwards.
+    torchvision detectors do); a model of another family is wrapped by its adapter. Its
+    train/eval mode is restored afterwards.
     """
+    model = as_detector(model)
     was_training = model.training
     model.eval()
     detections: list[dict[str, Any]] = []

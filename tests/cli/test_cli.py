@@ -64,6 +64,17 @@ def test_configs_lists_the_paper_recipes() -> None:
         assert name in out
 
 
+def test_models_lists_the_families_and_their_builders() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("ultralytics")
+    out = _ok(cli_inprocess(["models"]))
+    lines = {line.split(" ")[0]: line for line in out.splitlines()}
+    assert "'retinanet', 'fcos', 'fasterrcnn'" in lines["torchvision"]
+    assert "rt_detr, rt_detr_v2, d_fine" in lines["transformers"]
+    assert "yolo11.yaml" in lines["ultralytics"] and "yolo26.yaml" in lines["ultralytics"]
+    assert "-seg" not in lines["ultralytics"]
+
+
 @pytest.mark.parametrize("name", ["coco_retinanet_r50_ssim", "coco_faster_rcnn_r50_l2",
                                   "coco_retinanet_r101_teacher"])
 def test_shipped_configs_load(name: str) -> None:
@@ -272,3 +283,84 @@ def test_benchmark_quick_writes_results_and_resumes(tmp_path: Path) -> None:
     for m in ("none", "ssim"):
         assert resumed["rows"][m]["AP_runs"] == summary["rows"][m]["AP_runs"]
     assert resumed["teacher"]["metrics"] == summary["teacher"]["metrics"]
+
+
+def test_distill_a_torchvision_teacher_into_a_transformers_student(coco_data, teacher_run,
+                                                                    tmp_path: Path) -> None:
+    """The config path of another family: model.family=transformers builds an RT-DETR student,
+    a RetinaNet export is its teacher; the run prints its table and saves the student twice
+    (structkd's safetensors and transformers' save_pretrained folder)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "rtdetr"
+    proc = cli_subprocess(["distill", "--teacher", str(teacher_run.export_prefix), "--method",
+                           "cwd", *_sets(tiny_overrides(
+                               coco_data, out, "model.family=transformers",
+                               "model.name=rt_detr", "model.size=tiny",
+                               "model.options={num_queries: 50}",
+                               "distill.options={}", "optim.name=adamw", "optim.lr=0.0001"))],
+                          timeout=600)
+    printed = _ok(proc)
+    assert f"| {out} | " in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"]["name"] == "cwd" and results["mode"] == "distill"
+    assert (out / "student_native" / "config.json").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["family"] == "transformers"
+    # the export is rebuilt from its native save: eval gives the run's AP, and it teaches a
+    # torchvision student in turn (a transformers teacher, stopped after its encoder)
+    metrics_json = tmp_path / "eval.json"
+    _ok(cli_subprocess(["eval", str(out / "student.safetensors"), "--out", str(metrics_json),
+                        *_sets(tiny_overrides(coco_data, tmp_path / "e"))]))
+    assert json.loads(metrics_json.read_text())["AP"] == pytest.approx(
+        results["metrics"]["AP"], abs=1e-9)
+    back = tmp_path / "retina_from_rtdetr"
+    _ok(cli_subprocess(["distill", "--teacher", str(out / "student"), "--method", "ssim",
+                        *_sets(tiny_overrides(coco_data, back))], timeout=600))
+    assert json.loads((back / "results.json").read_text())["mode"] == "distill"
+
+
+def test_ddp_two_cpu_processes_from_a_teacher_cache(coco_data, teacher_run,
+                                                    tmp_path: Path) -> None:
+    """A teacher cache under DDP: each rank looks up its own images' levels; the run trains
+    without the teacher and ends like a single-process run would (2 steps, an export)."""
+    cache = tmp_path / "cache"
+    base = ["data.hflip_prob=0.5"]
+    _ok(cli_subprocess(["cache-teacher", "--teacher", str(teacher_run.export_prefix), "--out",
+                        str(cache), *_sets(tiny_overrides(coco_data, tmp_path / "x", *base))]))
+    out = tmp_path / "ddp"
+    proc = cli_subprocess(["distill", *_sets(tiny_overrides(
+        coco_data, out, *base, f"teacher.cache={cache}", "trainer.strategy=ddp",
+        "trainer.devices=2", "schedule.max_steps=null", "schedule.epochs=1", "data.batch_size=2",
+        "data.val_batch_size=1"))], timeout=600)
+    printed = _ok(proc)
+    assert "the teacher itself is not built" in printed + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 2 and 0 <= results["metrics"]["AP"] <= 100
+    assert (out / "student.safetensors").is_file()
+
+
+def test_distill_a_yolo_teacher_into_a_yolo_student_of_another_generation(
+        coco_data, tmp_path: Path) -> None:
+    """Ultralytics through the config: a YOLO11 teacher trained by structkd, a YOLO26 student
+    distilled from it (the cross-generation pair Ultralytics' own distillation refuses); the
+    exports are rebuilt from their YAML + safetensors (no unpickling) for eval."""
+    pytest.importorskip("ultralytics")
+    yolo = ["model.family=ultralytics", "optim.name=adamw", "optim.lr=0.001"]
+    teacher = tmp_path / "yolo11"
+    _ok(cli_subprocess(["train", *_sets(tiny_overrides(coco_data, teacher, *yolo,
+                                                       "model.name=yolo11n.yaml"))],
+                       timeout=600))
+    assert (teacher / "student_native.pt").is_file()
+    assert (teacher / "student_native.yaml").is_file()
+    out = tmp_path / "yolo26"
+    printed = _ok(cli_subprocess(["distill", "--teacher", str(teacher / "student"), "--method",
+                                  "mgd", *_sets(tiny_overrides(coco_data, out, *yolo,
+                                                               "model.name=yolo26n.yaml"))],
+                                 timeout=600))
+    assert f"| {out} | " in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "distill" and results["method"]["name"] == "mgd"
+    metrics_json = tmp_path / "eval.json"
+    _ok(cli_subprocess(["eval", str(out / "student.safetensors"), "--out", str(metrics_json),
+                        *_sets(tiny_overrides(coco_data, tmp_path / "e"))]))
+    assert json.loads(metrics_json.read_text())["AP"] == pytest.approx(
+        results["metrics"]["AP"], abs=1e-9)

@@ -161,3 +161,21 @@ def test_absolute_and_parent_paths_are_read_and_counted(tmp_path: Path, caplog) 
     )
     ds.check_images()
     assert [ds[i][1]["image_id"] for i in range(3)] == [1, 2, 5]
+
+
+def test_an_unreadable_image_is_named_as_such_after_ultralytics_patched_pil(tmp_path) -> None:
+    """Importing ultralytics replaces PIL.Image.open with one that tries to install a HEIF
+    plugin for a file PIL cannot identify; structkd's checks still say what is wrong."""
+    pytest.importorskip("ultralytics")
+    import ultralytics  # noqa: F401  (applies its patch)
+    from PIL import Image
+
+    from structkd.data.coco.images import _open_image
+
+    assert Image.open.__module__ == "ultralytics.utils.patches"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    from PIL import UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):
+        _open_image(bad)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from structkd.config import parse_override
+from structkd.config import ConfigError, parse_override
 from structkd.engine import Config, Loader, Schedule, load_config
 from structkd.engine.options import SCHEDULE_PRESETS
 from structkd.engine.recipe import DataSection
@@ -232,6 +232,7 @@ def test_sections_are_derived_from_the_api() -> None:
 
     from structkd import Distiller
     from structkd.data import build_transforms, make_synthetic_coco
+    from structkd.detectors import DetectorFamily
     from structkd.engine import Balance, Optim, TrainerOptions
     from structkd.models import DetectorSpec
 
@@ -245,7 +246,10 @@ def test_sections_are_derived_from_the_api() -> None:
         n: getattr(cfg.distill, n) for n in keyword}
     assert all(getattr(cfg.distill, f.name) == getattr(Balance(), f.name)
                for f in dataclasses.fields(Balance))
-    assert fields(cfg.model) == [f for f in fields(DetectorSpec) if f != "num_classes"]
+    assert fields(cfg.model) == [*fields(DetectorFamily),
+                                 *(f for f in fields(DetectorSpec) if f != "num_classes")]
+    assert {f: getattr(cfg.model, f) for f in fields(DetectorFamily)} == dataclasses.asdict(
+        DetectorFamily())
     synthetic = inspect.signature(make_synthetic_coco).parameters
     assert fields(cfg.data.synthetic) == [n for n in synthetic if n != "overwrite"]
     assert all(getattr(cfg.data.synthetic, n) == p.default for n, p in synthetic.items()
@@ -294,3 +298,16 @@ def test_teacher_source_is_one_of_checkpoint_or_builder() -> None:
         load_config(overrides=["teacher.checkpoint=a", "teacher.torchvision=b"])
     with pytest.raises(ValueError, match=r"teacher.weights='X.Y' goes with torchvision"):
         load_config(overrides=["teacher.checkpoint=a", "teacher.weights=X.Y"])
+
+
+def test_a_student_of_another_family_is_checked_when_the_config_loads() -> None:
+    cfg = load_config(overrides=["model.family=transformers", "model.name=rt_detr"])
+    assert cfg.spec(7) is None and cfg.model.size == "tiny"
+    with pytest.raises(ConfigError, match=r"family='yolox'; expected one of \['torchvision', "
+                                          r"'transformers'"):
+        load_config(overrides=["model.family=yolox", "model.name=x"])
+    with pytest.raises(ConfigError, match=r"family='transformers' needs a name"):
+        load_config(overrides=["model.family=transformers"])
+    with pytest.raises(ConfigError, match=r"name='rt_detr' goes with a family other than "
+                                          r"torchvision"):
+        load_config(overrides=["model.name=rt_detr"])

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from ..detectors import as_detector, detector_family, family_defaults
 from ..methods import DistillContext, DistillMethod, build_method, resolve_method
 from .pairing import measure_levels, pair_levels
 from .taps import FeatureTap, find_module, unwrap
@@ -33,17 +34,7 @@ from .teacher_cache import TeacherCache
 
 logger = logging.getLogger("structkd.distill")
 
-__all__ = ["DetectorLosses", "Distiller", "detector_family"]
-
-
-def detector_family(model: nn.Module) -> str:
-    """"retinanet", "fcos" or "fasterrcnn": which of a method's presets fits ``model``."""
-    name = type(unwrap(model)).__name__.lower()
-    if "fcos" in name:
-        return "fcos"
-    if "rcnn" in name:
-        return "fasterrcnn"
-    return "retinanet"
+__all__ = ["DetectorLosses", "Distiller", "detector_family"]  # the last from ..detectors
 
 
 class Distiller(nn.Module):
@@ -51,8 +42,10 @@ class Distiller(nn.Module):
 
     Args:
         student: a detector in torchvision's calling convention (``student(images, targets)``
-            returns a dict of losses in train mode).
-        teacher: the same kind of detector; frozen, kept out of ``parameters()`` and
+            returns a dict of losses in train mode), or a model of a family with an adapter
+            (a transformers ``*ForObjectDetection``, ...), wrapped by
+            :func:`structkd.detectors.as_detector` (the wrapper is ``self.student``).
+        teacher: a detector of any such family; frozen, kept out of ``parameters()`` and
             ``state_dict()``, but moved by ``.to()``. Or a :class:`TeacherCache`: its levels
             written once by ``structkd cache-teacher``, looked up by each target's
             ``image_id`` and ``hflip`` (the teacher is then not needed at all).
@@ -64,9 +57,11 @@ class Distiller(nn.Module):
         levels: distil only these paired levels (e.g. ``["s8", "s16"]``); None: the levels the
             method's preset names (PKD: strides 8-64 of RetinaNet-like students), else every
             level the two detectors share.
-        student_layers / teacher_layers: module path(s) to tap; default ``"backbone"`` (the
-            backbone + FPN output of torchvision detectors). A list taps one level per module.
-        teacher_root: the teacher module that takes the batched images (``"backbone"``).
+        student_layers / teacher_layers: module path(s) to tap; None: the family's default
+            (``"backbone"``, the backbone + FPN output, for torchvision detectors; the hybrid
+            encoder's outputs for RT-DETR-like ones). A list taps one level per module.
+        teacher_root: the teacher module that takes the batched images; None: the family's
+            (``"backbone"`` for torchvision; the teacher stops once its tapped levels ran).
         teacher_dtype: "bfloat16" runs the teacher in bf16; None follows the trainer's autocast.
         teacher_device: run the teacher on this device (e.g. "cuda:1", beside a student on
             "cuda:0"): the batch goes there and the levels come back; None: the student's.
@@ -89,14 +84,27 @@ class Distiller(nn.Module):
         self, student: nn.Module, teacher: nn.Module | TeacherCache,
         method: str | DistillMethod = "ssim", *,
         weight: float | Literal["auto"] | None = None, levels: list[str] | None = None,
-        student_layers: str | list[str] = "backbone",
-        teacher_layers: str | list[str] = "backbone", teacher_root: str = "backbone",
+        student_layers: str | list[str] | None = None,
+        teacher_layers: str | list[str] | None = None, teacher_root: str | None = None,
         teacher_dtype: TeacherDtype | torch.dtype | None = None,
         teacher_device: str | None = None, **options: Any,
     ) -> None:
         super().__init__()
+        student = as_detector(student)
+        if not isinstance(teacher, TeacherCache):
+            teacher = as_detector(teacher)
         inner = unwrap(student)
         self._cache = teacher if isinstance(teacher, TeacherCache) else None
+        s_root, s_default = family_defaults(student)
+        if student_layers is None:
+            student_layers = s_default
+        if self._cache is None:
+            t_root, t_default = family_defaults(teacher)
+            teacher_root = t_root if teacher_root is None else teacher_root
+            teacher_layers = t_default if teacher_layers is None else teacher_layers
+        else:  # the cache's own levels; the names only label them
+            teacher_root = teacher_root or "backbone"
+            teacher_layers = teacher_layers or teacher_root
         self.last_teacher: dict[str, Tensor] = {}  # the teacher's levels of a probing step
         if self._cache is None and inner is unwrap(teacher):  # also through DDP / compile
             raise ValueError("student and teacher are the same module; pass two detectors")
@@ -112,9 +120,9 @@ class Distiller(nn.Module):
                 raise ValueError(f"{name}={layers!r}; expected a module path (e.g. 'backbone') "
                                  "or a non-empty list of them")
         # The student's batched input: torchvision's transform output, else the input of the
-        # first tapped module's top-level parent (the root that takes the images).
-        s_root = teacher_root if any(p == teacher_root or p.startswith(teacher_root + ".")
-                                     for p in s_layers) else s_layers[0].split(".")[0]
+        # family's root, or of the first tapped module's top-level parent.
+        if not any(p == s_root or p.startswith(s_root + ".") or not s_root for p in s_layers):
+            s_root = s_layers[0].split(".")[0]
         find_module(student, s_root, "student")
         self._tap = FeatureTap(student, s_layers,
                                input_path=None if self._has_transform else s_root,
@@ -189,8 +197,9 @@ class Distiller(nn.Module):
         family = detector_family(student)
         if family in cls.presets:
             return family
-        logger.info("%s has no preset for %s students; using its retinanet preset (set the "
-                    "method option 'preset' to choose)", cls.name, family)
+        logger.warning("%s has no preset for %s students; falling back to its retinanet preset "
+                       "(set the method option 'preset' to one of %s to choose)", cls.name,
+                       family, sorted(cls.presets))
         return "retinanet"
 
     # ---- the teacher, outside the module tree ---------------------------------------------
@@ -364,7 +373,7 @@ class DetectorLosses(nn.Module):
 
     def __init__(self, student: nn.Module) -> None:
         super().__init__()
-        self.student = student
+        self.student = as_detector(student)
 
     def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         return dict(self.student(images, targets))

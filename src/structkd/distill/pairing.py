@@ -60,7 +60,8 @@ def measure_levels(model: nn.Module, tap: FeatureTap, root: str,
     try:
         tap.clear()
         with no_autocast(device):
-            module(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+            tap.run_until_complete(module, torch.zeros(1, 3, size, size, device=device,
+                                                       dtype=dtype))
         levels = tap.levels()
     finally:
         model.train(was_training)

@@ -22,7 +22,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["FeatureTap", "as_levels", "find_module", "unwrap"]
+__all__ = ["FeatureTap", "TapsComplete", "as_levels", "find_module", "unwrap"]
+
+
+class TapsComplete(Exception):  # a signal, not an error
+    """Raised by a tap made with ``stop_when_complete`` once every tapped module has run, to
+    skip the rest of the forward (a teacher whose levels are all it is run for)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -73,11 +78,16 @@ def find_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
 
 def as_levels(output: Any, prefix: str = "") -> OrderedDict[str, Tensor]:
     """A module output as named maps: dicts keep their keys, lists/tuples are numbered, one
-    tensor is ``"0"`` (each key prefixed by ``prefix/`` when given)."""
+    tensor is ``"0"`` (each key prefixed by ``prefix/`` when given). A dict with one entry that
+    holds a list or dict (transformers' ``BaseModelOutput(last_hidden_state=[maps])``) gives
+    the maps of that entry."""
     if isinstance(output, Tensor):
         items: list[tuple[str, Any]] = [("0", output)]
     elif isinstance(output, Mapping):
         items = [(str(k), v) for k, v in output.items()]
+        if len(items) == 1 and not isinstance(items[0][1], Tensor | str | bytes) and isinstance(
+                items[0][1], Mapping | Sequence):
+            return as_levels(items[0][1], prefix)
     elif isinstance(output, Sequence) and not isinstance(output, str | bytes):
         items = [(str(i), v) for i, v in enumerate(output)]
     else:
@@ -140,6 +150,7 @@ class FeatureTap:
     image tensor), e.g. the tapped root for a model without torchvision's ``transform``;
     ``batch_path`` a torchvision ``GeneralizedRCNNTransform`` whose output (the batched images,
     their sizes and the resized targets) is recorded (see :meth:`batch`).
+    :meth:`run_until_complete` runs a forward that stops after the last tapped module.
     """
 
     def __init__(self, model: nn.Module, paths: str | Sequence[str] = "backbone", *,
@@ -155,6 +166,7 @@ class FeatureTap:
         _remove_hooks(self.model, None)  # never stack: an older tap on this model is closed
         self._closed = False
         self._store: dict[str, Any] = {}
+        self._stop = False
         for p, m in modules.items():
             _register(m, _Hook(self, p))
         self.input_path = input_path
@@ -171,6 +183,19 @@ class FeatureTap:
 
     def _record(self, key: str, value: Any) -> None:
         self._store[key] = value
+        if self._stop and all(p in self._store for p in self.paths):
+            raise TapsComplete
+
+    def run_until_complete(self, module: nn.Module, *args: Any) -> None:
+        """Call ``module(*args)`` and stop it as soon as every tapped path has run (a teacher
+        run for its levels only); other forwards of the model run in full."""
+        self._stop = True
+        try:
+            module(*args)
+        except TapsComplete:
+            pass
+        finally:
+            self._stop = False
 
     def clear(self) -> None:
         self._store = {}

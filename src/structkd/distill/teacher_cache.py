@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..detectors import family_defaults
 from .pairing import LevelInfo, measure_levels
 from .taps import unwrap
 from .teacher import FrozenTeacher, normalisation, weights_fingerprint
@@ -116,6 +117,10 @@ class TeacherCache:
         self.batch_shape = tuple(m["batch_shape"])
         self.image_sizes = [tuple(s) for s in m["image_size"]]
         self.variants = list(self.key["variants"])
+        # The teacher family's default (root, taps) (a run that leaves them unset uses these);
+        # caches written before families had adapters were torchvision's.
+        defaults = m.get("teacher_defaults") or {"root": "backbone", "layers": "backbone"}
+        self.teacher_defaults: tuple[str, Any] = (defaults["root"], defaults["layers"])
         self.index: dict[int, _Row] = {}
         for s, shard in enumerate(m["shards"]):
             file = self.root / shard["file"]
@@ -273,6 +278,8 @@ def write_teacher_cache(out: str | os.PathLike, student: nn.Module, teacher: nn.
         if bar is not None:
             bar.close()
     manifest["complete"] = True
+    root, layers = family_defaults(teacher)
+    manifest["teacher_defaults"] = {"root": root, "layers": layers}
     _atomic_write(path, json.dumps(manifest, indent=1))
     total = sum(sh["bytes"] for sh in manifest["shards"])
     logger.info("teacher cache %s: %d images x %d variant(s), %d levels, %.1f MiB (%.1f KiB per "

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import part
+from ..detectors import WrappedDetector, as_detector
 from ..distill import DetectorLosses, Distiller, TeacherCache, unwrap
 from ..methods import DistillMethod
 from ..models import DetectorSpec, count_parameters, export_student
@@ -108,9 +109,11 @@ def fit(
     """Train ``student`` on ``train`` (and distil ``teacher`` into it when given).
 
     Args:
-        student, teacher: detectors in torchvision's calling convention; ``teacher`` may be
-            a ``TeacherCache`` (``structkd cache-teacher``): the levels are then read from it
-            by each training target's ``image_id`` and ``hflip``.
+        student, teacher: detectors in torchvision's calling convention, or models of a family
+            with an adapter (transformers ``*ForObjectDetection``, ...; see
+            ``structkd.detectors``), in any pairing; ``teacher`` may be a ``TeacherCache``
+            (``structkd cache-teacher``): the levels are then read from it by each training
+            target's ``image_id`` and ``hflip``.
         train, val: datasets of ``(image, target)`` as torchvision's detection references use
             (``target``: ``boxes`` XYXY, ``labels`` 1..K, ``image_id``). Augment inside them.
         method: a method name or alias, a built ``DistillMethod``, or "none"; default: the
@@ -155,6 +158,9 @@ def fit(
         d.options = dict(method_options)
     if isinstance(chosen, DistillMethod) and d.options:
         raise ValueError("method_options are only accepted with a method name")
+    student = as_detector(student)
+    if isinstance(teacher, nn.Module):
+        teacher = as_detector(teacher)
     check_first_sample(train, "train")
     if val is not None:
         check_first_sample(val, "val")
@@ -243,6 +249,14 @@ def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
             export_meta["class_names"] = list(info.class_names)
             export_meta["label_to_cat_id"] = {str(k): v for k, v in
                                               info.label_to_cat_id.items()}
+        if isinstance(student, WrappedDetector):  # also as its own library saves it
+            native = student.save_native(out_dir / "student_native")
+            if native is not None:
+                logger.info("student saved as its family saves it: %s", native)
+                export_meta["family"] = {"adapter": student.adapter, "native": native.name,
+                                         "rebuild": student.rebuild_name(native),
+                                         "num_classes": student.num_classes,
+                                         "options": student.options()}
         export_student(student, spec, result.export_prefix, extra_meta=export_meta)
         result.wall_s = time.perf_counter() - start
         result.save()

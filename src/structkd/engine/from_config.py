@@ -21,6 +21,7 @@ from torch import nn
 from ..checks import writable_file
 from ..config import ConfigError, part
 from ..data import CocoDetection, build_transforms, make_synthetic_coco
+from ..detectors import family_detector
 from ..distill import TeacherCache
 from ..labels import label_map
 from ..models import DetectorInfo, build_detector, load_detector, torchvision_detector
@@ -144,16 +145,27 @@ class Run:
     teacher: nn.Module | TeacherCache | None
 
 
+def build_student(cfg: Config, num_classes: int) -> nn.Module:
+    """The student ``cfg.model`` describes: structkd's torchvision builder from its spec, or
+    the builder of its family (``model.family`` / ``model.name`` / ``model.size``)."""
+    spec = cfg.spec(num_classes)
+    if spec is not None:
+        return build_detector(spec)
+    m = cfg.model
+    return family_detector(m.family, m.name, num_classes, size=m.size, min_size=m.min_size,
+                           max_size=m.max_size, **m.options)
+
+
 def build_run(cfg: Config) -> Run:
     """Datasets, the student (seeded by ``trainer.seed``, as the run initialises it) and, unless
     ``distill.method`` is "none", the teacher (its label map checked against the data)."""
     train_ds, val_ds = load_datasets(cfg, resolve_data(cfg))
     spec = cfg.spec(train_ds.num_classes)
-    hazard = cpu_bf16_hazard(cfg.trainer, spec)
+    hazard = cpu_bf16_hazard(cfg.trainer, spec) if spec is not None else None
     if hazard:
         logger.warning(hazard)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # the student's init
-    student = build_detector(spec)
+    student = build_student(cfg, train_ds.num_classes)
     teacher: nn.Module | TeacherCache | None = None
     if cfg.distill.method != "none" and cfg.teacher.cache:
         from .teacher_cache import open_teacher_cache

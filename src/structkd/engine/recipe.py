@@ -40,6 +40,7 @@ from ..config import (
 )
 from ..data.synthetic import make_synthetic_coco, synthetic_params
 from ..data.transforms import build_transforms
+from ..detectors import DetectorFamily
 from ..distill import Distiller
 from ..methods import check_method
 from ..models import DetectorSpec
@@ -111,11 +112,16 @@ def _check_model(section: Any) -> None:
     DetectorSpec(num_classes=2, **asdict(section))
 
 
-ModelSection = section_from_dataclass(
-    DetectorSpec, "ModelSection", skip=("num_classes",), defaults=MODEL_DEFAULTS,
+SpecSection = section_from_dataclass(
+    DetectorSpec, "SpecSection", skip=("num_classes",), defaults=MODEL_DEFAULTS,
     check=_check_model,
-    doc="The detector to train: the fields of ``structkd.models.DetectorSpec`` (``num_classes`` "
-        "comes from the data).")
+    doc="A torchvision detector: the fields of ``structkd.models.DetectorSpec``.")
+ModelSection = compose(
+    "ModelSection", DetectorFamily, SpecSection,
+    doc="The detector to train: ``family`` torchvision (default) with the fields of "
+        "``structkd.models.DetectorSpec`` (``num_classes`` comes from the data), or another "
+        "family (``structkd.detectors.DetectorFamily``: ``family``, ``name``, ``size``; "
+        "``min_size`` / ``max_size`` still set its input size).")
 
 
 @dataclass
@@ -192,8 +198,11 @@ class Config:
     def loader(self) -> Loader:
         return part(self.data, Loader)
 
-    def spec(self, num_classes: int) -> DetectorSpec:
-        return DetectorSpec(num_classes=num_classes, **asdict(self.model))
+    def spec(self, num_classes: int) -> DetectorSpec | None:
+        """The student's ``DetectorSpec``; None for a detector of another family."""
+        if self.model.family != "torchvision":
+            return None
+        return DetectorSpec(num_classes=num_classes, **asdict(part(self.model, SpecSection)))
 
 
 # Keys of earlier versions, and where they went.

@@ -18,9 +18,9 @@ from typing import Any
 from torch import nn
 
 from ..data import CocoDetection, build_transforms
+from ..detectors import family_defaults
 from ..distill import TeacherCache, cache_key, file_digest, write_teacher_cache
-from ..models import build_detector
-from .from_config import load_datasets, load_teacher, resolve_data
+from .from_config import build_student, load_datasets, load_teacher, resolve_data
 from .recipe import Config
 
 logger = logging.getLogger("structkd.engine")
@@ -42,12 +42,26 @@ def _data_key(train: CocoDetection) -> dict[str, Any]:
             "image_dir": str(Path(train.image_dir).resolve())}
 
 
-def expected_key(cfg: Config, student: nn.Module, train: CocoDetection,
-                 teacher: nn.Module | str) -> dict[str, Any]:
-    """The cache key a run of ``cfg`` needs (``teacher``: the model, or a fingerprint)."""
+def _teacher_taps(cfg: Config, teacher: nn.Module | TeacherCache) -> tuple[Any, str]:
+    """(layers, root) of the teacher: the config's, else the teacher family's defaults (for a
+    cache, the ones it was written with)."""
     d = cfg.distill
-    return cache_key(teacher=teacher, student=student, teacher_layers=d.teacher_layers,
-                     teacher_root=d.teacher_root, teacher_dtype=d.teacher_dtype,
+    if isinstance(teacher, TeacherCache):
+        root, layers = teacher.teacher_defaults
+    else:
+        root, layers = family_defaults(teacher)
+    return (d.teacher_layers if d.teacher_layers is not None else layers,
+            d.teacher_root if d.teacher_root is not None else root)
+
+
+def expected_key(cfg: Config, student: nn.Module, train: CocoDetection,
+                 teacher: nn.Module | TeacherCache) -> dict[str, Any]:
+    """The cache key a run of ``cfg`` needs (``teacher``: the model, or the cache opened)."""
+    d = cfg.distill
+    layers, root = _teacher_taps(cfg, teacher)
+    return cache_key(teacher=teacher.teacher_fingerprint if isinstance(teacher, TeacherCache)
+                     else teacher, student=student, teacher_layers=layers,
+                     teacher_root=root, teacher_dtype=d.teacher_dtype,
                      data=_data_key(train), hflip=cfg.data.hflip_prob > 0,
                      dtype=cfg.teacher.cache_dtype)
 
@@ -62,12 +76,12 @@ def cache_teacher(cfg: Config, out: str | os.PathLike, *, batch_size: int = 8,
     paths = resolve_data(cfg)
     train, _ = load_datasets(cfg, paths, check=("train",))
     plain = CocoDetection(paths.train_ann, paths.train_images, build_transforms(False))
-    student = build_detector(cfg.spec(train.num_classes))  # only its transform is used
+    student = build_student(cfg, train.num_classes)  # only its transform is used
     teacher, _ = load_teacher(cfg)
     key = expected_key(cfg, student, train, teacher)
-    d = cfg.distill
+    layers, root = _teacher_taps(cfg, teacher)
     return write_teacher_cache(out, student, teacher, plain, key=key,
-                               teacher_layers=d.teacher_layers, teacher_root=d.teacher_root,
+                               teacher_layers=layers, teacher_root=root,
                                batch_size=batch_size, progress=progress)
 
 
@@ -76,7 +90,7 @@ def open_teacher_cache(cfg: Config, student: nn.Module, train: CocoDetection) ->
     check_cacheable(cfg)
     assert cfg.teacher.cache is not None
     cache = TeacherCache(cfg.teacher.cache)
-    cache.check(expected_key(cfg, student, train, cache.teacher_fingerprint))
+    cache.check(expected_key(cfg, student, train, cache))
     logger.info("teacher: the cached levels in %s (%d images x %d variant(s); the teacher "
                 "itself is not built)", cache.root, len(cache.index), len(cache.variants))
     return cache

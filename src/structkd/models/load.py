@@ -19,6 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ..detectors import family_detector
 from ..labels import default_class_names, label_map
 from .build import build_detector
 from .export import EXPORT_FORMAT
@@ -130,6 +131,17 @@ def load_exported_detector(prefix: Path) -> tuple[nn.Module, DetectorInfo]:
             document["meta"].get("format") != EXPORT_FORMAT:
         raise ValueError(f"{json_path} is not a structkd export; expected a JSON object with "
                          f"meta.format={EXPORT_FORMAT!r}")
+    family = document["meta"].get("family")
+    if document.get("spec") is None and isinstance(family, dict):
+        # another family: rebuilt from its native save beside the export, then the weights
+        native = prefix.parent / str(family.get("rebuild") or family["native"])
+        if not native.exists():
+            raise FileNotFoundError(f"{native} does not exist: {json_path} is a "
+                                    f"{family['adapter']} detector, rebuilt from that native save")
+        model = family_detector(family["adapter"], str(native), int(family["num_classes"]),
+                                **family.get("options", {}))
+        load_state_into(model, _read_safetensors(weights_path), str(weights_path))
+        return model.eval(), _info_from_meta(document["meta"], None, str(prefix))
     if document.get("spec") is None:
         raise ValueError(f"{json_path} holds no spec (the detector was built by user code): "
                          "rebuild it in Python and load the weights with "

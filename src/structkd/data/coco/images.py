@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +71,15 @@ def _env_pixel_limit() -> int | None:
     return value
 
 
+def _pil_open() -> Any:
+    """PIL's own ``Image.open``. Importing ultralytics (an optional detector family) replaces
+    it process-wide with one that, for a file PIL cannot identify, tries to pip-install a HEIF
+    plugin and raises that failure instead; structkd's checks read files with PIL's."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    return original if callable(original) else Image.open
+
+
 def _open_image(path: Path) -> Image.Image:
     """``Image.open`` (reads the header only) under the decompression-bomb limit.
 
@@ -80,7 +91,7 @@ def _open_image(path: Path) -> Image.Image:
     if limit is not None:
         Image.MAX_IMAGE_PIXELS = None  # structkd's limit (below) replaces PIL's guard
     try:
-        img = Image.open(path)
+        img = _pil_open()(path)
     except Image.DecompressionBombError as e:
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         size = f"has {pixels[1]} pixels" if pixels else f"is too large ({e})"

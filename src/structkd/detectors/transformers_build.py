@@ -1,0 +1,135 @@
+"""Build transformers DETR-family detectors offline: from a model type and a size (random
+weights, no pretrained backbone), from a local ``from_pretrained`` folder, or from a hub name
+(online users; offline it fails at once with what to do instead)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .transformers import TransformersDetector
+
+__all__ = ["TRANSFORMERS_TYPES", "transformers_detector"]
+
+# model type -> (config class, model class, backbone kind); the backbone kinds below.
+TRANSFORMERS_TYPES: dict[str, tuple[str, str, str]] = {
+    "rt_detr": ("RTDetrConfig", "RTDetrForObjectDetection", "resnet"),
+    "rt_detr_v2": ("RTDetrV2Config", "RTDetrV2ForObjectDetection", "resnet"),
+    "d_fine": ("DFineConfig", "DFineForObjectDetection", "hgnetv2"),
+}
+# size -> (backbone widths of stages 1-4, blocks per stage, hidden width, decoder layers)
+_SIZES: dict[str, tuple[list[int], list[int], int, int]] = {
+    "tiny": ([32, 64, 128, 256], [1, 1, 1, 1], 64, 2),
+    "small": ([64, 128, 256, 512], [2, 2, 2, 2], 128, 3),
+}
+
+
+def _import() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"the transformers family needs the transformers package ({e}): pip "
+                          "install 'structkd[transformers]'") from None
+    return transformers
+
+
+def _backbone_config(kind: str, widths: list[int], depths: list[int]) -> Any:
+    transformers = _import()
+
+    stages = ["stage2", "stage3", "stage4"]
+    if kind == "resnet":
+        return transformers.RTDetrResNetConfig(
+            layer_type="basic", embedding_size=widths[0], hidden_sizes=widths, depths=depths,
+            downsample_in_bottleneck=False, out_features=stages)
+    half = [max(8, w // 2) for w in widths]
+    return transformers.HGNetV2Config(
+        stem_channels=[3, half[0], half[0]], stage_in_channels=[half[0], *widths[:3]],
+        stage_mid_channels=half, stage_out_channels=widths, stage_num_blocks=depths,
+        stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
+        stage_kernel_size=[3, 3, 5, 5], stage_numb_of_layers=[2, 2, 2, 2],
+        hidden_sizes=widths, out_features=stages)
+
+
+def _config(model_type: str, num_labels: int, size: str, queries: int) -> Any:
+    transformers = _import()
+
+    if size not in _SIZES:
+        raise ValueError(f"size={size!r}; expected one of {sorted(_SIZES)}")
+    config_cls, _, kind = TRANSFORMERS_TYPES[model_type]
+    widths, depths, hidden, layers = _SIZES[size]
+    return getattr(transformers, config_cls)(
+        backbone_config=_backbone_config(kind, widths, depths), use_pretrained_backbone=False,
+        encoder_in_channels=widths[1:], encoder_hidden_dim=hidden, d_model=hidden,
+        decoder_in_channels=[hidden] * 3, encoder_ffn_dim=2 * hidden, decoder_ffn_dim=2 * hidden,
+        decoder_layers=layers, num_labels=num_labels, num_queries=queries)
+
+
+def transformers_detector(name: str | os.PathLike, num_classes: int, *, size: str = "tiny",
+                          num_queries: int = 100, **options: Any) -> TransformersDetector:
+    """A transformers detector in structkd's calling convention.
+
+    Args:
+        name: a model type (``"rt_detr"``, ``"rt_detr_v2"``, ``"d_fine"``: built from a config
+            of ``size``, random weights, nothing downloaded), a local folder written by
+            ``save_pretrained`` (its head is re-sized to ``num_classes`` if it differs), or a
+            hub name such as ``"PekingU/rtdetr_r18vd"`` (downloaded by transformers when online).
+        num_classes: structkd's count, background included (K + 1 for K object classes).
+        size: "tiny" (about 1-2 M parameters) or "small" (about 5-9 M), for built models.
+        num_queries: object queries of a built model.
+        **options: :class:`TransformersDetector`'s (``min_size``, ``max_size``, ...).
+    """
+    transformers = _import()
+
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r}; expected an int >= 2 (background + "
+                         "at least one class)")
+    labels = num_classes - 1
+    text = os.fspath(name)
+    if text in TRANSFORMERS_TYPES:
+        model_cls = getattr(transformers, TRANSFORMERS_TYPES[text][1])
+        model: nn.Module = model_cls(_config(text, labels, size, num_queries))
+        return TransformersDetector(model, **options)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ValueError(f"{local} has no config.json; expected a folder written by "
+                             "save_pretrained")
+        model = _from_pretrained(transformers, str(local), labels)
+        return TransformersDetector(model, **options)
+    if local.suffix or text.startswith((".", "/", "~")):
+        raise ValueError(f"{text!r} is not a folder; expected a save_pretrained folder, a hub "
+                         f"name or one of the model types {sorted(TRANSFORMERS_TYPES)}")
+    try:
+        model = _from_pretrained(transformers, text, labels, local_only=not _hub_reachable())
+    except OSError as e:
+        raise ValueError(
+            f"could not load {text!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); offline, pass a local save_pretrained folder or "
+            f"build one from a model type: {sorted(TRANSFORMERS_TYPES)}") from None
+    return TransformersDetector(model, **options)
+
+
+def _from_pretrained(transformers: Any, where: str, labels: int,
+                     local_only: bool = True) -> nn.Module:
+    model = transformers.AutoModelForObjectDetection.from_pretrained(
+        where, num_labels=labels, ignore_mismatched_sizes=True, local_files_only=local_only)
+    return model
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers a TCP connection (offline, transformers would retry for half a
+    minute before failing; this decides in seconds and then uses the local cache only)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,42 @@
+"""What holds for torchvision students holds for the other families in structkd's engine:
+a resumed run is the same run, and a teacher of another label set is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdtest import tiny_overrides
+from structkd.engine import load_config, run_config
+
+FAMILIES = [("transformers", "rt_detr", ["model.options={num_queries: 50}"]),
+            ("ultralytics", "yolo26n.yaml", [])]
+
+
+@pytest.mark.parametrize(("family", "name", "extra"), FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_a_resumed_run_of_another_family_is_the_uninterrupted_run(
+        family, name, extra, coco_data, teacher_run, tmp_path) -> None:
+    """2 epochs in one go == 1 epoch, stop, resume from last.ckpt: every tensor of the student
+    (and the RNG the DETR denoising queries and the augmentation draw) continues exactly."""
+    pytest.importorskip(family)
+
+    def cfg(out, *more):
+        return load_config(overrides=tiny_overrides(
+            coco_data, out, f"model.family={family}", f"model.name={name}", *extra,
+            f"teacher.checkpoint={teacher_run.export_prefix}", "distill.method=cwd",
+            "optim.name=adamw", "optim.lr=0.0005", "schedule.max_steps=null",
+            "schedule.warmup_iters=1", *more))
+
+    whole = run_config(cfg(tmp_path / "whole", "schedule.epochs=2"))
+    first = run_config(cfg(tmp_path / "part", "schedule.epochs=1"))
+    before = load_file(f"{first.export_prefix}.safetensors")
+    resumed = run_config(cfg(tmp_path / "part", "schedule.epochs=2", "trainer.resume=last"))
+    assert whole.steps == resumed.steps == 4
+    a = load_file(f"{whole.export_prefix}.safetensors")
+    b = load_file(f"{resumed.export_prefix}.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(before[k], b[k]) for k in b)  # the second epoch trained
+    assert json.loads((tmp_path / "part" / "results.json").read_text())["steps"] == 4

@@ -1,0 +1,183 @@
+"""transformers' DETR family as structkd detectors: losses, predictions, taps, build, fit.
+
+Each result is checked against an independent computation: the wrapped model's own loss on
+labels converted by hand (NumPy), transformers' image processor post-processing, a dry run's
+strides, and a model reloaded by transformers from the run's ``save_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import structkd  # noqa: E402
+from kdtest import IMAGE_SIZE  # noqa: E402
+from structkd.data import CocoDetection, build_transforms  # noqa: E402
+from structkd.detectors import TransformersDetector, as_detector, detector_family  # noqa: E402
+from structkd.detectors.transformers_build import (  # noqa: E402
+    TRANSFORMERS_TYPES,
+    transformers_detector,
+)
+from structkd.distill import Distiller  # noqa: E402
+from structkd.models import DetectorSpec, build_detector  # noqa: E402
+
+K = 5  # object classes; structkd's num_classes = K + 1
+
+
+def _images_targets(size: int = 64):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 8.0, 40.0, 36.0], [30.0, 2.0, 60.0, 20.0]]),
+         "labels": torch.tensor([1, K]), "image_id": 1},
+        {"boxes": torch.tensor([[10.0, 12.0, 22.0, 50.0]]), "labels": torch.tensor([3]),
+         "image_id": 2},
+    ]
+    return images, targets
+
+
+def _by_hand(targets, size: int) -> list[dict[str, torch.Tensor]]:
+    """transformers' labels written from their definition: class ids 0..K-1, boxes as
+    (cx, cy, w, h) over the image's width and height."""
+    out = []
+    for t in targets:
+        b = t["boxes"].numpy().astype(np.float64)
+        cxcywh = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2,
+                           b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1) / size
+        out.append({"class_labels": t["labels"] - 1,
+                    "boxes": torch.from_numpy(cxcywh).float()})
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSFORMERS_TYPES))
+def test_the_losses_are_the_models_own_on_labels_converted_by_hand(kind) -> None:
+    torch.manual_seed(0)
+    det = transformers_detector(kind, K + 1, num_queries=50, min_size=64, max_size=64)
+    assert isinstance(det, TransformersDetector) and det.model.config.num_labels == K
+    images, targets = _images_targets()
+    det.train()
+    # The denoising queries draw random numbers: the model's own call starts from the RNG
+    # state the wrapped model was called with.
+    state = []
+    hook = det.model.register_forward_pre_hook(lambda *a: state.append(torch.get_rng_state()))
+    ours = det(images, targets)
+    hook.remove()
+    torch.set_rng_state(state[0])
+    theirs = det.model(pixel_values=torch.stack(images), labels=_by_hand(targets, 64))
+    assert set(ours) == set(theirs.loss_dict)
+    total = sum(ours.values())
+    assert torch.allclose(total, theirs.loss, rtol=1e-5, atol=1e-6)
+    total.backward()
+    grads = [p.grad for p in det.model.model.encoder.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_predictions_follow_the_image_processor() -> None:
+    """Sigmoid top-k post-processing and the resize back to the original image: the boxes of
+    a 32 px image resized to 64 are the processor's boxes at 64 px, halved."""
+    torch.manual_seed(0)
+    det = transformers_detector("rt_detr", K + 1, num_queries=50, min_size=64, max_size=64,
+                                detections_per_img=50).eval()
+    g = torch.Generator().manual_seed(3)
+    small = torch.rand(3, 32, 32, generator=g)
+    with torch.no_grad():
+        ours = det([small])[0]
+        x = torch.nn.functional.interpolate(small[None], size=(64, 64), mode="bilinear",
+                                            align_corners=False)
+        out = det.model(pixel_values=x)
+    ref = transformers.RTDetrImageProcessor().post_process_object_detection(
+        out, threshold=0.0, target_sizes=[(64, 64)], use_focal_loss=True)[0]
+    order = ref["scores"].argsort(descending=True)
+    assert torch.allclose(ours["scores"], ref["scores"][order], atol=1e-5)
+    assert torch.equal(ours["labels"], ref["labels"][order] + 1)
+    assert torch.allclose(ours["boxes"], ref["boxes"][order].clamp(0, 64) / 2, atol=1e-3)
+
+
+def test_a_batch_smaller_than_the_queries_need_is_refused() -> None:
+    det = transformers_detector("rt_detr", K + 1, min_size=64, max_size=64).eval()
+    with pytest.raises(ValueError, match=r"a 64x64 batch gives 84 encoder positions, fewer than "
+                                         r"the model's num_queries=100: use larger images"):
+        det([torch.rand(3, 64, 64)])
+
+
+def test_labels_outside_the_models_classes_are_refused() -> None:
+    det = transformers_detector("rt_detr", K + 1, num_queries=50, min_size=64, max_size=64).train()
+    images, targets = _images_targets()
+    targets[1]["labels"] = torch.tensor([K + 1])
+    with pytest.raises(ValueError, match=rf"label {K + 1} of image 2 is outside 1..{K} "):
+        det(images, targets)
+
+
+def test_the_adapter_is_found_by_type_and_names_the_family() -> None:
+    det = transformers_detector("d_fine", K + 1)
+    assert as_detector(det.model).model is det.model
+    assert as_detector(det) is det
+    assert detector_family(det) == "detr"
+    assert detector_family(build_detector(DetectorSpec("fcos", K + 1, "resnet18"))) == "fcos"
+
+
+@pytest.mark.parametrize("student_kind", ["rt_detr", "torchvision"])
+def test_levels_pair_by_stride_across_families_and_the_teacher_stops_early(student_kind) -> None:
+    torch.manual_seed(0)
+    retina = build_detector(DetectorSpec("retinanet", K + 1, "resnet18", fpn_channels=32,
+                                         min_size=64, max_size=64))
+    detr = transformers_detector("rt_detr", K + 1, num_queries=50, min_size=64, max_size=64)
+    student, teacher = (detr, retina) if student_kind == "rt_detr" else (retina, detr)
+    calls = []
+    if teacher is detr:
+        detr.model.model.decoder.register_forward_hook(lambda *a: calls.append(1))
+    d = Distiller(student, teacher, "ssim")
+    assert [(p.name, p.stride) for p in d.pairs] == [("s8", 8), ("s16", 16), ("s32", 32)]
+    d.train()
+    images, targets = _images_targets()
+    out = d(images, targets)
+    assert "distill" in out and torch.isfinite(out["distill"])
+    sum(out.values()).backward()
+    assert calls == []  # the teacher's decoder never ran: its levels are the encoder's
+    d.close()
+
+
+def test_a_hub_name_offline_fails_at_once_with_what_to_do(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"could not load 'someone/rtdetr' .* offline, pass a "
+                                         r"local save_pretrained folder"):
+        transformers_detector("someone/rtdetr", K + 1)
+    with pytest.raises(ValueError, match=r"is not a folder"):
+        transformers_detector("./missing_folder", K + 1)
+
+
+def test_fit_distils_a_torchvision_teacher_into_rt_detr(coco_data, tmp_path) -> None:
+    """The Python API end to end: an RT-DETR student, a RetinaNet teacher, the run folder, the
+    eval table by class name, and the student saved as transformers saves it (reloaded by
+    transformers, it predicts what the trained student predicts)."""
+    torch.manual_seed(0)
+    train = CocoDetection(coco_data.train_ann, coco_data.train_images, build_transforms(True))
+    val = CocoDetection(coco_data.val_ann, coco_data.val_images, build_transforms(False))
+    k = train.num_classes - 1
+    hf = transformers_detector("rt_detr", k + 1, num_queries=50, min_size=IMAGE_SIZE,
+                               max_size=IMAGE_SIZE).model
+    teacher = build_detector(DetectorSpec("retinanet", k + 1, "resnet18", fpn_channels=32,
+                                          min_size=IMAGE_SIZE, max_size=IMAGE_SIZE))
+    result = structkd.fit(hf, train, val, teacher=teacher, method="mgd", epochs=1,
+                          batch_size=4, num_workers=0, progress=False, threads=1,
+                          warmup_iters=1, lr=1e-4, optimizer="adamw",
+                          out_dir=tmp_path / "run")
+    assert result.steps == 2 and result.method["name"] == "mgd"
+    assert set(result.metrics["per_class"]) == set(train.class_names[1:])
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["metrics"]["AP"] == result.metrics["AP"]
+    native = tmp_path / "run" / "student_native"
+    reloaded = transformers.AutoModelForObjectDetection.from_pretrained(native).eval()
+    wrapped = as_detector(reloaded, min_size=IMAGE_SIZE, max_size=IMAGE_SIZE).eval()
+    trained = as_detector(hf, min_size=IMAGE_SIZE, max_size=IMAGE_SIZE).eval()
+    images = [val[i][0] for i in range(2)]
+    with torch.no_grad():
+        a, b = trained(images), wrapped(images)
+    for x, y in zip(a, b, strict=True):
+        assert torch.allclose(x["boxes"], y["boxes"], atol=1e-4)
+        assert torch.allclose(x["scores"], y["scores"], atol=1e-5)
