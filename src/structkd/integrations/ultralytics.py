@@ -1,0 +1,496 @@
+"""structkd's distillation inside Ultralytics' own training loop.
+
+For users who keep Ultralytics' recipe (augmentation, EMA, schedules, checkpoints)::
+
+    from ultralytics import YOLO
+    from structkd.integrations.ultralytics import distill_trainer
+
+    YOLO("yolo26n.yaml").train(data="data.yaml", epochs=100,
+                               trainer=distill_trainer(YOLO("yolo11s.pt"), "mgd"))
+
+:func:`distill_trainer` returns a subclass of Ultralytics' ``DetectionTrainer``. Each step:
+
+* the student's Detect-head inputs (or ``student_layers``) are tapped by a
+  :class:`~structkd.distill.taps.FeatureTap` during Ultralytics' own forward;
+* the teacher (any detector structkd wraps: a YOLO of any generation, an Ultralytics RT-DETR, a
+  torchvision or transformers detector) runs frozen, in eval mode, on the same batch tensor
+  (``batch["img"]``, pixels in [0, 1]; re-normalised for teachers that normalise, e.g. ImageNet
+  mean/std for torchvision) through :class:`~structkd.distill.teacher.FrozenTeacher`, stopping
+  after its tapped layers;
+* levels are measured and paired by stride (the run is refused when none pair), and the
+  method's loss joins Ultralytics' loss as one more term, shown as a ``distill`` column in the
+  progress bar and ``results.csv`` (``val/distill`` is 0: validation runs the plain student).
+
+Loss scale: Ultralytics' detection loss is its per-image-mean terms multiplied by the batch
+size. structkd's methods return per-image means, and their default weights are set against
+per-image-mean detection losses (torchvision's convention, structkd's engine), so the method's
+term is multiplied by the batch size too: the ratio of distillation to detection loss is the one
+structkd's engine uses for torchvision students (the ``distill`` column shows the per-image
+value, like Ultralytics' own columns).
+
+What is saved: ``last.pt`` / ``best.pt`` hold the student alone (Ultralytics' EMA), loadable by
+plain ``ultralytics.YOLO(path)`` without structkd: the taps and the distillation criterion are
+placed on the live student only after the EMA copied it, and stripped from any later copy before
+saving. The method's trainable parts (connectors, MGD generators, FGD blocks) are trained in
+their own optimiser parameter groups (``distill``, ``distill_no_decay``) and saved separately, in
+``<run>/distill_state.pt``, which ``resume=True`` reads back; ``<run>/distill.json`` records the
+configuration and the paired levels.
+
+Limits: one device (no multi-GPU DDP: Ultralytics re-imports the trainer class in its worker
+processes); ``compile`` is turned off; the method's parameters are not in Ultralytics' gradient
+clipping (it clips the student's). Ultralytics' built-in distillation (``distill_model=``) is
+refused with this trainer: one distillation at a time.
+
+Nothing here imports ultralytics at import time (an optional, AGPL-3.0 dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..detectors import as_detector, detector_family, family_defaults
+from ..detectors.ultralytics import import_ultralytics, is_ultralytics_detector
+from ..distill.pairing import LevelPair, measure_levels, pair_levels
+from ..distill.taps import FeatureTap, find_module, unwrap
+from ..distill.teacher import FrozenTeacher, TeacherDtype
+from ..methods import DistillContext, DistillMethod, build_method, check_method, resolve_method
+
+__all__ = ["DISTILL_KEY", "DistillCriterion", "DistillSpec", "UltralyticsDistillation",
+           "distill_trainer", "load_teacher", "strip_structkd"]
+
+logger = logging.getLogger("structkd.integrations")
+
+DISTILL_KEY = "distill"  # the loss item / progress column
+STATE_FILE = "distill_state.pt"  # the method's trainable parts, beside the run's weights/
+CONFIG_FILE = "distill.json"
+# Ultralytics' batches hold pixels in [0, 1] with no normalisation.
+STUDENT_NORM = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+
+
+@dataclass(eq=False)
+class DistillSpec:
+    """What :func:`distill_trainer` was given: the wrapped teacher, the method and its options."""
+
+    teacher: nn.Module
+    method: str
+    weight: float | None = None
+    levels: list[str] | None = None
+    student_layers: str | list[str] | None = None
+    teacher_layers: str | list[str] | None = None
+    teacher_root: str | None = None
+    teacher_dtype: TeacherDtype | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    teacher_source: str = ""
+
+
+def load_teacher(teacher: nn.Module | str | os.PathLike) -> nn.Module:
+    """The teacher as a structkd detector: a model object (YOLO/RT-DETR, torchvision,
+    transformers) is wrapped; a path is an Ultralytics ``.pt`` or a structkd export prefix /
+    run ``.ckpt`` (read by :func:`structkd.models.load_detector`)."""
+    if isinstance(teacher, str | os.PathLike):
+        path = Path(teacher).expanduser()
+        if path.suffix == ".pt":
+            if not path.is_file():
+                raise FileNotFoundError(f"teacher {path} does not exist (structkd never "
+                                        "downloads weights)")
+            import_ultralytics()
+            from ultralytics.nn.tasks import load_checkpoint
+
+            model, _ = load_checkpoint(str(path))
+            if not is_ultralytics_detector(model):
+                raise ValueError(f"{path} holds a {type(model).__name__}; expected an "
+                                 "Ultralytics detection model")
+            model = model.float()
+        else:
+            from ..models import load_detector
+
+            model, _ = load_detector(path)
+    else:
+        model = teacher
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"teacher is a {type(teacher).__name__}; expected a detector (an nn.Module "
+                        "or an Ultralytics YOLO/RTDETR object) or a path to one")
+    return as_detector(model)
+
+
+def strip_structkd(model: nn.Module) -> int:
+    """Remove structkd's hooks and distillation criterion from ``model`` (e.g. a deep copy of a
+    tapped student: Ultralytics' EMA), so that pickling it needs no structkd. Returns the number
+    of hooks removed."""
+    removed = 0
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if type(hook).__module__.startswith("structkd."):
+                    del hooks[key]
+                    removed += 1
+    if isinstance(getattr(model, "criterion", None), DistillCriterion):
+        model.criterion = None
+    return removed
+
+
+def _student_path(wrapper: nn.Module, path: str) -> str:
+    """A student layer path relative to structkd's wrapper (``model.model.16``, as the
+    ``Distiller`` takes it) or to the Ultralytics ``DetectionModel`` (``model.16``)."""
+    try:
+        find_module(wrapper, path, "student")
+        return path
+    except ValueError as error:
+        try:
+            find_module(wrapper, f"model.{path}", "student")
+        except ValueError:
+            raise error from None
+        return f"model.{path}"
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+class UltralyticsDistillation:
+    """The structkd side of a distilled Ultralytics run, built once the student exists.
+
+    ``student`` is the trainer's ``DetectionModel`` (not owned: never copied or saved here). The
+    constructor freezes the teacher, measures and pairs the levels and builds the method on
+    ``device`` (its random initialisation does not touch the global random stream, so runs with
+    and without distillation see the same data order and augmentation). :meth:`attach` taps
+    the student and wraps its criterion; :meth:`detach` undoes both.
+    """
+
+    def __init__(self, student: nn.Module, spec: DistillSpec, device: torch.device) -> None:
+        self.student = student
+        self.spec = spec
+        self.wrapper = as_detector(student)
+        s_root, s_default = family_defaults(self.wrapper)
+        self.student_layers = [_student_path(self.wrapper, p) for p in _as_list(
+            spec.student_layers if spec.student_layers is not None else s_default)]
+        if not all(p == s_root or p.startswith(s_root + ".") for p in self.student_layers):
+            s_root = ""
+        teacher = spec.teacher
+        if unwrap(teacher) is self.wrapper or unwrap(teacher) is student or getattr(
+                unwrap(teacher), "model", None) is student:
+            raise ValueError("student and teacher are the same model; pass two detectors")
+        t_root, t_default = family_defaults(teacher)
+        self.teacher_root = t_root if spec.teacher_root is None else spec.teacher_root
+        teacher_layers = t_default if spec.teacher_layers is None else spec.teacher_layers
+        teacher.to(device)
+        self.frozen = FrozenTeacher(teacher, root=self.teacher_root, layers=teacher_layers,
+                                    dtype=spec.teacher_dtype, student_norm=STUDENT_NORM)
+        tap = FeatureTap(self.wrapper, self.student_layers)
+        try:
+            s_levels = measure_levels(self.wrapper, tap, s_root)
+        finally:
+            tap.close()
+        t_tap = self.frozen.tap_for_dry_run()
+        try:
+            t_levels = measure_levels(self.frozen.model, t_tap, self.teacher_root)
+        finally:
+            if t_tap is not self.frozen.tap:
+                t_tap.close()
+        try:
+            pairs = pair_levels(s_levels, t_levels, spec.levels)
+        except ValueError as e:
+            raise ValueError(f"cannot distil {spec.teacher_source or type(teacher).__name__} "
+                             f"into this student: {e}. Tap other layers (student_layers / "
+                             "teacher_layers) so that some strides match") from None
+        cls, _ = resolve_method(spec.method)
+        options = dict(spec.options)
+        if spec.weight is not None:
+            options["weight"] = spec.weight
+        preset = options.get("preset")
+        if cls.presets and preset is None:
+            family = detector_family(self.wrapper)
+            if family not in cls.presets:
+                logger.warning("%s has no preset for %s students; using its retinanet preset "
+                               "(set the option 'preset' to one of %s to choose)", cls.name,
+                               family, sorted(cls.presets))
+                family = "retinanet"
+            preset = options["preset"] = family
+        if spec.levels is None and preset in cls.preset_strides:
+            chosen = [p for p in pairs if p.stride in cls.preset_strides[preset]]
+            pairs = chosen or pairs
+        self.pairs: list[LevelPair] = pairs
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.method: DistillMethod = build_method(
+                spec.method, [p.level for p in pairs], **options).to(device)
+        self.options = options
+        self.tap: FeatureTap | None = None
+
+    # ---- wiring -------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Tap the student and wrap its criterion (after Ultralytics' EMA copied it)."""
+        self.tap = FeatureTap(self.wrapper, self.student_layers)
+        criterion = getattr(self.student, "criterion", None)
+        if isinstance(criterion, DistillCriterion):
+            criterion = criterion.inner
+        if criterion is None:
+            criterion = self.student.init_criterion()
+        self.student.criterion = DistillCriterion(criterion, self)
+
+    def detach(self) -> None:
+        """Remove the taps and restore the student's own criterion."""
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
+        criterion = getattr(self.student, "criterion", None)
+        if isinstance(criterion, DistillCriterion):
+            self.student.criterion = criterion.inner
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The method's trainable parameters (connectors, generators, ...)."""
+        return [p for p in self.method.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method.state_dict(),
+                "pairs": [p.name for p in self.pairs], "method_name": self.spec.method}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pairs = [p.name for p in self.pairs]
+        if state.get("pairs") != pairs or state.get("method_name") != self.spec.method:
+            raise ValueError(f"the saved distillation state is for {state.get('method_name')} on "
+                             f"{state.get('pairs')}; this run is {self.spec.method} on {pairs}")
+        self.method.load_state_dict(state["method"])
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration and the paired levels, for ``distill.json`` and the log."""
+        return {"method": self.spec.method, "weight": float(self.method.weight),
+                "options": {k: v for k, v in self.options.items()
+                            if isinstance(v, str | int | float | bool | None)},
+                "teacher": self.spec.teacher_source or type(self.frozen.model).__name__,
+                "teacher_root": self.teacher_root, "student_layers": self.student_layers,
+                "loss_scale": "method term x batch size (Ultralytics sums its loss over the batch)",
+                "pairs": [{"name": p.name, "stride": p.stride, "student": p.student,
+                           "teacher": p.teacher, "student_channels": p.student_channels,
+                           "teacher_channels": p.teacher_channels} for p in self.pairs]}
+
+    # ---- one step -----------------------------------------------------------------------
+    def term(self, batch: dict[str, Any]) -> Tensor:
+        """The method's weighted loss (a per-image mean) for the batch whose student forward
+        just ran: student levels from the tap, teacher levels on ``batch["img"]``."""
+        assert self.tap is not None, "attach() first"
+        x: Tensor = batch["img"]
+        try:
+            s_levels = self.tap.levels()
+        finally:
+            self.tap.clear()
+        t_levels = self.frozen.features(x)
+        student, teacher = {}, {}
+        for p in self.pairs:
+            s, t = s_levels[p.student], t_levels[p.teacher]
+            if s.shape[-2:] != t.shape[-2:]:
+                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+            student[p.name], teacher[p.name] = s, t
+        boxes, labels = ground_truth(batch)
+        ctx = DistillContext(student, teacher, self.method.levels,
+                             batch_shape=(int(x.shape[-2]), int(x.shape[-1])), image_sizes=None,
+                             boxes=boxes, labels=labels)
+        terms = self.method(ctx)
+        total = x.new_zeros(())
+        for value in terms.values():
+            total = total + value.float()
+        return total
+
+
+def ground_truth(batch: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per image, XYXY boxes in the batch tensor's pixels and labels 1..K (structkd's
+    convention) from Ultralytics' ``bboxes`` (normalised cx, cy, w, h), ``cls``, ``batch_idx``."""
+    x: Tensor = batch["img"]
+    n, (height, width) = x.shape[0], x.shape[-2:]
+    boxes = batch["bboxes"].to(x.device, torch.float32).reshape(-1, 4)
+    scale = boxes.new_tensor([width, height, width, height])
+    cx, cy, w, h = (boxes * scale).unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    cls = batch["cls"].to(x.device).reshape(-1).long() + 1
+    index = batch["batch_idx"].to(x.device).reshape(-1).long()
+    return [xyxy[index == i] for i in range(n)], [cls[index == i] for i in range(n)]
+
+
+class DistillCriterion:
+    """The student's Ultralytics criterion plus the distillation term.
+
+    Returns Ultralytics' ``(loss, items)`` with one more loss entry (the method's term times the
+    batch size) and one more item, ``distill`` (the per-image value). Outside training mode
+    the term is 0. Attribute reads (``update``, ``hyp``, ...) go to the wrapped criterion, and a
+    copy or pickle of this object is a copy of the wrapped criterion alone.
+    """
+
+    def __init__(self, inner: Any, distillation: UltralyticsDistillation) -> None:
+        self.inner = inner
+        self.distillation = distillation
+
+    def __call__(self, preds: Any, batch: dict[str, Any]) -> tuple[Tensor, Any]:
+        loss, items = self.inner(preds, batch)
+        d = self.distillation
+        if d.student.training and d.tap is not None:
+            term = d.term(batch)
+        else:
+            term = batch["img"].new_zeros((), dtype=torch.float32)
+        n = batch["img"].shape[0]
+        total = torch.cat([loss.reshape(-1), (term * n).reshape(1).to(loss.dtype)])
+        if isinstance(items, dict):
+            items = {**items, DISTILL_KEY: term.detach()}
+        else:  # older Ultralytics: a tensor of items
+            items = torch.cat([items.reshape(-1), term.detach().reshape(1).to(items.dtype)])
+        return total, items
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.inner.__reduce_ex__(protocol)  # copies and pickles hold the plain criterion
+
+
+class _DistillTrainerMixin:
+    """The overrides that :func:`distill_trainer` puts in front of ``DetectionTrainer``."""
+
+    distill_spec: ClassVar[DistillSpec]
+    distillation: UltralyticsDistillation | None
+
+    def __init__(self, cfg: Any = None, overrides: dict[str, Any] | None = None,
+                 _callbacks: Any = None) -> None:
+        from ultralytics.utils import DEFAULT_CFG, LOGGER
+
+        overrides = dict(overrides or {})
+        if overrides.get("distill_model") is not None:
+            raise ValueError("distill_model= starts Ultralytics' own distillation; this trainer "
+                             "distils with structkd: use one or the other")
+        super().__init__(DEFAULT_CFG if cfg is None else cfg, overrides, _callbacks)
+        args = self.args
+        if getattr(args, "distill_model", None) is not None:
+            raise ValueError(f"distill_model={args.distill_model!r} (from the configuration) "
+                             "starts Ultralytics' own distillation; unset it with this trainer")
+        if self.world_size > 1:
+            raise ValueError(f"device={args.device!r}: structkd's Ultralytics trainer runs on one "
+                             "device (Ultralytics' multi-GPU workers cannot re-create it)")
+        if args.compile:
+            LOGGER.warning("structkd: 'compile' is not supported with distillation; disabled")
+            args.compile = False
+        self.distillation = None
+
+    def _build_distillation(self) -> UltralyticsDistillation:
+        from ultralytics.utils import LOGGER
+        from ultralytics.utils.torch_utils import unwrap_model
+
+        distillation = UltralyticsDistillation(unwrap_model(self.model), self.distill_spec,
+                                               self.device)
+        info = distillation.describe()
+        pairs = ", ".join(f"{p['name']} ({p['student_channels']}->{p['teacher_channels']} ch)"
+                          for p in info["pairs"])
+        LOGGER.info(f"structkd: {info['method']} (weight {info['weight']:g}) from "
+                    f"{info['teacher']} on {pairs}")
+        return distillation
+
+    def build_optimizer(self, model: nn.Module, name: str = "auto", lr: float = 0.001,
+                        momentum: float = 0.9, decay: float = 1e-5,
+                        iterations: float = 1e5) -> torch.optim.Optimizer:
+        """Ultralytics' optimiser for the student, plus groups for the method's parameters
+        (its learning rate, momentum and schedule; weight decay on weights, not biases)."""
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        if self.distillation is None:
+            self.distillation = self._build_distillation()
+        params = self.distillation.parameters()
+        ref = next((g for g in optimizer.param_groups if g.get("param_group") == "weight"),
+                   optimizer.param_groups[0])
+        base = {k: v for k, v in ref.items()
+                if k not in ("params", "lr", "initial_lr", "weight_decay", "param_group")}
+        if "use_muon" in base:
+            base["use_muon"] = False  # MuSGD: plain SGD for the method's parts
+        for group, chosen, wd in (("distill", [p for p in params if p.ndim > 1], decay),
+                                  ("distill_no_decay", [p for p in params if p.ndim <= 1], 0.0)):
+            if chosen:
+                optimizer.add_param_group({**base, "params": chosen, "lr": self.args.lr0,
+                                           "weight_decay": wd, "param_group": group})
+        return optimizer
+
+    def _setup_train(self) -> None:
+        super()._setup_train()
+        if self.distillation is None:
+            raise RuntimeError("build_optimizer did not run: the distillation has no optimiser")
+        state = Path(self.save_dir) / STATE_FILE
+        if self.resume:
+            if state.is_file():
+                self.distillation.load_state_dict(torch.load(state, map_location=self.device,
+                                                                  weights_only=True))
+            else:
+                logger.warning("resuming without %s: the method's trainable parts restart from "
+                               "their initialisation", state)
+        self.distillation.attach()  # after the EMA copied the plain student
+        (Path(self.save_dir) / CONFIG_FILE).write_text(
+            json.dumps(self.distillation.describe(), indent=2), encoding="utf-8")
+
+    def save_model(self) -> bool:
+        if self.ema is not None:
+            strip_structkd(self.ema.ema)  # an EMA re-made from the live student (NaN recovery)
+        saved = super().save_model()
+        if saved and self.distillation is not None:
+            torch.save(self.distillation.state_dict(), Path(self.save_dir) / STATE_FILE)
+        return saved
+
+    def train(self) -> None:
+        try:
+            super().train()
+        finally:
+            if self.distillation is not None:
+                self.distillation.detach()
+
+
+def distill_trainer(teacher: nn.Module | str | os.PathLike, method: str = "ssim", *,
+                    weight: float | None = None, levels: list[str] | None = None,
+                    student_layers: str | list[str] | None = None,
+                    teacher_layers: str | list[str] | None = None,
+                    teacher_root: str | None = None, teacher_dtype: TeacherDtype | None = None,
+                    **method_options: Any) -> type:
+    """A ``DetectionTrainer`` subclass that distils ``teacher`` into the student with ``method``.
+
+    Pass it as ``model.train(..., trainer=distill_trainer(teacher, "mgd"))``.
+
+    Args:
+        teacher: a detector structkd wraps (``YOLO``/``RTDETR`` object or its model of any
+            generation, a torchvision or transformers detector) or a path: an Ultralytics
+            ``.pt``, a structkd export prefix or run ``.ckpt``. Frozen, in eval mode, and
+            moved to the trainer's device when training starts.
+        method: a structkd method name (``structkd methods``: "ssim", "cwd", "mgd", "fgd", ...).
+        weight: the method's weight (None: its default, or its preset's).
+        levels: distil only these paired levels (e.g. ``["s8", "s16"]``).
+        student_layers: the tapped student layers; default the Detect head's inputs. Paths
+            relative to the ``DetectionModel`` (``"model.16"``) or to structkd's wrapper
+            (``"model.model.16"``).
+        teacher_layers, teacher_root: as for :class:`~structkd.distill.Distiller` (relative to
+            the wrapped teacher; default its family's).
+        teacher_dtype: run the teacher in this dtype (None follows Ultralytics' autocast).
+        **method_options: the method's other options (checked here).
+    """
+    if not isinstance(method, str):
+        raise TypeError(f"method is a {type(method).__name__}; give a method name (it is built "
+                        "for the paired levels once the student exists)")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float)
+                               or not 0 <= weight < float("inf")):
+        raise ValueError(f"weight={weight!r}; expected a finite number >= 0 or None ('auto' is "
+                         "not supported in Ultralytics' loop)")
+    check_method(method, {**method_options, **({} if weight is None else {"weight": weight})})
+    source = str(teacher) if isinstance(teacher, str | os.PathLike) else type(
+        getattr(teacher, "model", teacher)).__name__
+    spec = DistillSpec(load_teacher(teacher), method, weight=weight,
+                       levels=None if levels is None else list(levels),
+                       student_layers=student_layers, teacher_layers=teacher_layers,
+                       teacher_root=teacher_root, teacher_dtype=teacher_dtype,
+                       options=dict(method_options), teacher_source=source)
+    import_ultralytics()
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    return type("StructKDDetectionTrainer", (_DistillTrainerMixin, DetectionTrainer),
+                {"distill_spec": spec, "__module__": __name__,
+                 "__doc__": f"Ultralytics' DetectionTrainer with structkd's {method!r} "
+                            f"distillation from {source}."})
