@@ -181,3 +181,13 @@ def test_fit_distils_a_torchvision_teacher_into_rt_detr(coco_data, tmp_path) -> 
     for x, y in zip(a, b, strict=True):
         assert torch.allclose(x["boxes"], y["boxes"], atol=1e-4)
         assert torch.allclose(x["scores"], y["scores"], atol=1e-5)
+
+
+def test_onnx_export_of_another_family_points_to_its_own_exporter(tmp_path) -> None:
+    from structkd.models.onnx import export_onnx
+
+    det = transformers_detector("rt_detr", K + 1, num_queries=50, min_size=64, max_size=64)
+    with pytest.raises(ValueError, match=r"TransformersDetector \(transformers family\): "
+                                         r"structkd exports torchvision detectors to ONNX; "
+                                         r"export the run's native save"):
+        export_onnx(det, tmp_path / "x.onnx")

@@ -32,6 +32,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from ..._version import __version__
 from ...checks import writable_file
+from ...detectors import WrappedDetector
 from ...labels import default_class_names
 from ..spec import DetectorSpec, as_spec
 
@@ -102,6 +103,12 @@ def _check_exportable(model: nn.Module) -> None:
         raise ValueError(f"model is a {name} (a distillation wrapper holding a teacher); "
                          "expected the student detector only, e.g. export_onnx(distiller.student, "
                          "...) or a structkd export loaded with load_detector")
+    if isinstance(model, WrappedDetector):
+        raise ValueError(
+            f"model is a {name} ({model.adapter} family): structkd exports torchvision "
+            "detectors to ONNX; export the run's native save with the family's own exporter "
+            "(Ultralytics: YOLO('RUN/student_native.pt').export(format='onnx'); transformers: "
+            "optimum's ONNX export of RUN/student_native)")
     if not isinstance(model, _SUPPORTED):
         raise ValueError(f"model of type {name} cannot be exported; expected a torchvision "
                          "RetinaNet, FCOS or FasterRCNN (e.g. from build_detector)")
