@@ -19,6 +19,9 @@ TRANSFORMERS_TYPES: dict[str, tuple[str, str, str]] = {
     "rt_detr": ("RTDetrConfig", "RTDetrForObjectDetection", "resnet"),
     "rt_detr_v2": ("RTDetrV2Config", "RTDetrV2ForObjectDetection", "resnet"),
     "d_fine": ("DFineConfig", "DFineForObjectDetection", "hgnetv2"),
+    "detr": ("DetrConfig", "DetrForObjectDetection", "detr"),
+    "conditional_detr": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection", "detr"),
+    "deformable_detr": ("DeformableDetrConfig", "DeformableDetrForObjectDetection", "detr"),
 }
 # size -> (backbone widths of stages 1-4, blocks per stage, hidden width, decoder layers)
 _SIZES: dict[str, tuple[list[int], list[int], int, int]] = {
@@ -60,6 +63,18 @@ def _config(model_type: str, num_labels: int, size: str, queries: int) -> Any:
         raise ValueError(f"size={size!r}; expected one of {sorted(_SIZES)}")
     config_cls, _, kind = TRANSFORMERS_TYPES[model_type]
     widths, depths, hidden, layers = _SIZES[size]
+    if kind == "detr":  # DETR-like: a transformers ResNet (no timm, nothing downloaded)
+        backbone = transformers.ResNetConfig(
+            embedding_size=widths[0], hidden_sizes=widths, depths=depths, layer_type="basic",
+            out_features=["stage2", "stage3", "stage4"])
+        extra = ({"num_feature_levels": 3, "encoder_n_points": 2, "decoder_n_points": 2}
+                 if model_type == "deformable_detr" else {})
+        return getattr(transformers, config_cls)(
+            use_timm_backbone=False, backbone=None, backbone_config=backbone,
+            use_pretrained_backbone=False, d_model=hidden, encoder_layers=1,
+            decoder_layers=layers, encoder_ffn_dim=2 * hidden, decoder_ffn_dim=2 * hidden,
+            encoder_attention_heads=4, decoder_attention_heads=4, num_labels=num_labels,
+            num_queries=queries, **extra)
     return getattr(transformers, config_cls)(
         backbone_config=_backbone_config(kind, widths, depths), use_pretrained_backbone=False,
         encoder_in_channels=widths[1:], encoder_hidden_dim=hidden, d_model=hidden,
@@ -72,8 +87,9 @@ def transformers_detector(name: str | os.PathLike, num_classes: int, *, size: st
     """A transformers detector in structkd's calling convention.
 
     Args:
-        name: a model type (``"rt_detr"``, ``"rt_detr_v2"``, ``"d_fine"``: built from a config
-            of ``size``, random weights, nothing downloaded), a local folder written by
+        name: a model type (``"rt_detr"``, ``"rt_detr_v2"``, ``"d_fine"``, ``"detr"``,
+            ``"conditional_detr"``, ``"deformable_detr"``: built from a config of ``size``,
+            random weights, nothing downloaded), a local folder written by
             ``save_pretrained`` (its head is re-sized to ``num_classes`` if it differs), or a
             hub name such as ``"PekingU/rtdetr_r18vd"`` (downloaded by transformers when online).
         num_classes: structkd's count, background included (K + 1 for K object classes).
