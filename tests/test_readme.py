@@ -210,6 +210,7 @@ def test_other_families_transformers(tmp_path, monkeypatch) -> None:
     assert (tmp_path / "runs" / "rtdetr_cwd" / "student_native" / "config.json").is_file()
 
 
+@pytest.mark.slow  # tests/cli runs the same config path (and more) in CI
 def test_other_families_transformers_cli(coco_data, teacher_run, tmp_path) -> None:
     pytest.importorskip("transformers")
     args = shlex.split(_block("Other detector families: the DETR family of transformers",

@@ -170,6 +170,7 @@ def test_a_hub_name_offline_fails_at_once_with_what_to_do(monkeypatch) -> None:
         transformers_detector("./missing_folder", K + 1)
 
 
+@pytest.mark.slow  # the README's transformers example runs fit with a save_pretrained in CI
 def test_fit_distils_a_torchvision_teacher_into_rt_detr(coco_data, tmp_path) -> None:
     """The Python API end to end: an RT-DETR student, a RetinaNet teacher, the run folder, the
     eval table by class name, and the student saved as transformers saves it (reloaded by
