@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 
 __all__ = ["Adapter", "DetectorFamily", "FamilyInfo", "WrappedDetector", "adapters",
            "as_detector", "describe_families", "detector_family", "family_defaults",
-           "family_detector", "register_adapter"]
+           "family_detector", "register_adapter", "unwrap"]
 
 
 class WrappedDetector(nn.Module):
@@ -45,6 +46,17 @@ class WrappedDetector(nn.Module):
     root: str = "model"
     taps: str | list[str] = "model"
     model: nn.Module
+    transform: nn.Module
+
+    def batched(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
+                ) -> tuple[ImageList, list[dict[str, Tensor]] | None, list[tuple[int, int]]]:
+        """The transform's batch and resized targets, and each image's original (h, w): the
+        start of every wrapper's forward (targets are required in training mode)."""
+        if self.training and targets is None:
+            raise ValueError("in training mode the targets are needed (boxes, labels)")
+        original = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, targets = self.transform(images, targets)
+        return batch, targets, original
 
     def save_native(self, path: str | Path) -> Path | None:
         """Save the wrapped model alone, as its own library saves it; None if it cannot."""
@@ -109,7 +121,7 @@ def as_detector(model: nn.Module, **options: Any) -> nn.Module:
             raise ValueError(f"{type(model).__name__} is already wrapped; options "
                              f"{sorted(options)} apply only when wrapping")
         return model
-    inner = _unwrap(model)
+    inner = unwrap(model)
     for adapter in adapters():
         if adapter.accepts(inner):
             return adapter.wrap(inner, **options)
@@ -119,7 +131,8 @@ def as_detector(model: nn.Module, **options: Any) -> nn.Module:
     return model
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``."""
     while True:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
@@ -132,7 +145,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def detector_family(model: nn.Module) -> str:
     """The family name that picks a method's preset: a wrapper's ``family``; for torchvision
     detectors "retinanet", "fcos", "fasterrcnn", "ssd" or "ssdlite" (else "custom")."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if isinstance(inner, WrappedDetector):
         return inner.family
     name = type(inner).__name__.lower()
@@ -147,7 +160,7 @@ def detector_family(model: nn.Module) -> str:
 def family_defaults(model: nn.Module) -> tuple[str, str | list[str]]:
     """(root, taps): the module taking the batched tensor and the default tapped path(s);
     ``("backbone", "backbone")`` (trunk + FPN output) for torchvision's detectors."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if isinstance(inner, WrappedDetector):
         return inner.root, inner.taps
     return "backbone", "backbone"

@@ -121,10 +121,7 @@ class TransformersDetector(WrappedDetector):
         return str(self.model.config.model_type)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
-        if self.training and targets is None:
-            raise ValueError("in training mode the targets are needed (boxes, labels)")
-        original = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        batch, targets = self.transform(images, targets)
+        batch, targets, original = self.batched(images, targets)
         x = batch.tensors
         height, width = x.shape[-2:]
         self._check_queries(height, width)

@@ -195,10 +195,7 @@ class UltralyticsDetector(WrappedDetector):
         return native.with_suffix(".yaml").name
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
-        if self.training and targets is None:
-            raise ValueError("in training mode the targets are needed (boxes, labels)")
-        original = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        batch, targets = self.transform(images, targets)
+        batch, targets, original = self.batched(images, targets)
         x = batch.tensors
         if self.training:
             assert targets is not None

@@ -21,13 +21,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..detectors import as_detector, detector_family, family_defaults
 from ..methods import DistillContext, DistillMethod, build_method, resolve_method
-from .pairing import measure_levels, pair_levels
+from .pairing import measure_levels, pair_levels, paired_maps
 from .taps import FeatureTap, find_module, unwrap
 from .teacher import FrozenTeacher, TeacherDtype, normalisation, weights_fingerprint
 from .teacher_cache import TeacherCache
@@ -305,12 +304,7 @@ class Distiller(nn.Module):
         self._tap.clear()
         det_losses = self.student(images, targets)
         s_levels, t_levels, batch, sizes, t_targets = self._tapped(targets)
-        student, teacher = {}, {}
-        for p in self.pairs:
-            s, t = s_levels[p.student], t_levels[p.teacher]
-            if s.shape[-2:] != t.shape[-2:]:
-                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-            student[p.name], teacher[p.name] = s, t
+        student, teacher = paired_maps(self.pairs, s_levels, t_levels)
         boxes = labels = None
         if t_targets is not None:
             boxes = [t["boxes"] for t in t_targets]

@@ -10,7 +10,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..methods import Level
 from ..precision import no_autocast
@@ -103,3 +104,16 @@ def pair_levels(student: dict[str, LevelInfo], teacher: dict[str, LevelInfo],
             raise ValueError(f"levels {unknown} are not shared; expected some of {known}")
         pairs = [p for p in pairs if p.name in names]
     return pairs
+
+
+def paired_maps(pairs: list[LevelPair], student: dict[str, Tensor], teacher: dict[str, Tensor]
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The student's and the teacher's maps by pair name; a student map of another size than
+    its teacher's (rounding of odd sizes) is resized to it, bilinearly."""
+    s_maps, t_maps = {}, {}
+    for p in pairs:
+        s, t = student[p.student], teacher[p.teacher]
+        if s.shape[-2:] != t.shape[-2:]:
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        s_maps[p.name], t_maps[p.name] = s, t
+    return s_maps, t_maps

@@ -22,23 +22,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..detectors.base import unwrap
+
 __all__ = ["FeatureTap", "TapsComplete", "as_levels", "find_module", "unwrap"]
 
 
 class TapsComplete(Exception):  # a signal, not an error
-    """Raised by a tap made with ``stop_when_complete`` once every tapped module has run, to
-    skip the rest of the forward (a teacher whose levels are all it is run for)."""
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        else:
-            return model
+    """Raised inside :meth:`FeatureTap.run_until_complete` once every tapped module has run,
+    to skip the rest of the forward (a teacher whose levels are all it is run for)."""
 
 
 def _is_compiled(model: nn.Module) -> bool:

@@ -54,12 +54,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..detectors import as_detector, detector_family, family_defaults
 from ..detectors.ultralytics import import_ultralytics, is_ultralytics_detector
-from ..distill.pairing import LevelPair, measure_levels, pair_levels
+from ..distill.pairing import LevelPair, measure_levels, pair_levels, paired_maps
 from ..distill.taps import FeatureTap, find_module, unwrap
 from ..distill.teacher import FrozenTeacher, TeacherDtype
 from ..methods import DistillContext, DistillMethod, build_method, check_method, resolve_method
@@ -283,12 +282,7 @@ class UltralyticsDistillation:
         finally:
             self.tap.clear()
         t_levels = self.frozen.features(x)
-        student, teacher = {}, {}
-        for p in self.pairs:
-            s, t = s_levels[p.student], t_levels[p.teacher]
-            if s.shape[-2:] != t.shape[-2:]:
-                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-            student[p.name], teacher[p.name] = s, t
+        student, teacher = paired_maps(self.pairs, s_levels, t_levels)
         boxes, labels = ground_truth(batch)
         ctx = DistillContext(student, teacher, self.method.levels,
                              batch_shape=(int(x.shape[-2]), int(x.shape[-1])), image_sizes=None,
