@@ -32,20 +32,29 @@ def _sub(code: str, old: str, new: str) -> str:
     return code.replace(old, new)
 
 
-def test_distil_your_own_torchvision_model(tmp_path, monkeypatch) -> None:
-    code = _block("Distil your own torchvision model in 10 lines")
-    code = _sub(code, "num_train=256, num_val=64, image_size=320",
+def _tiny_fit(heading: str) -> str:
+    """A README ``fit`` example at test size: 8 + 4 generated images of 64 px, one step."""
+    code = _sub(_block(heading), "num_train=256, num_val=64, image_size=320",
                 "num_train=8, num_val=4, image_size=64")
-    code = code.replace("epochs=12", "epochs=1, max_steps=1, progress=False, num_workers=0, "
+    return code.replace("epochs=12", "epochs=1, max_steps=1, progress=False, num_workers=0, "
                         "batch_size=2, threads=1")
+
+
+def _run(code: str, where: Path, monkeypatch) -> dict:
+    """Execute a README example in the folder ``where``; its variables."""
+    monkeypatch.chdir(where)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    return scope
+
+
+def test_distil_your_own_torchvision_model(tmp_path, monkeypatch) -> None:
+    code = _tiny_fit("Distil your own torchvision model in 10 lines")
     code = _sub(code, "(num_classes=k, min_size=320, max_size=320)",
                 "(num_classes=k, min_size=320, max_size=320, weights_backbone=None)")
     code = _sub(code, "ssdlite320_mobilenet_v3_large(num_classes=k)",
                 "ssdlite320_mobilenet_v3_large(num_classes=k, weights_backbone=None)")
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    result = scope["result"]
+    result = _run(code, tmp_path, monkeypatch)["result"]
     assert (tmp_path / "runs" / "ssdlite_ssim" / "results.json").is_file()
     assert result.export_prefix == Path("runs") / "ssdlite_ssim" / "student"
     assert 0 <= result.metrics["AP"] <= 100
@@ -193,19 +202,13 @@ def test_your_data_on_the_command_line(coco_data, tmp_path, monkeypatch) -> None
 
 def test_other_families_transformers(tmp_path, monkeypatch) -> None:
     pytest.importorskip("transformers")
-    code = _block("Other detector families: the DETR family of transformers")
-    code = _sub(code, "num_train=256, num_val=64, image_size=320",
-                "num_train=8, num_val=4, image_size=64")
-    code = code.replace("epochs=12", "epochs=1, max_steps=1, progress=False, num_workers=0, "
-                        "batch_size=2, threads=1")
+    code = _tiny_fit("Other detector families: the DETR family of transformers")
     code = _sub(code, 'backbone="resnet50", min_size=320, max_size=320',
                 'backbone="resnet18", fpn_channels=16, min_size=64, max_size=64')
     code = _sub(code, 'size="small",\n                                min_size=320, max_size=320',
                 'size="tiny", num_queries=50,\n                                min_size=64, '
                 'max_size=64')
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    scope = _run(code, tmp_path, monkeypatch)
     assert 0 <= scope["result"].metrics["AP"] <= 100
     assert (tmp_path / "runs" / "rtdetr_cwd" / "student_native" / "config.json").is_file()
 
@@ -229,15 +232,9 @@ def test_other_families_transformers_cli(coco_data, teacher_run, tmp_path) -> No
 
 def test_other_families_ultralytics(tmp_path, monkeypatch) -> None:
     pytest.importorskip("ultralytics")
-    code = _block("Other detector families: YOLO (Ultralytics)")
-    code = _sub(code, "num_train=256, num_val=64, image_size=320",
-                "num_train=8, num_val=4, image_size=64")
-    code = code.replace("epochs=12", "epochs=1, max_steps=1, progress=False, num_workers=0, "
-                        "batch_size=2, threads=1")
+    code = _tiny_fit("Other detector families: YOLO (Ultralytics)")
     code = code.replace("min_size=320, max_size=320", "min_size=64, max_size=64")
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    scope = _run(code, tmp_path, monkeypatch)
     assert 0 <= scope["result"].metrics["AP"] <= 100
     assert (tmp_path / "runs" / "yolo26n_mgd" / "student_native.pt").is_file()
 
@@ -253,9 +250,7 @@ def test_inside_ultralytics_own_trainer(tmp_path, monkeypatch) -> None:
                 f"teacher.train(data=data_yaml, {small}, name='teacher')")
     code = _sub(code, "student.train(data=data_yaml, epochs=30, imgsz=320,",
                 f"student.train(data=data_yaml, {small}, name='student',")
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    _run(code, tmp_path, monkeypatch)
     run = tmp_path / "runs" / "student"
     assert (run / "weights" / "last.pt").is_file() and (run / "distill_state.pt").is_file()
     assert "distill" in (run / "results.csv").read_text().splitlines()[0]
