@@ -126,3 +126,22 @@ def det_batch(seed: int = 0, size: int = IMAGE_SIZE):
     targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[10.0, 8.0, 60.0, 50.0]]), "labels": torch.tensor([2])}]
     return images, targets
+
+
+def assert_same_detections(ref: dict, got: dict, *, box_atol: float, score_atol: float) -> None:
+    """``got`` holds the detections of ``ref`` (same count), each matched one-to-one to a
+    detection of the same label whose score and box agree within the tolerances. Order is not
+    compared: two runtimes may order detections of near-equal scores differently."""
+    import numpy as np
+
+    rb, rs, rl = (np.asarray(ref[k], dtype=np.float64) for k in ("boxes", "scores", "labels"))
+    gb, gs, gl = (np.asarray(got[k], dtype=np.float64) for k in ("boxes", "scores", "labels"))
+    assert len(gs) == len(rs), f"{len(gs)} detections, expected {len(rs)}"
+    free = np.ones(len(rs), dtype=bool)
+    for j in np.argsort(-gs, kind="stable"):
+        cost = np.abs(rb - gb[j]).max(1) if len(rb) else np.zeros(0)
+        ok = free & (rl == gl[j]) & (np.abs(rs - gs[j]) <= score_atol) & (cost <= box_atol)
+        assert ok.any(), (f"detection {j} (label {gl[j]:.0f}, score {gs[j]:.6f}, box "
+                          f"{gb[j].round(3).tolist()}) has no match in the reference")
+        i = np.flatnonzero(ok)[np.argmin(cost[ok])]
+        free[i] = False

@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import structkd  # noqa: E402
-from kdtest import IMAGE_SIZE  # noqa: E402
+from kdtest import IMAGE_SIZE, assert_same_detections  # noqa: E402
 from structkd.data import CocoDetection, build_transforms  # noqa: E402
 from structkd.detectors import TransformersDetector, as_detector, detector_family  # noqa: E402
 from structkd.detectors.transformers_build import (  # noqa: E402
@@ -203,14 +203,34 @@ def test_fit_distils_a_torchvision_teacher_into_rt_detr(coco_data, tmp_path) -> 
         assert torch.allclose(x["scores"], y["scores"], atol=1e-5)
 
 
-def test_onnx_export_of_another_family_points_to_its_own_exporter(tmp_path) -> None:
-    from structkd.models.onnx import export_onnx
+@pytest.mark.parametrize("kind", ["rt_detr", "d_fine", "deformable_detr", "detr"])
+def test_onnx_export_matches_pytorch(kind, tmp_path) -> None:
+    """The exported graph (resize, model, the family's post-processing, the resize back) gives
+    PyTorch's detections in ONNX Runtime. The weights are perturbed: at random init RT-DETR's
+    encoder scores every position alike, so its query selection is a tie that two runtimes
+    break differently (a trained model has no such ties)."""
+    from structkd.models.onnx import OnnxDetector, export_onnx, read_onnx_metadata
 
-    det = transformers_detector("rt_detr", K + 1, num_queries=50, min_size=64, max_size=64)
-    with pytest.raises(ValueError, match=r"TransformersDetector \(transformers family\): "
-                                         r"structkd exports torchvision detectors to ONNX; "
-                                         r"export the run's native save"):
-        export_onnx(det, tmp_path / "x.onnx")
+    torch.manual_seed(0)
+    det = transformers_detector(kind, K + 1, num_queries=50, min_size=64, max_size=64,
+                                detections_per_img=30).eval()
+    with torch.no_grad():
+        for p in det.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    path = export_onnx(det, tmp_path / "s.onnx", class_names=["__background__",
+                                                               *"abcde"])
+    meta = read_onnx_metadata(path)
+    assert meta["arch"] == f"transformers:{kind}" and meta["class_names"][1:] == list("abcde")
+    onnx_det = OnnxDetector(path)
+    g = torch.Generator().manual_seed(1)
+    for image in (torch.rand(3, 64, 64, generator=g), torch.rand(3, 64, 64, generator=g)):
+        with torch.no_grad():
+            ref = det([image])[0]
+        got = onnx_det([image])[0]
+        assert len(ref["scores"]) == 30 and set(got["labels"].tolist()) <= set(range(1, K + 1))
+        assert_same_detections(ref, got, box_atol=1e-2, score_atol=1e-4)
+    with pytest.raises(ValueError, match=r"fixed input size .* pass image_size"):
+        export_onnx(det, tmp_path / "d.onnx", dynamic=True)
 
 
 @pytest.mark.parametrize(("kind", "strides"), [("detr", [32]), ("conditional_detr", [32]),

@@ -16,6 +16,7 @@ from torch import nn
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no online checks
 pytest.importorskip("ultralytics")
 
+from kdtest import assert_same_detections
 from structkd.detectors import as_detector, detector_family
 from structkd.detectors.ultralytics import (
     UltralyticsDetector,
@@ -161,6 +162,42 @@ def test_predictions_equal_ultralytics_forward_and_nms(yolos, name: str) -> None
         assert o["labels"].min() >= 1 and o["labels"].max() <= K
 
 
+@pytest.mark.parametrize(("name", "end2end"), [("yolov8n.yaml", False), ("yolo26n.yaml", False),
+                                             ("yolo26n.yaml", True)])
+def test_onnx_export_matches_ultralytics_nms(name: str, end2end: bool, tmp_path: Path) -> None:
+    """The exported graph (resize, model, a traceable form of Ultralytics' NMS selection, the
+    resize back) gives in ONNX Runtime the detections PyTorch gets with Ultralytics' own
+    ``non_max_suppression`` (or, NMS-free, the one-to-one head's top-k)."""
+    from structkd.models.onnx import OnnxDetector, export_onnx, read_onnx_metadata
+
+    det = _build(name, conf_thresh=0.25, detections_per_img=300)
+    # Input-dependent outputs, not a random net's constant ones: perturbed weights and batch
+    # statistics measured on images; the fixed seeds keep every selection clear of its
+    # boundaries (score threshold, NMS IoU, top-k), where two runtimes may differ in float noise.
+    with torch.no_grad():
+        for p in det.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for m in det.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+                m.reset_running_stats()
+        det.model.train()
+        g = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            det.model(torch.rand(4, 3, H, W, generator=g))
+    det.eval()
+    det.model.end2end = end2end
+    path = export_onnx(det, tmp_path / "s.onnx", image_size=(H, W))
+    assert read_onnx_metadata(path)["arch"] == "ultralytics:DetectionModel"
+    onnx_det = OnnxDetector(path)
+    for image in _images(seed=2):
+        with torch.no_grad():
+            ref = det([image])[0]
+        got = onnx_det([image])[0]
+        assert 10 <= len(ref["scores"]) < 300
+        assert_same_detections(ref, got, box_atol=1e-2, score_atol=1e-4)
+
+
 def test_predictions_are_in_the_original_images_pixels(yolos) -> None:
     det = yolos["yolov8n.yaml"].eval()
     big = [torch.nn.functional.interpolate(img[None], scale_factor=2.0)[0] for img in _images()]
@@ -300,6 +337,22 @@ def test_rtdetr_losses_and_predictions() -> None:
     assert [len(o["boxes"]) for o in out] == [100, 100]
     assert all(o["labels"].min() >= 1 and o["labels"].max() <= K for o in out)
     assert all((o["scores"][:-1] >= o["scores"][1:]).all() for o in out)
+
+
+def test_rtdetr_onnx_export_matches_pytorch(tmp_path: Path) -> None:
+    from structkd.models.onnx import OnnxDetector, export_onnx
+
+    det = _build("rtdetr-l.yaml", conf_thresh=0.0)
+    with torch.no_grad():
+        for p in det.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    det.eval()
+    onnx_det = OnnxDetector(export_onnx(det, tmp_path / "s.onnx", image_size=(H, W)))
+    for image in _images(seed=3):
+        with torch.no_grad():
+            ref = det([image])[0]
+        assert len(ref["scores"]) == 100
+        assert_same_detections(ref, onnx_det([image])[0], box_atol=1e-2, score_atol=1e-4)
 
 
 def test_the_family_builder_takes_a_size_for_a_yaml_without_a_scale() -> None:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torchvision import ops
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert
 
@@ -40,6 +41,9 @@ INSTALL = "pip install 'structkd[ultralytics]' (AGPL-3.0)"
 # The ultralytics.nn.tasks classes wrapped (segmentation, pose, OBB, world models are not).
 _DETECT = "DetectionModel"
 _RTDETR = "RTDETRDetectionModel"
+# Ultralytics' non_max_suppression: boxes considered at most, class offset of class-aware NMS.
+_MAX_NMS = 30000
+_MAX_WH = 7680.0
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
           "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
           "_forward_hooks_always_called", "_state_dict_hooks", "_load_state_dict_pre_hooks")
@@ -277,7 +281,10 @@ class UltralyticsDetector(WrappedDetector):
 
     def nms(self, pred: Tensor) -> list[Tensor]:
         """Ultralytics' ``non_max_suppression`` with this wrapper's settings: (n, 6) per image,
-        (x1, y1, x2, y2, score, class) in the batched tensor's pixels."""
+        (x1, y1, x2, y2, score, class) in the batched tensor's pixels. While traced for ONNX
+        export, the same selection written without data-dependent Python branches."""
+        if torch.jit.is_tracing():
+            return self._traceable_nms(pred)
         try:
             from ultralytics.utils.nms import non_max_suppression
         except ImportError:  # ultralytics < 8.3.160
@@ -285,6 +292,30 @@ class UltralyticsDetector(WrappedDetector):
         return non_max_suppression(
             pred, self.conf_thresh, self.iou_thresh, agnostic=self.agnostic_nms,
             max_det=self.detections_per_img, end2end=bool(getattr(self.model, "end2end", False)))
+
+    def _traceable_nms(self, pred: Tensor) -> list[Tensor]:
+        """Ultralytics' NMS selection as a graph: boxes whose best class scores above
+        ``conf_thresh``, at most ``max_nms`` of them by score, class-aware NMS (boxes offset by
+        class x 7680 px, as Ultralytics does), the best ``detections_per_img``. End-to-end heads
+        (YOLO26: (B, k, 6) already selected) are only filtered by score."""
+        out = []
+        if pred.shape[-1] == 6 or bool(getattr(self.model, "end2end", False)):
+            for p in pred:
+                out.append(p[p[:, 4] > self.conf_thresh][: self.detections_per_img])
+            return out
+        nc = pred.shape[1] - 4
+        for p in pred.transpose(-1, -2):
+            boxes = box_convert(p[:, :4], "cxcywh", "xyxy")
+            scores, classes = p[:, 4:4 + nc].max(1)
+            if p.shape[0] > _MAX_NMS:  # static at a fixed input size
+                scores, top = scores.topk(_MAX_NMS)
+                boxes, classes = boxes[top], classes[top]
+            keep = scores > self.conf_thresh
+            boxes, scores, classes = boxes[keep], scores[keep], classes[keep].float()
+            offset = classes[:, None] * (0.0 if self.agnostic_nms else _MAX_WH)
+            i = ops.nms(boxes + offset, scores, self.iou_thresh)[: self.detections_per_img]
+            out.append(torch.cat([boxes[i], scores[i, None], classes[i, None]], dim=1))
+        return out
 
     def _rtdetr_topk(self, pred: Tensor, x: Tensor) -> list[Tensor]:
         """RT-DETR's decoder output (B, k, 6) [cx, cy, w, h (normalised), score, class], already

@@ -8,6 +8,15 @@ GroupNorm/frozen-BN and MobileNetV3 students export too. By default the input si
 size the model was trained at: its spec's ``min_size``, square); ``dynamic=True`` exports
 symbolic ``H``/``W`` instead (torchvision's in-graph resize then handles any size).
 
+Detectors of other families wrapped by structkd (transformers' DETR family, Ultralytics' YOLO and
+RT-DETR) export the same way, at a fixed input size: the wrapper's resize, the model, its
+post-processing (top-k, or for YOLO a traceable form of Ultralytics' NMS selection) and the
+resize back are traced into one graph with the same inputs and outputs. Checked in ONNX Runtime
+against PyTorch (tests/detectors): RT-DETR, D-FINE, DETR, Deformable DETR; Ultralytics' RT-DETR,
+YOLOv8 and YOLO26 (with and without its NMS-free head). A model whose selection is tied
+(RT-DETR at random init scores every encoder position alike) gives the same scores but may
+pick other boxes of equal score.
+
 Only a bare detector is exported: a distillation wrapper, teacher weights or modules its spec
 does not build (adapters) are refused. The label map (``class_names``, ``label_to_cat_id``), the
 spec and the export's meta data are stored as JSON in the ONNX model's ``metadata_props`` (key
@@ -97,21 +106,17 @@ def default_image_size(model: nn.Module, spec: DetectorSpec | None = None) -> tu
 
 
 def _check_exportable(model: nn.Module) -> None:
-    """Only a bare torchvision detector: no distillation wrapper, teacher or adapters."""
+    """Only a bare detector (torchvision's, or another family's wrapped by structkd): no
+    distillation wrapper, teacher or adapters."""
     name = type(model).__name__
     if hasattr(model, "student") or "distill" in name.lower():
         raise ValueError(f"model is a {name} (a distillation wrapper holding a teacher); "
                          "expected the student detector only, e.g. export_onnx(distiller.student, "
                          "...) or a structkd export loaded with load_detector")
-    if isinstance(model, WrappedDetector):
-        raise ValueError(
-            f"model is a {name} ({model.adapter} family): structkd exports torchvision "
-            "detectors to ONNX; export the run's native save with the family's own exporter "
-            "(Ultralytics: YOLO('RUN/student_native.pt').export(format='onnx'); transformers: "
-            "optimum's ONNX export of RUN/student_native)")
-    if not isinstance(model, _SUPPORTED):
+    if not isinstance(model, (*_SUPPORTED, WrappedDetector)):
         raise ValueError(f"model of type {name} cannot be exported; expected a torchvision "
-                         "RetinaNet, FCOS or FasterRCNN (e.g. from build_detector)")
+                         "RetinaNet, FCOS or FasterRCNN (e.g. from build_detector), or a "
+                         "detector of another family wrapped by structkd (as_detector)")
     roi = getattr(model, "roi_heads", None)
     if roi is not None and (getattr(roi, "mask_roi_pool", None) is not None
                             or getattr(roi, "keypoint_roi_pool", None) is not None):
@@ -159,6 +164,8 @@ def _label_map(meta: Mapping[str, Any], class_names: Sequence[str] | None,
 
 
 def _num_classes(model: nn.Module) -> int | None:
+    if isinstance(model, WrappedDetector):
+        return int(model.num_classes)
     spec = getattr(model, "structkd_spec", None)
     if spec is not None:
         return int(spec.num_classes)
@@ -194,7 +201,8 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic: bool = False,
 ) -> Path:
-    """Write ``model`` (a torchvision RetinaNet / FCOS / Faster R-CNN) as ONNX at ``path``.
+    """Write ``model`` (a torchvision RetinaNet / FCOS / Faster R-CNN, or a detector of another
+    family wrapped by structkd) as ONNX at ``path``.
 
     Args:
         model: the bare detector, e.g. ``distiller.student`` or ``load_detector(...)[0]``. A
@@ -208,7 +216,8 @@ def export_onnx(
             map to themselves and get names ``class_1..``.
         spec: the detector's spec; default ``model.structkd_spec`` (set by ``build_detector``).
         opset: ONNX opset (11 or later; torchvision's detectors need 11+).
-        dynamic: export symbolic height/width instead of the fixed ``image_size``.
+        dynamic: export symbolic height/width instead of the fixed ``image_size`` (torchvision
+            detectors only).
 
     Returns the path. Also writes ``<path>.json`` with the metadata stored in the model
     (``metadata_props["structkd"]``): format, label map, spec, meta, input and output layout.
@@ -229,7 +238,11 @@ def export_onnx(
     names, l2c = _label_map(meta, class_names, label_to_cat_id, _num_classes(model))
     path = writable_file(path, "--onnx")
 
-    arch = spec.arch if spec is not None else type(model).__name__.lower()
+    if dynamic and isinstance(model, WrappedDetector):
+        raise ValueError(f"dynamic=True: a {type(model).__name__} ({model.adapter} family) is "
+                         "exported at one fixed input size (its anchors and query positions are "
+                         "traced as constants); pass image_size instead")
+    arch = spec.arch if spec is not None else _arch_name(model)
     document: dict[str, Any] = {
         "format": ONNX_FORMAT,
         "arch": arch,
@@ -278,6 +291,17 @@ def export_onnx(
     onnx.checker.check_model(str(path))
     _sidecar(path).write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def _arch_name(model: nn.Module) -> str:
+    """``adapter:type`` for another family (e.g. ``transformers:rt_detr``,
+    ``ultralytics:DetectionModel``), else the class name."""
+    if isinstance(model, WrappedDetector):
+        inner = getattr(model, "model", None)
+        config = getattr(inner, "config", None)
+        kind = getattr(config, "model_type", None) or type(inner).__name__
+        return f"{model.adapter}:{kind}"
+    return type(model).__name__.lower()
 
 
 def _sidecar(path: Path) -> Path:
