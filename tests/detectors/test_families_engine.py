@@ -62,3 +62,59 @@ def test_a_resumed_run_of_another_family_is_the_uninterrupted_run(
         # perturbed weights in test_transformers.py; here the run's export is complete
         assert len(got["scores"]) == len(ref["scores"]) > 0
         assert set(got["labels"].tolist()) <= set(range(1, NUM_CLASSES))
+
+
+def _saved_teacher(family: str, tmp_path) -> tuple[str, dict[str, torch.Tensor]]:
+    """A teacher of ``family`` saved as that library saves it, and its weights."""
+    from structkd.detectors import family_detector
+
+    torch.manual_seed(3)
+    if family == "ultralytics":
+        det = family_detector(family, "yolo26n.yaml", NUM_CLASSES)
+    else:
+        det = family_detector(family, "rt_detr", NUM_CLASSES, num_queries=50)
+    with torch.no_grad():  # not the builder's init: the loaded weights must be these
+        for p in det.parameters():
+            p.add_(0.01)
+    where = det.save_native(tmp_path / "teacher_native")
+    return str(where), {k: v.clone() for k, v in det.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["ultralytics", "transformers"])
+def test_a_teacher_of_another_family_named_in_the_config(family, coco_data, tmp_path) -> None:
+    """teacher.family + teacher.name: a local .pt or save_pretrained folder is the teacher, with
+    its saved weights, and a torchvision student distils from it."""
+    pytest.importorskip(family)
+    from structkd.engine import build_run
+
+    name, weights = _saved_teacher(family, tmp_path)
+    extra = ["teacher.options={num_queries: 50}"] if family == "transformers" else []
+    cfg = load_config(overrides=tiny_overrides(
+        coco_data, tmp_path / "run", f"teacher.family={family}", f"teacher.name={name}", *extra,
+        "distill.method=mse", "schedule.max_steps=1"))
+    teacher = build_run(cfg).teacher
+    state = teacher.model.state_dict()
+    assert set(state) == set(weights) and all(torch.equal(state[k], weights[k]) for k in weights)
+    result = run_config(cfg)
+    assert result.steps == 1 and result.distill is not None
+    history = (tmp_path / "run" / "metrics.csv").read_text()
+    assert "distill" in history.splitlines()[0]
+
+
+def test_a_teacher_family_in_the_config_is_checked_at_load() -> None:
+    from structkd.engine import TeacherSource
+
+    with pytest.raises(ValueError, match=r"checkpoint='a' and family='ultralytics' are both "
+                                         r"set; expected one of them"):
+        TeacherSource(checkpoint="a", family="ultralytics", name="y.pt")
+    with pytest.raises(ValueError, match=r"name='y.pt' goes with family"):
+        TeacherSource(name="y.pt")
+    with pytest.raises(ValueError, match=r"family='torchvision': a torchvision teacher is "
+                                         r"teacher.torchvision"):
+        TeacherSource(family="torchvision", name="x")
+    with pytest.raises(ValueError, match=r"family='yolo'; expected one of \['torchvision'"):
+        TeacherSource(family="yolo", name="x")
+    with pytest.raises(ValueError, match=r"family='ultralytics' needs a name"):
+        TeacherSource(family="ultralytics")
+    with pytest.raises(ValueError, match=r"cache='c' and a teacher model \(family="):
+        TeacherSource(family="ultralytics", name="y.pt", cache="c")

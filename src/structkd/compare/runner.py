@@ -290,7 +290,7 @@ def compare(config: Config | str | os.PathLike, methods: Sequence[str | Mapping[
         d["teacher"] = {"checkpoint": str(teacher)}
         base = load_config(base=d)
     needs_teacher = any(r.distill["method"] != BASELINE for r in rows)
-    if needs_teacher and not (base.teacher.checkpoint or base.teacher.torchvision):
+    if needs_teacher and not base.teacher.model_source():
         if teacher_config is None:
             raise ValueError("the rows distil but no teacher is given: set teacher= (or the "
                              "config's teacher section) or teacher_config= to train one")

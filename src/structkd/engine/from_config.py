@@ -121,16 +121,30 @@ def check_labels(info: DetectorInfo, data: CocoDetection, role: str) -> None:
         )
 
 
-def load_teacher(cfg: Config) -> tuple[nn.Module, DetectorInfo]:
-    """The teacher named by ``cfg.teacher``: an export, a checkpoint or a torchvision builder."""
+def load_teacher(cfg: Config, num_classes: int | None = None) -> tuple[nn.Module, DetectorInfo]:
+    """The teacher named by ``cfg.teacher``: an export, a checkpoint, a torchvision builder, or
+    another family's builder (its class head for ``teacher.num_classes``, else ``num_classes``:
+    the dataset's)."""
     t = cfg.teacher
     if t.torchvision:
         model, info = torchvision_detector(t.torchvision, t.weights, num_classes=t.num_classes)
     elif t.checkpoint:
         model, info = load_detector(t.checkpoint)
+    elif t.family:
+        classes = t.num_classes or num_classes
+        if classes is None:
+            raise ValueError(f"teacher.family={t.family!r} needs teacher.num_classes (or the "
+                             "dataset's class count)")
+        model = family_detector(t.family, str(t.name), int(classes), **t.options)
+        info = DetectorInfo(source=f"{t.family} {t.name}",
+                            meta={"family": {"adapter": t.family, "name": t.name}})
+        logger.info("teacher: %s with a class head for %d classes (background included; a "
+                    "feature teacher never runs it)", info.source, classes)
+        return model, info
     else:
         raise ValueError("distillation needs a teacher: teacher.checkpoint (a structkd export or "
-                         ".ckpt) or teacher.torchvision (+ teacher.weights)")
+                         ".ckpt), teacher.torchvision (+ teacher.weights) or teacher.family + "
+                         "teacher.name")
     logger.info("teacher: %s", info.source)
     return model, info
 
@@ -172,7 +186,7 @@ def build_run(cfg: Config) -> Run:
 
         teacher = open_teacher_cache(cfg, student, train_ds)
     elif cfg.distill.method != "none":
-        teacher, info = load_teacher(cfg)
+        teacher, info = load_teacher(cfg, train_ds.num_classes)
         if cfg.teacher.strict_classes:
             check_labels(info, train_ds, "teacher")
     return Run(student, train_ds, val_ds, teacher)

@@ -133,7 +133,12 @@ class TeacherSource:
     a local ``.pth`` of that builder's state dict) and ``num_classes`` (builder without COCO
     weights only). ``strict_classes``: the teacher's label set must be the dataset's.
     ``cache``: a teacher cache written by ``structkd cache-teacher`` (the teacher is then not
-    built at all); ``cache_dtype``: the precision ``cache-teacher`` stores the levels in."""
+    built at all); ``cache_dtype``: the precision ``cache-teacher`` stores the levels in.
+    Or ``family`` + ``name``: a detector of another family from its builder (``structkd
+    models``), e.g. ``ultralytics`` + a local ``yolo11s.pt``, ``transformers`` + a
+    ``save_pretrained`` folder or a hub name (online); ``options``: the builder's other options
+    (``size``, ``num_queries``, ...). Its class head is built for ``num_classes`` (default the
+    dataset's), which a feature teacher never runs."""
 
     checkpoint: str | None = None
     torchvision: str | None = None
@@ -142,15 +147,38 @@ class TeacherSource:
     strict_classes: bool = True
     cache: str | None = None
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    family: str | None = None
+    name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def model_source(self) -> str | None:
+        """What names the teacher model (None: no teacher model, maybe a cache)."""
+        if self.family:
+            return f"{self.family}:{self.name}"
+        return self.checkpoint or self.torchvision
 
     def __post_init__(self) -> None:
-        if self.cache and (self.checkpoint or self.torchvision):
-            raise ValueError(f"cache={self.cache!r} and a teacher model "
-                             f"({self.checkpoint or self.torchvision!r}) are both set; a run "
-                             "from a cache never builds the teacher: keep only cache")
-        if self.checkpoint and self.torchvision:
-            raise ValueError(f"checkpoint={self.checkpoint!r} and torchvision="
-                             f"{self.torchvision!r} are both set; expected one of them")
+        given = [f"{k}={v!r}" for k, v in (("checkpoint", self.checkpoint),
+                                            ("torchvision", self.torchvision),
+                                            ("family", self.family)) if v]
+        if self.cache and given:
+            raise ValueError(f"cache={self.cache!r} and a teacher model ({given[0]}) are both "
+                             "set; a run from a cache never builds the teacher: keep only cache")
+        if len(given) > 1:
+            both = "both" if len(given) == 2 else "all"
+            raise ValueError(f"{' and '.join(given)} are {both} set; expected one of them")
+        if self.name and not self.family:
+            raise ValueError(f"name={self.name!r} goes with family (e.g. family: ultralytics)")
+        if self.family:
+            if self.family == "torchvision":
+                raise ValueError("family='torchvision': a torchvision teacher is "
+                                 "teacher.torchvision (a builder name) or teacher.checkpoint "
+                                 "(a structkd run's export)")
+            DetectorFamily(family=self.family, name=self.name)  # known family, name given
+            if self.weights:
+                raise ValueError(f"weights={self.weights!r} goes with torchvision; a "
+                                 f"{self.family} teacher's weights are in its name (a file, "
+                                 "a folder or a hub name)")
         if self.checkpoint and self.weights:
             raise ValueError(f"weights={self.weights!r} goes with torchvision (a builder name), "
                              "not with checkpoint")

@@ -72,12 +72,12 @@ def cache_teacher(cfg: Config, out: str | os.PathLike, *, batch_size: int = 8,
     check_cacheable(cfg)
     if cfg.teacher.cache:
         raise ValueError("teacher.cache is set: name the teacher to cache with "
-                         "teacher.checkpoint or teacher.torchvision")
+                         "teacher.checkpoint, teacher.torchvision or teacher.family + name")
     paths = resolve_data(cfg)
     train, _ = load_datasets(cfg, paths, check=("train",))
     plain = CocoDetection(paths.train_ann, paths.train_images, build_transforms(False))
     student = build_student(cfg, train.num_classes)  # only its transform is used
-    teacher, _ = load_teacher(cfg)
+    teacher, _ = load_teacher(cfg, train.num_classes)
     key = expected_key(cfg, student, train, teacher)
     layers, root = _teacher_taps(cfg, teacher)
     return write_teacher_cache(out, student, teacher, plain, key=key,
