@@ -362,8 +362,9 @@ def test_a_family_without_a_preset_says_which_it_uses(caplog) -> None:
     with caplog.at_level("INFO", logger="structkd.distill"):
         d = Distiller(student, teacher, "pkd")
     assert d.options["preset"] == "retinanet"
-    assert "pkd has no preset for fcos students; falling back to its retinanet preset" in (
-        caplog.text)
+    assert "pkd has no preset for fcos students; falling back to its retinanet preset " \
+        "{'weight': 10.0}, whose weight was tuned against RetinaNet's losses: with structkd's " \
+        "engine set the weight to 'auto'" in caplog.text
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     caplog.clear()
     with caplog.at_level("INFO", logger="structkd.distill"):

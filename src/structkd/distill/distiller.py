@@ -197,8 +197,10 @@ class Distiller(nn.Module):
         if family in cls.presets:
             return family
         logger.warning("%s has no preset for %s students; falling back to its retinanet preset "
-                       "(set the method option 'preset' to one of %s to choose)", cls.name,
-                       family, sorted(cls.presets))
+                       "%s, whose weight was tuned against RetinaNet's losses: with structkd's "
+                       "engine set the weight to 'auto' (measured on the first batches) or a "
+                       "number of your own (or the method option 'preset' to one of %s)",
+                       cls.name, family, dict(cls.presets["retinanet"]), sorted(cls.presets))
         return "retinanet"
 
     # ---- the teacher, outside the module tree ---------------------------------------------
