@@ -1,5 +1,6 @@
 """structkd methods inside Ultralytics' own trainer: a YOLO11 teacher into a YOLO26 student
-(MGD) and a torchvision RetinaNet into a YOLOv8 student (SSIM), one tiny epoch each.
+(MGD), a torchvision RetinaNet into a YOLOv8 student (SSIM) and a transformers RT-DETR into a
+YOLO11 student (CWD), one tiny epoch each.
 
 Checked: the ``distill`` loss item is finite and non-zero, the student's weights and the method's
 parameters were trained (the method's got gradients), and ``last.pt`` holds the student alone:
@@ -175,6 +176,25 @@ def test_torchvision_retinanet_teacher_into_yolov8_student_ssim(
     assert frozen.renormalise  # ImageNet mean/std for the torchvision teacher
     assert not any(p.requires_grad for p in frozen.model.parameters())
     assert not frozen.model.training
+
+
+def test_transformers_rtdetr_teacher_into_yolo11_student_cwd(
+        yolo_data: Path, tmp_path: Path, one_thread: None) -> None:
+    """A DETR-family teacher (transformers, Apache-2.0) inside Ultralytics' trainer: its hybrid
+    encoder's levels pair by stride with the YOLO student's, and it never runs its decoder."""
+    pytest.importorskip("transformers")
+    from structkd.detectors.transformers_build import transformers_detector
+
+    teacher = transformers_detector("rt_detr", NUM_CLASSES, num_queries=50)
+    decoder_calls: list[int] = []
+    teacher.model.model.decoder.register_forward_hook(lambda *_: decoder_calls.append(1))
+    record: dict[str, Any] = {}
+    trainer = _probe(distill_trainer(teacher, "cwd"), record)
+    model = _train("yolo11n.yaml", trainer, yolo_data, tmp_path / "runs")
+    _check_run(model, record)
+    assert [p.stride for p in model.trainer.distillation.pairs] == [8, 16, 32]
+    assert not model.trainer.distillation.frozen.renormalise  # RT-DETR takes [0, 1] pixels
+    assert decoder_calls == []
 
 
 def test_refusals_and_copies(one_thread: None) -> None:
