@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_teacher(sp)
     sp.add_argument("--out", required=True, help="cache folder (an interrupted write continues "
                     "there)")
-    sp.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+    sp.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "int8"],
                     help="storage precision (teacher.cache_dtype; default float16)")
     sp.add_argument("--batch-size", type=int, default=8, help="images per teacher forward")
     sp.set_defaults(func=cmd_cache_teacher)

@@ -4,7 +4,8 @@ A cache holds, for every training image and every augmentation variant training 
 image as it is, and mirrored when flips are on), the teacher's levels on exactly the batch the
 student's transform makes of it, stored in reduced precision in safetensors shards (one
 ``(images, variants, C, H, W)`` tensor per level, memory-mapped on read: a step reads only its
-images' rows). A manifest records what the levels depend on (the teacher's weights, its taps,
+images' rows): float16, bfloat16, float32, or int8 (8-bit codes with a min and a scale per image,
+variant and channel). A manifest records what the levels depend on (the teacher's weights, its taps,
 the student's transform, the data, the variants, the storage dtype): a run whose setting differs
 is refused naming what differs; a missing or truncated shard names the file. Writing goes shard
 by shard, each written whole or not at all, so an interrupted write continues where it stopped.
@@ -39,7 +40,23 @@ __all__ = ["CACHE_DTYPES", "TeacherCache", "cache_key", "file_digest", "write_te
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                "int8": torch.uint8}
+# int8: 8-bit codes with an affine map per (image, variant, channel) stored beside each level,
+# x = min + code * scale, scale = (max - min) / 255: half of float16's bytes, every value within
+# scale / 2 of the teacher's (0.2% of the channel's range).
+INT8_LEVELS = 255
+_MIN, _SCALE = "::min", "::scale"
+
+
+def _quantise(x: Tensor) -> dict[str, Tensor]:
+    """``x`` (B, V, C, H, W) as uint8 codes and the per-(B, V, C) affine map to read them."""
+    x = x.float()
+    lo = x.amin(dim=(-2, -1))
+    scale = (x.amax(dim=(-2, -1)) - lo) / INT8_LEVELS
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant channel: code 0
+    codes = ((x - lo[..., None, None]) / scale[..., None, None]).round_().clamp_(0, INT8_LEVELS)
+    return {"": codes.to(torch.uint8), _MIN: lo, _SCALE: scale}
 
 
 def _transform_settings(student: nn.Module) -> dict[str, Any]:
@@ -178,11 +195,16 @@ class TeacherCache:
                                  f"{self.variants}")
             rows.append((row, variant))
         out: OrderedDict[str, Tensor] = OrderedDict()
+        quantised = self.key["dtype"] == "int8"
         for level in self.levels:
-            maps = [self._open(r.shard).get_slice(level)[r.row:r.row + 1, v:v + 1]
-                    for r, v in rows]
-            out[level] = torch.cat([m.reshape(m.shape[2:])[None] for m in maps]).to(
-                device=device, dtype=dtype, non_blocking=True)
+            parts = [level, level + _MIN, level + _SCALE] if quantised else [level]
+            read = [torch.cat([self._open(r.shard).get_slice(name)[r.row:r.row + 1, v]
+                               for r, v in rows]) for name in parts]
+            if quantised:
+                codes, lo, scale = read
+                read = [torch.addcmul(lo[..., None, None], codes.float(),
+                                      scale[..., None, None])]
+            out[level] = read[0].to(device=device, dtype=dtype, non_blocking=True)
         return out
 
 
@@ -206,7 +228,7 @@ def write_teacher_cache(out: str | os.PathLike, student: nn.Module, teacher: nn.
     """
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    dtype = CACHE_DTYPES[key["dtype"]]
+    dtype = CACHE_DTYPES[key["dtype"]]  # int8: codes + an affine map, by _quantise
     hflip = "hflip" in key["variants"]
     n = len(dataset)
     num_shards = -(-n // shard_images)
@@ -263,15 +285,18 @@ def write_teacher_cache(out: str | os.PathLike, student: nn.Module, teacher: nn.
                     per_variant.append(feats)
                 for k in per_variant[0]:
                     stacked = torch.stack([f[k] for f in per_variant], dim=1)  # (B, V, C, H, W)
-                    levels.setdefault(k, []).append(stacked.to(dtype).cpu())
+                    stored = (_quantise(stacked) if key["dtype"] == "int8"
+                              else {"": stacked.to(dtype)})
+                    for suffix, t in stored.items():
+                        levels.setdefault(k + suffix, []).append(t.cpu())
                 if bar is not None:
                     bar.update(len(images))
             tensors = {k: torch.cat(v).contiguous() for k, v in levels.items()}
             if "levels" not in manifest:
-                manifest["levels"] = {k: {"shape": list(t.shape[2:]),
+                manifest["levels"] = {k: {"shape": list(tensors[k].shape[2:]),
                                           "channels": infos[k].channels,
                                           "stride": infos[k].stride}
-                                      for k, t in tensors.items()}
+                                      for k in per_variant[0]}
             _write_shard(out, s, tensors, ids, manifest)
     finally:
         transform.train(was_training)

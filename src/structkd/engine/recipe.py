@@ -133,7 +133,8 @@ class TeacherSource:
     a local ``.pth`` of that builder's state dict) and ``num_classes`` (builder without COCO
     weights only). ``strict_classes``: the teacher's label set must be the dataset's.
     ``cache``: a teacher cache written by ``structkd cache-teacher`` (the teacher is then not
-    built at all); ``cache_dtype``: the precision ``cache-teacher`` stores the levels in.
+    built at all); ``cache_dtype``: the precision ``cache-teacher`` stores the levels in
+    (``int8``: 8-bit codes with a min and scale per image and channel, half of float16's size).
     Or ``family`` + ``name``: a detector of another family from its builder (``structkd
     models``), e.g. ``ultralytics`` + a local ``yolo11s.pt``, ``transformers`` + a
     ``save_pretrained`` folder or a hub name (online); ``options``: the builder's other options
@@ -146,7 +147,7 @@ class TeacherSource:
     num_classes: int | None = None
     strict_classes: bool = True
     cache: str | None = None
-    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    cache_dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"
     family: str | None = None
     name: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
