@@ -103,3 +103,19 @@ for family in ("transformers", "ultralytics"):
     assert "transformers -> " in proc.stdout and "pip install" in proc.stdout
     assert "ultralytics -> " in proc.stdout and "structkd[ultralytics]" in proc.stdout
     assert torch.__version__  # the parent process is untouched
+
+
+def test_remove_hooks_takes_structkd_hooks_and_leaves_the_users() -> None:
+    from structkd.detectors import remove_hooks
+    from structkd.distill import FeatureTap
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 4, 1))
+    seen: list[int] = []
+    model[0].register_forward_hook(lambda *_: seen.append(1))  # the user's
+    FeatureTap(model, ["0", "1"])  # two structkd forward hooks
+    assert remove_hooks(model) == 2
+    model(torch.zeros(1, 3, 2, 2))
+    assert seen == [1]
+    model[1].register_forward_pre_hook(lambda *_: None)
+    assert remove_hooks(model, structkd_only=False) == 2  # a copy to pickle: every hook goes
+    assert not model[0]._forward_hooks and not model[1]._forward_pre_hooks

@@ -193,7 +193,9 @@ def _teacher_levels(plan: Plan, teacher: Path, cache: Path, out: Path, seed: int
 
     cfg = student_config(plan, {"method": "ssim"}, teacher, cache, out / "_levels", seed,
                          overrides)
-    where = cache / "teacher_levels" / teacher.parent.name
+    dtype = cfg.teacher.cache_dtype  # one folder per storage precision (float16: as before)
+    where = cache / "teacher_levels" / (teacher.parent.name + (
+        "" if dtype == "float16" else f"-{dtype}"))
     logger.info("demo: the students read the teacher's levels from %s (written once, for all "
                 "students: flips are replayed)", where)
     with quieter("structkd.data"):

@@ -12,6 +12,7 @@ from .base import (
     family_defaults,
     family_detector,
     register_adapter,
+    remove_hooks,
 )
 from .transformers import TransformersDetector, is_transformers_detector
 
@@ -29,4 +30,5 @@ __all__ = [
     "family_detector",
     "is_transformers_detector",
     "register_adapter",
+    "remove_hooks",
 ]

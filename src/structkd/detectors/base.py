@@ -29,7 +29,7 @@ from torchvision.models.detection.image_list import ImageList
 
 __all__ = ["Adapter", "DetectorFamily", "FamilyInfo", "WrappedDetector", "adapters",
            "as_detector", "describe_families", "detector_family", "family_defaults",
-           "family_detector", "register_adapter", "unwrap"]
+           "family_detector", "register_adapter", "remove_hooks", "unwrap"]
 
 
 class WrappedDetector(nn.Module):
@@ -140,6 +140,35 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_state_dict_hooks",
+               "_load_state_dict_pre_hooks")
+
+
+def remove_hooks(model: nn.Module, *, structkd_only: bool = True) -> int:
+    """Remove hooks from every module of ``model``: structkd's forward hooks (a tap's, an
+    integration's: any hook whose class or function is defined in structkd), or with
+    ``structkd_only=False`` every hook of every kind (a copy about to be pickled as the model
+    alone). Returns the number removed."""
+    removed = 0
+    for module in model.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks") if structkd_only else _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if not hasattr(hooks, "items"):
+                continue
+            for key, hook in list(hooks.items()):
+                if not structkd_only or _from_structkd(hook):
+                    del hooks[key]
+                    removed += 1
+    return removed
+
+
+def _from_structkd(hook: object) -> bool:
+    owner = getattr(hook, "__module__", None) or type(hook).__module__
+    return str(owner).startswith("structkd.") or type(hook).__module__.startswith("structkd.")
 
 
 def detector_family(model: nn.Module) -> str:

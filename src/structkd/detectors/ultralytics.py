@@ -33,7 +33,7 @@ from torchvision import ops
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert
 
-from .base import Adapter, WrappedDetector, register_adapter
+from .base import Adapter, WrappedDetector, register_adapter, remove_hooks
 
 __all__ = ["INSTALL", "UltralyticsDetector", "import_ultralytics", "is_ultralytics_detector"]
 
@@ -44,9 +44,6 @@ _RTDETR = "RTDETRDetectionModel"
 # Ultralytics' non_max_suppression: boxes considered at most, class offset of class-aware NMS.
 _MAX_NMS = 30000
 _MAX_WH = 7680.0
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-          "_forward_hooks_always_called", "_state_dict_hooks", "_load_state_dict_pre_hooks")
 
 
 def import_ultralytics() -> Any:
@@ -340,11 +337,7 @@ class UltralyticsDetector(WrappedDetector):
         if path.suffix != ".pt":
             path = path.with_name(path.name + ".pt")
         model = copy.deepcopy(self.model).cpu().float()
-        for module in model.modules():  # a Distiller's taps are no part of the model
-            for name in _HOOKS:
-                hooks = getattr(module, name, None)
-                if hasattr(hooks, "clear"):
-                    hooks.clear()
+        remove_hooks(model, structkd_only=False)  # a Distiller's taps are no part of it
         model.criterion = None
         args = getattr(model, "args", None)
         args = dict(vars(args)) if args is not None and not isinstance(args, dict) else args

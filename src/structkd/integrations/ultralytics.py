@@ -56,7 +56,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..detectors import as_detector, detector_family, family_defaults
+from ..detectors import as_detector, detector_family, family_defaults, remove_hooks
 from ..detectors.ultralytics import import_ultralytics, is_ultralytics_detector
 from ..distill.pairing import LevelPair, measure_levels, pair_levels, paired_maps
 from ..distill.taps import FeatureTap, find_module, unwrap
@@ -125,13 +125,7 @@ def strip_structkd(model: nn.Module) -> int:
     """Remove structkd's hooks and distillation criterion from ``model`` (e.g. a deep copy of a
     tapped student: Ultralytics' EMA), so that pickling it needs no structkd. Returns the number
     of hooks removed."""
-    removed = 0
-    for module in model.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for key, hook in list(hooks.items()):
-                if type(hook).__module__.startswith("structkd."):
-                    del hooks[key]
-                    removed += 1
+    removed = remove_hooks(model)
     if isinstance(getattr(model, "criterion", None), DistillCriterion):
         model.criterion = None
     return removed
