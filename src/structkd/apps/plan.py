@@ -144,6 +144,11 @@ def run_key(cfg: Config) -> str:
     """A hash of what defines a run's result (not where it is written)."""
     d = cfg.to_dict()
     d["trainer"] = {k: v for k, v in d["trainer"].items() if k in ("seed", "precision")}
+    # A teacher of another family by name: left out at its defaults, so runs cached before
+    # these keys existed stay valid.
+    for k, default in (("family", None), ("name", None), ("options", {})):
+        if d["teacher"].get(k, default) == default:
+            d["teacher"].pop(k, None)
     if d["distill"]["method"] == "none":
         # How a distillation is weighted and watched, and a teacher cache, never change a plain
         # run (the teachers'): left out, so teachers cached before these keys existed stay valid.
