@@ -79,14 +79,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _teacher_key(name: str) -> str:
-    """"torchvision" for a detection builder's name, "checkpoint" for a saved detector; a name
-    that is neither (a builder's name with a typo) is an error naming the close builders."""
+    """"torchvision" for a detection builder's name, "checkpoint" for a saved detector,
+    "ultralytics" for a local ``.pt``, "transformers" for a ``save_pretrained`` folder; a name
+    that is none of them (a builder's name with a typo) is an error naming the close builders."""
     from .models.load import close_names, torchvision_builders
 
     builders = torchvision_builders()
     if name in builders:
         return "torchvision"
     path = Path(name).expanduser()
+    if path.suffix == ".pt" and _pickles_ultralytics(path):
+        return "ultralytics"  # an Ultralytics checkpoint (structkd's own saves are safetensors)
+    if path.is_dir() and (path / "config.json").is_file() and not (
+            path / "student.json").is_file():
+        return "transformers"  # a save_pretrained folder
     saved = [path, *(path.with_name(path.name + s) for s in (".json", ".safetensors"))]
     if any(p.exists() for p in saved) or "/" in name or path.suffix in (".ckpt", ".safetensors"):
         return "checkpoint"
@@ -96,10 +102,28 @@ def _teacher_key(name: str) -> str:
                      "'retinanet_resnet50_fpn_v2' or the path of a structkd export")
 
 
+def _pickles_ultralytics(path: Path) -> bool:
+    """Whether a torch ``.pt`` file's pickle names Ultralytics' model classes (read as bytes,
+    never unpickled)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickles = [n for n in z.namelist() if n.endswith("data.pkl")]
+            return any(b"ultralytics.nn" in z.read(n) for n in pickles)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _teacher_overrides(args: argparse.Namespace) -> list[str]:
     """The ``teacher.*`` overrides of ``--teacher`` (and ``--teacher-weights`` where the
     command has it)."""
-    extra = [f"teacher.{_teacher_key(args.teacher)}={args.teacher}"] if args.teacher else []
+    extra = []
+    if args.teacher:
+        key = _teacher_key(args.teacher)
+        extra = ([f"teacher.family={key}", f"teacher.name={args.teacher}"]
+                 if key in ("ultralytics", "transformers")
+                 else [f"teacher.{key}={args.teacher}"])
     if getattr(args, "teacher_weights", None):
         extra.append(f"teacher.weights={args.teacher_weights}")
     return extra
@@ -303,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_teacher(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--teacher", help="teacher: a structkd export prefix or .ckpt "
-                        "(teacher.checkpoint), or a torchvision detection builder name such as "
-                        "retinanet_resnet50_fpn_v2 (teacher.torchvision); else the config's")
+                        "(teacher.checkpoint), a torchvision detection builder name such as "
+                        "retinanet_resnet50_fpn_v2 (teacher.torchvision), an Ultralytics .pt "
+                        "or a transformers save_pretrained folder (teacher.family + "
+                        "teacher.name); else the config's")
 
     def with_teacher_cache(sp: argparse.ArgumentParser, where: str) -> None:
         sp.add_argument("--teacher-cache", action="store_true",

@@ -324,3 +324,34 @@ def test_dataloader_worker_error_is_one_line(coco_data, tmp_path: Path) -> None:
                                                           "data.num_workers=1"))])
     line = _fails(proc, str(path), "is corrupt or not an image")
     assert "DataLoader worker" not in line
+
+
+def test_teacher_flag_names_a_family_for_its_own_saves(tmp_path: Path) -> None:
+    """--teacher: an Ultralytics .pt and a save_pretrained folder become teacher.family +
+    teacher.name; a .pt holding a plain state dict stays a checkpoint (and gets the
+    --teacher-weights hint); a structkd run folder stays a checkpoint."""
+    import argparse
+
+    from structkd.cli import _teacher_overrides
+
+    def overrides(name: str) -> list[str]:
+        return _teacher_overrides(argparse.Namespace(teacher=name))
+
+    state = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(1)}, state)
+    assert overrides(str(state)) == [f"teacher.checkpoint={state}"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "student.json").write_text("{}")
+    (run / "config.json").write_text("{}")
+    assert overrides(str(run)) == [f"teacher.checkpoint={run}"]
+    pytest.importorskip("transformers")
+    from structkd.detectors.transformers_build import transformers_detector
+
+    folder = transformers_detector("rt_detr", 3, num_queries=20).save_native(tmp_path / "hf")
+    assert overrides(str(folder)) == ["teacher.family=transformers", f"teacher.name={folder}"]
+    pytest.importorskip("ultralytics")
+    from structkd.detectors.ultralytics_build import yolo_detector
+
+    pt = yolo_detector("yolov8n.yaml", 3).save_native(tmp_path / "yolo")
+    assert overrides(str(pt)) == ["teacher.family=ultralytics", f"teacher.name={pt}"]
