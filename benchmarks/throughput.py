@@ -2,10 +2,11 @@
 
 Student RetinaNet ResNet-18 FPN, teacher RetinaNet ResNet-50 FPN (as ``step_overhead.py``),
 random weights, random images of one size with boxes. Modes, interleaved step by step:
-``plain`` (no distillation), ``live`` (SSIM, the teacher runs every step) and ``cached`` (SSIM,
+``plain`` (no distillation), ``live`` (SSIM, the teacher runs every step), ``cached`` (SSIM,
 the teacher's levels read from a float16 cache written once before timing, the teacher not
-built). Prints ms per step, images per second and the ratios to the plain step (target: the
-cached step within 1.05x of the plain one), and the cache's size per image.
+built) and ``cached-int8`` (the same from an int8 cache). Prints ms per step, images per second
+and the ratios to the plain step (target: the cached step within 1.05x of the plain one), and
+the caches' size per image.
 
     python benchmarks/throughput.py
     python benchmarks/throughput.py --json benchmarks/results/throughput_cpu.json
@@ -44,16 +45,20 @@ def main() -> None:
     teacher = build_detector(arch="retinanet", backbone="resnet50", **common)
     tmp = tempfile.TemporaryDirectory()
     plain_images = [(img, {"image_id": t["image_id"]}) for img, t in samples]
-    key = cache_key(teacher=teacher, student=student(), teacher_layers="backbone",
-                    teacher_root="backbone", teacher_dtype=None, data={"benchmark": True},
-                    hflip=True, dtype="float16")
-    cache = write_teacher_cache(Path(tmp.name), student(), teacher, plain_images, key=key,
-                                batch_size=args.batch, progress=False)
-    per_image = sum(f.stat().st_size for f in Path(tmp.name).glob("*.safetensors")) / (
-        len(samples) * 2)
+    caches, per_image = {}, {}
+    for dtype in ("float16", "int8"):
+        key = cache_key(teacher=teacher, student=student(), teacher_layers="backbone",
+                        teacher_root="backbone", teacher_dtype=None, data={"benchmark": True},
+                        hflip=True, dtype=dtype)
+        where = Path(tmp.name) / dtype
+        caches[dtype] = write_teacher_cache(where, student(), teacher, plain_images, key=key,
+                                            batch_size=args.batch, progress=False)
+        per_image[dtype] = sum(f.stat().st_size for f in where.glob("*.safetensors")) / (
+            len(samples) * 2)
     nets = {"plain": DetectorLosses(student()),
             "live": Distiller(student(), teacher, "ssim", weight=2.0),
-            "cached": Distiller(student(), cache, "ssim", weight=2.0)}
+            "cached": Distiller(student(), caches["float16"], "ssim", weight=2.0),
+            "cached-int8": Distiller(student(), caches["int8"], "ssim", weight=2.0)}
     runs = {}
     for name, net in nets.items():
         net = net.to(args.device).train()
@@ -77,7 +82,8 @@ def main() -> None:
     for m in runs:
         print(f"| {m} | {med[m]:.0f} | {1000 * args.batch / med[m]:.2f} | "
               f"{med[m] / med['plain']:.3f} |")
-    print(f"cache: {per_image / 1024:.0f} KiB per image and variant (float16, 5 levels, 256 "
+    print(f"cache: {per_image['float16'] / 1024:.0f} KiB (float16), "
+          f"{per_image['int8'] / 1024:.0f} KiB (int8) per image and variant (5 levels, 256 "
           f"channels, {args.size} px)")
     if args.json:
         meta = {**vars(args), "machine": platform.processor() or platform.machine(),
@@ -87,6 +93,7 @@ def main() -> None:
             {"meta": meta, "median_ms": med, "cached_over_plain": med["cached"] / med["plain"],
              "live_over_plain": med["live"] / med["plain"],
              "images_per_s": {m: 1000 * args.batch / med[m] for m in runs},
+             "cached_int8_over_plain": med["cached-int8"] / med["plain"],
              "cache_bytes_per_image_variant": per_image,
              "times_ms": {m: list(x.times_ms) for m, x in t.items()}}, indent=2))
     tmp.cleanup()
