@@ -44,9 +44,9 @@ def _batch(cfg, seed: int):
     return collate([train[i] for i in range(4)])
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_the_loss_from_the_cache_is_the_live_teachers(written, method: str) -> None:
-    cfg, cache = written
+def _live_and_cached_losses(cfg, cache, method: str):
+    """The losses of one batch (with and without flips) from the live teacher and the cache,
+    same student, same method parts, same RNG."""
     run = build_run(cfg)
     teacher, _ = load_teacher(cfg)
     live = Distiller(copy.deepcopy(run.student).train(), teacher, method)
@@ -57,7 +57,27 @@ def test_the_loss_from_the_cache_is_the_live_teachers(written, method: str) -> N
     torch.manual_seed(0)
     a = live(images, targets)
     torch.manual_seed(0)
-    b = cached(images, targets)
+    return a, cached(images, targets)
+
+
+def _live_and_cached_levels(cfg, cache):
+    """The live teacher's levels of one batch and the cache's for the same images and flips
+    (with the run and the live Distiller that made them)."""
+    run = build_run(cfg)
+    teacher, _ = load_teacher(cfg)
+    live = Distiller(copy.deepcopy(run.student).train(), teacher, "mse")
+    images, targets = _batch(cfg, seed=5)
+    live(images, targets)
+    batch, sizes, _ = live._tap.batch()
+    want = live.teacher_features(batch, sizes)
+    got = cache.features([(int(t["image_id"]), int(t["hflip"])) for t in targets])
+    assert list(got) == list(want)
+    return run, live, want, got
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_loss_from_the_cache_is_the_live_teachers(written, method: str) -> None:
+    a, b = _live_and_cached_losses(*written, method)
     assert a.keys() == b.keys()
     for k in a:
         if k.startswith("distill"):
@@ -69,15 +89,7 @@ def test_the_loss_from_the_cache_is_the_live_teachers(written, method: str) -> N
 
 def test_cached_levels_equal_the_teachers_to_float16(written) -> None:
     cfg, cache = written
-    run = build_run(cfg)
-    teacher, _ = load_teacher(cfg)
-    live = Distiller(copy.deepcopy(run.student).train(), teacher, "mse")
-    images, targets = _batch(cfg, seed=5)
-    live(images, targets)
-    batch, sizes, _ = live._tap.batch()
-    want = live.teacher_features(batch, sizes)
-    got = cache.features([(int(t["image_id"]), int(t["hflip"])) for t in targets])
-    assert list(got) == list(want)
+    run, live, want, got = _live_and_cached_levels(cfg, cache)
     for k in want:
         assert torch.allclose(got[k], want[k].to(torch.float16).float(), rtol=0, atol=0), k
         assert torch.allclose(got[k], want[k], rtol=1e-3, atol=1e-3), k
@@ -100,15 +112,7 @@ def test_int8_levels_are_within_half_a_step_of_the_teachers(written, written_int
     (max - min) / 255 of its image's channel (computed here with NumPy from the live levels),
     and the cache takes one byte per value plus the affine maps."""
     cfg, cache = written_int8
-    run = build_run(cfg)
-    teacher, _ = load_teacher(cfg)
-    live = Distiller(copy.deepcopy(run.student).train(), teacher, "mse")
-    images, targets = _batch(cfg, seed=5)
-    live(images, targets)
-    batch, sizes, _ = live._tap.batch()
-    want = live.teacher_features(batch, sizes)
-    got = cache.features([(int(t["image_id"]), int(t["hflip"])) for t in targets])
-    assert list(got) == list(want)
+    *_, want, got = _live_and_cached_levels(cfg, cache)
     worst = 0.0
     for k in want:
         w = want[k].double().numpy()
@@ -131,17 +135,7 @@ def test_int8_levels_are_within_half_a_step_of_the_teachers(written, written_int
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_loss_from_an_int8_cache_is_near_the_live_teachers(written_int8, method) -> None:
-    cfg, cache = written_int8
-    run = build_run(cfg)
-    teacher, _ = load_teacher(cfg)
-    live = Distiller(copy.deepcopy(run.student).train(), teacher, method)
-    cached = Distiller(copy.deepcopy(run.student).train(), cache, method)
-    cached.method.load_state_dict(live.method.state_dict())
-    images, targets = _batch(cfg, seed=0)
-    torch.manual_seed(0)
-    a = live(images, targets)
-    torch.manual_seed(0)
-    b = cached(images, targets)
+    a, b = _live_and_cached_losses(*written_int8, method)
     for k in a:
         if k.startswith("distill"):
             assert float(b[k]) == pytest.approx(float(a[k]), rel=INT8_REL, abs=1e-6), k
