@@ -58,6 +58,18 @@ class WrappedDetector(nn.Module):
         batch, targets = self.transform(images, targets)
         return batch, targets, original
 
+    def class_ids(self, target: dict[str, Tensor], attribute: str) -> Tensor:
+        """The target's labels 1..K as the family's class ids 0..K-1, K = ``num_classes - 1``;
+        a label outside is refused naming it, its image and the model's ``attribute`` (the
+        name the family gives K)."""
+        k = self.num_classes - 1
+        ids = target["labels"].long() - 1
+        bad = ids[(ids < 0) | (ids >= k)]
+        if bad.numel():
+            raise ValueError(f"label {int(bad[0]) + 1} of image {target.get('image_id')} is "
+                             f"outside 1..{k} (the model's {attribute}={k} object classes)")
+        return ids
+
     def save_native(self, path: str | Path) -> Path | None:
         """Save the wrapped model alone, as its own library saves it; None if it cannot."""
         return None

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 from .base import Adapter, WrappedDetector, register_adapter
 
@@ -157,12 +157,7 @@ class TransformersDetector(WrappedDetector):
     def _labels(self, targets: list[dict[str, Tensor]], scale: Tensor) -> list[dict[str, Tensor]]:
         labels = []
         for t in targets:
-            cls = t["labels"].long() - 1
-            bad = cls[(cls < 0) | (cls >= self.num_labels)]
-            if bad.numel():
-                raise ValueError(f"label {int(bad[0]) + 1} of image {t.get('image_id')} is "
-                                 f"outside 1..{self.num_labels} (the model's num_labels="
-                                 f"{self.num_labels} object classes)")
+            cls = self.class_ids(t, "num_labels")
             boxes = box_convert(t["boxes"].to(scale.dtype), "xyxy", "cxcywh") / scale
             labels.append({"class_labels": cls, "boxes": boxes})
         return labels
@@ -192,8 +187,7 @@ class TransformersDetector(WrappedDetector):
                 scores, idx = probs.topk(k)
                 labels = idx % logits.shape[-1]
                 b = xyxy[i, idx // logits.shape[-1]]
-            b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h),
-                             b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], dim=1)
+            b = clip_boxes_to_image(b, (h, w))
             keep = scores > self.score_thresh
             out.append({"boxes": b[keep], "scores": scores[keep], "labels": labels[keep] + 1})
         return out

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import ops
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 from .base import Adapter, WrappedDetector, register_adapter, remove_hooks
 
@@ -213,12 +213,7 @@ class UltralyticsDetector(WrappedDetector):
                              device=x.device)
         cls, boxes, index = [], [], []
         for i, t in enumerate(targets):
-            labels = t["labels"].to(x.device).long() - 1
-            bad = labels[(labels < 0) | (labels >= self.num_labels)]
-            if bad.numel():
-                raise ValueError(f"label {int(bad[0]) + 1} of image {t.get('image_id')} is "
-                                 f"outside 1..{self.num_labels} (the model's nc="
-                                 f"{self.num_labels} object classes)")
+            labels = self.class_ids(t, "nc").to(x.device)
             xyxy = t["boxes"].to(device=x.device, dtype=torch.float32).reshape(-1, 4)
             cls.append(labels.float())
             boxes.append(box_convert(xyxy, "xyxy", "cxcywh") / scale)
@@ -270,9 +265,7 @@ class UltralyticsDetector(WrappedDetector):
         dets = self._rtdetr_topk(pred.float(), x) if self.is_rtdetr else self.nms(pred.float())
         result = []
         for d, (h, w) in zip(dets, sizes, strict=True):
-            b = d[:, :4]
-            b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h),
-                             b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], dim=1)
+            b = clip_boxes_to_image(d[:, :4], (h, w))
             result.append({"boxes": b, "scores": d[:, 4], "labels": d[:, 5].long() + 1})
         return result
 
