@@ -43,8 +43,9 @@ MANIFEST = "manifest.json"
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                 "int8": torch.uint8}
 # int8: 8-bit codes with an affine map per (image, variant, channel) stored beside each level,
-# x = min + code * scale, scale = (max - min) / 255: half of float16's bytes, every value within
-# scale / 2 of the teacher's (0.2% of the channel's range).
+# x = min + code * scale, scale = (max - min) / 255: one byte per value plus 8 bytes per map
+# (about half of float16's size), every value within scale / 2 of the teacher's (0.2% of the
+# channel's range).
 INT8_LEVELS = 255
 _MIN, _SCALE = "::min", "::scale"
 
