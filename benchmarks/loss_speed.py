@@ -23,9 +23,9 @@ dimension and structkd truncates the window (see ``structkd.losses.ssim``).
     python benchmarks/loss_speed.py --json out.json    # and JSON
     python benchmarks/loss_speed.py --device cuda      # on a GPU (synchronised timings)
     python benchmarks/loss_speed.py --rounds 2 --methods structkd-ssim method-pkd method-fgd
-    python benchmarks/loss_speed.py --ssim-compile     # SSIM's compiled element-wise kernels
+    python benchmarks/loss_speed.py --ssim-compile     # SSIM's compiled kernels
 
-``--ssim-compile`` turns on ``structkd.losses.ssim.fused.set_compile`` (float32 CPU): the timed
+``--ssim-compile`` turns on ``structkd.losses.ssim.compiled.set_compile`` (float32 CPU): the timed
 rounds are steady state (the untimed warm-up step compiles), and the warm-up time, compilation
 included, is printed under the table.
 """
@@ -268,10 +268,10 @@ def main() -> None:
                    help="rows to run (default: all that can run on the device)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--ssim-compile", action="store_true",
-                   help="compiled element-wise kernels for the SSIM rows (float32 CPU)")
+                   help="compiled kernels for the SSIM rows (float32 CPU)")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.ssim_compile:  # read by structkd.losses.ssim.fused, here and in the subprocesses
+    if args.ssim_compile:  # read by structkd.losses.ssim.compiled, here and in the subprocesses
         os.environ["STRUCTKD_SSIM_COMPILE"] = "1"
     if args.memory_of:
         print(json.dumps(peak_memory(args.memory_of, args.device)))

@@ -5,6 +5,8 @@
 processed in cache-sized chunks, min-max normalisation happens on the fly, and the analytic
 gradient is formed in the same pass, so no full-size intermediate is kept besides the gradient
 itself. All three take the fields of ``SSIMOptions`` (``options``) as keyword arguments.
+The fused kernel's chunk steps run eagerly (``eager``, the reference) or, opted in with
+``set_compile(True)`` or STRUCTKD_SSIM_COMPILE=1, through torch.compile (``compiled``).
 
 Windows larger than a feature level (P7 is 7x11 for an 800x1333 image, 1x1 at small inputs) are
 truncated per dimension to the largest odd size the padding allows (``blur``): ``2 * dim - 1``
@@ -21,6 +23,7 @@ from .blur import (
     reflect_pad_adjoint,
     window_taps,
 )
+from .compiled import set_compile
 from .distance import SSIMLoss, ssim_distance
 from .options import PADDINGS, SSIMOptions
 from .reference import ssim_map
@@ -34,6 +37,7 @@ __all__ = [
     "gaussian_window",
     "reflect_pad",
     "reflect_pad_adjoint",
+    "set_compile",
     "ssim_distance",
     "ssim_map",
     "window_taps",

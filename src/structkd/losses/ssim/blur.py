@@ -52,7 +52,8 @@ class GaussianBlur:
         self, height: int, width: int, *, window_size: int, sigma: float, padding: str,
         dtype: torch.dtype, device: torch.device,
     ) -> None:
-        self.padding = padding
+        self.padding, self.sigma = padding, sigma
+        self.height, self.width = height, width
         self.kh = window_taps(height, window_size, padding)
         self.kw = window_taps(width, window_size, padding)
         self.gh = _cached_window(self.kh, sigma, dtype, str(device))

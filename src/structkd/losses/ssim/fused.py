@@ -8,16 +8,13 @@ the gradient itself. ``FusedSSIMDistance`` puts it under autograd.
 
 from __future__ import annotations
 
-import os
 import threading
-import warnings
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..normalize import MinMaxStats
-from .blur import is_channels_last
+from .compiled import kernels_for
 from .options import SSIMOptions
 
 # Elements of one quantity per chunk: on CPU, small enough to keep the ~16 live chunk tensors
@@ -74,26 +71,28 @@ def fused_ssim(
     # Chunk buffers (the maps, the blur's two scratch buffers, the gradient maps) are carved from
     # one workspace, kept between calls on CPU (``_workspace``): fresh multi-MiB blocks are
     # returned to the OS when freed and page-faulted back in, which costs as much as the
-    # arithmetic on CPU.
+    # arithmetic on CPU. (The compiled kernels' fused blur returns new maps instead: written
+    # into slices of these buffers they cost an extra loop; see ``compiled``.)
     n_maps = 2 + need_gx + need_gy
     m_in, m_out = b * min(c, step) * h * w, b * min(c, step) * oh * ow
     ws = _workspace(x, 12 * m_in + (n_maps * m_out if need_grad else 0))
     ws_q, ws_a, ws_b, ws_u = ws.split([4 * m_in, 4 * m_in, 4 * m_in, ws.numel() - 12 * m_in])
     ws_blur = (ws_a, ws_b)
-    kernels = _kernels(x, b * min(c, step) * oh * ow)
+    kernels = kernels_for(x, b * min(c, step) * oh * ow)
     for c0 in range(0, c, step):
         sl = slice(c0, min(c, c0 + step))
         k = sl.stop - sl.start
         q = _cl_view(ws_q, (4 * b, k, h, w))
         zx, zy = q[:b], q[b : 2 * b]
         kernels.prep(x[:, sl], y[:, sl], _affine(stats_x, sl), _affine(stats_y, sl), q)
-        blurred = blur(q, ws_blur)  # not q: its blocks may be overwritten
         u = _cl_view(ws_u, (n_maps * b, k, oh, ow)) if need_grad else None
-        partial.append(kernels.terms(blurred, u, b, c1, c2, lum, need_gx, need_gy))
-        if u is None:
+        # the blur writes into ws_blur, never into q: z_x, z_y are read again below
+        total, u_maps = kernels.blur_terms(blur, q, ws_blur, u, b, c1, c2, lum, need_gx,
+                                           need_gy)
+        partial.append(total)
+        if u_maps is None:
             continue
-        adj = blur.apply_adjoint(u, ws_blur)
-        g_sq, g_xy = adj[-2 * b : -b], adj[-b:]
+        adj = kernels.adjoint(blur, u_maps, ws_blur)
         for grad, z, z_other, stats, name, i in (
             (grad_x, zx, zy, stats_x, "x", 0), (grad_y, zy, zx, stats_y, "y", need_gx)
         ):
@@ -101,9 +100,8 @@ def fused_ssim(
                 continue
             factor = scale if stats is None else (
                 stats.inv_range[:, sl] if stats.per_channel else stats.inv_range) * scale
-            row_sums = kernels.grad(adj[i * b : (i + 1) * b], g_sq, g_xy, z, z_other,
-                                    grad[:, sl], factor, None if stats is None else
-                                    stats.per_channel)
+            row_sums = kernels.grad_of(blur, adj, i, b, z, z_other, grad[:, sl], factor,
+                                       None if stats is None else stats.per_channel)
             if row_sums is not None:
                 sum_g, sum_gz = sums[name]
                 target = (slice(None), sl) if stats.per_channel else (slice(None),)
@@ -184,210 +182,3 @@ def _affine(stats: MinMaxStats | None, sl: slice) -> tuple[Tensor, Tensor] | Non
     if stats.per_channel:
         return stats.shift[:, sl], stats.inv_range[:, sl]
     return stats.shift, stats.inv_range
-
-
-class _Eager:
-    """The element-wise steps of one chunk in eager PyTorch, in place where possible: the
-    reference for ``_Compiled`` and its fallback."""
-
-    @staticmethod
-    def prep(xs: Tensor, ys: Tensor, ax: tuple[Tensor, Tensor] | None,
-             ay: tuple[Tensor, Tensor] | None, q: Tensor) -> None:
-        """Fill ``q`` (4B, k, H, W) with z_x, z_y, z_x^2 + z_y^2 and z_x z_y (z: min-max'd)."""
-        b = xs.shape[0]
-        zx, zy, zsq, zxy = q.split(b)
-        for out, t, aff in ((zx, xs, ax), (zy, ys, ay)):
-            if aff is None:
-                out.copy_(t)
-            else:
-                torch.addcmul(aff[0], t, aff[1], out=out)
-        torch.mul(zx, zx, out=zsq).addcmul_(zy, zy)
-        torch.mul(zx, zy, out=zxy)
-
-    @staticmethod
-    def terms(blurred: Tensor, u: Tensor | None, b: int, c1: float, c2: float, lum: bool,
-              need_gx: bool, need_gy: bool) -> Tensor:
-        """The chunk's sum of SSIM (float64) from the blurred maps (overwritten), and, into
-        ``u`` (rows: [mu_x term], [mu_y term], E_sq term, E_xy term), the half-derivatives of
-        SSIM w.r.t. the blurred maps (the factor 2 goes into the caller's ``scale``)."""
-        mu_x, mu_y, e_sq, e_xy = blurred.split(b)
-        mu_xy = mu_x * mu_y
-        mu_sq = (mu_x * mu_x).addcmul_(mu_y, mu_y)
-        a2 = e_xy.sub_(mu_xy).mul_(2).add_(c2)  # 2 cov + C2
-        b2 = e_sq.sub_(mu_sq).add_(c2)  # var_x + var_y + C2
-        need_grad = u is not None
-        if lum:
-            a1 = mu_xy.mul_(2).add_(c1)  # 2 mu_x mu_y + C1
-            b1 = mu_sq.add_(c1)  # mu_x^2 + mu_y^2 + C1
-            if need_grad:
-                inv_b1, inv_b2 = b1.reciprocal_(), b2.reciprocal_()
-                inv_den = inv_b1 * inv_b2
-                s = (a1 * a2).mul_(inv_den)
-            else:
-                s = a1.mul_(a2).mul_(b1.mul_(b2).reciprocal_())
-        else:
-            inv_b2 = b2.reciprocal_()
-            s = a2.mul_(inv_b2) if not need_grad else a2 * inv_b2
-        total = s.sum(dtype=torch.float64)
-        if u is None:
-            return total
-        # mu_x -> h_a mu_y + h_b mu_x, E_sq -> -S / B2, E_xy -> h_xy.
-        parts = list(u.split(b))
-        m_sq, m_xy = parts[-2], parts[-1]
-        torch.mul(s, inv_b2, out=m_sq)  # S / B2 (dS/dE_sq = -S / B2: a minus sign later)
-        if lum:
-            torch.mul(a1, inv_den, out=m_xy)  # A1 / (B1 B2)
-            h_a = a2.sub_(a1).mul_(inv_den)  # (A2 - A1) / (B1 B2)
-            h_b = torch.addcmul(m_sq, s, inv_b1, value=-1)  # S (1 / B2 - 1 / B1)
-        else:
-            m_xy.copy_(inv_b2)  # 1 / B2
-            h_a = inv_b2.neg_()  # -1 / B2
-            h_b = m_sq
-        if need_gx:
-            torch.mul(h_a, mu_y, out=parts[0]).addcmul_(h_b, mu_x)
-        if need_gy:
-            torch.mul(h_a, mu_x, out=parts[-3]).addcmul_(h_b, mu_y)
-        return total
-
-    @staticmethod
-    def grad(adj: Tensor, g_sq: Tensor, g_xy: Tensor, z: Tensor, z_other: Tensor, out: Tensor,
-             factor: Tensor | float, per_channel: bool | None) -> tuple[Tensor, Tensor] | None:
-        """Write ``factor`` * dS/dz into ``out`` (one pass, which also converts the layout;
-        ``MinMaxStats.backward(scaled=True)`` then skips its own product) and return the row
-        sums of dS/dz and dS/dz * z that min-max's backward needs (None without min-max)."""
-        gz = torch.addcmul(adj, z, g_sq, value=-1).addcmul_(z_other, g_xy)
-        torch.mul(gz, factor, out=out)
-        if per_channel is None:
-            return None
-        if per_channel:
-            return gz.sum(dim=(2, 3)), (gz * z).sum(dim=(2, 3))
-        # a dot product per sample over flat views: no (gz * z) temporary
-        cl = is_channels_last(gz)  # both flattened in gz's memory order (views when z shares it)
-        flat_g, flat_z = (_flat_rows(t, cl) for t in (gz, z))
-        return flat_g.sum(dim=1), torch.linalg.vecdot(flat_g, flat_z)
-
-
-def _flat_rows(t: Tensor, channels_last: bool) -> Tensor:
-    """(B, C, H, W) as (B, C*H*W), flattened in (H, W, C) order for ``channels_last``."""
-    return (t.permute(0, 2, 3, 1) if channels_last else t).reshape(t.shape[0], -1)
-
-
-# --------------------------------------------------------------------------- compiled kernels
-# The element-wise steps cost about a third of the eager time on CPU: some 25 passes over the
-# chunk, each reading and writing whole maps. Compiled by inductor (C++ on CPU), the SSIM terms
-# and the gradient assembly are one fused loop each (about 15% off a RetinaNet step). Opt-in
-# (``set_compile`` or STRUCTKD_SSIM_COMPILE=1): the first call compiles for some seconds (nothing
-# happens at import); any failure switches back to ``_Eager`` for the process, with a warning.
-
-COMPILE_ENV = "STRUCTKD_SSIM_COMPILE"
-# Chunks smaller than this stay eager: cheap anyway, and fewer shapes to compile for.
-COMPILE_MIN_ELEMENTS = 1 << 16
-_compile_setting: bool | None = None  # None: read COMPILE_ENV
-
-
-def set_compile(enabled: bool | None) -> None:
-    """Use (True) or not (False) the compiled element-wise kernels for float32 CPU inputs;
-    None: as the environment variable STRUCTKD_SSIM_COMPILE says (off unless "1")."""
-    global _compile_setting
-    _compile_setting = enabled
-
-
-def compile_enabled() -> bool:
-    """Whether ``fused_ssim`` would use the compiled kernels (where they apply)."""
-    if _compile_setting is not None:
-        return _compile_setting and not _Compiled.failed
-    return os.environ.get(COMPILE_ENV, "0") == "1" and not _Compiled.failed
-
-
-def _kernels(x: Tensor, chunk_elements: int) -> type[_Eager] | _Compiled:
-    if (
-        x.device.type == "cpu" and x.dtype == torch.float32
-        and chunk_elements >= COMPILE_MIN_ELEMENTS and compile_enabled()
-        and not torch.compiler.is_compiling()
-    ):
-        return _COMPILED
-    return _Eager
-
-
-def _terms_fn(bl: Tensor, u: Tensor | None, c1: float, c2: float, lum: bool, need_gx: bool,
-              need_gy: bool) -> Tensor:
-    mu_x, mu_y, e_sq, e_xy = bl.unbind(0)
-    mu_xy = mu_x * mu_y
-    mu_sq = mu_x * mu_x + mu_y * mu_y
-    a2 = (e_xy - mu_xy) * 2 + c2
-    b2 = (e_sq - mu_sq) + c2
-    inv_b2 = 1 / b2
-    if lum:
-        a1 = mu_xy * 2 + c1
-        inv_b1 = 1 / (mu_sq + c1)
-        inv_den = inv_b1 * inv_b2
-        s = a1 * a2 * inv_den
-    else:
-        s = a2 * inv_b2
-    total = s.sum(dtype=torch.float64)
-    if u is not None:
-        m_sq = s * inv_b2
-        if lum:
-            m_xy, h_a, h_b = a1 * inv_den, (a2 - a1) * inv_den, m_sq - s * inv_b1
-        else:
-            m_xy, h_a, h_b = inv_b2, -inv_b2, m_sq
-        rows = ([h_a * mu_y + h_b * mu_x] if need_gx else []) + (
-            [h_a * mu_x + h_b * mu_y] if need_gy else [])
-        u.copy_(torch.stack([*rows, m_sq, m_xy]))
-    return total
-
-
-def _grad_fn(adj: Tensor, g_sq: Tensor, g_xy: Tensor, z: Tensor, z_other: Tensor, out: Tensor,
-             factor: Tensor | float, per_channel: bool | None) -> tuple[Tensor, Tensor] | None:
-    gz = adj - z * g_sq + z_other * g_xy
-    out.copy_(gz * factor)
-    if per_channel is None:
-        return None
-    dims = (2, 3) if per_channel else (1, 2, 3)
-    return (gz.sum(dims, dtype=torch.float64).to(gz.dtype),
-            (gz * z).sum(dims, dtype=torch.float64).to(gz.dtype))
-
-
-class _Compiled:
-    """``_Eager``'s steps through ``torch.compile`` (dynamic shapes: one compilation serves
-    every level and chunk), compiled on first use; falls back to ``_Eager`` on any error."""
-
-    failed = False
-
-    def __init__(self) -> None:
-        self._fns: dict[str, Callable] = {}
-
-    def _call(self, name: str, raw: Callable, eager: Callable, *args: object) -> object:
-        if not _Compiled.failed:
-            try:
-                if name not in self._fns:
-                    self._fns[name] = torch.compile(raw, dynamic=True, fullgraph=True)
-                return self._fns[name](*args)
-            except Exception as err:
-                _Compiled.failed = True
-                warnings.warn(f"structkd SSIM: torch.compile failed ({type(err).__name__}: "
-                              f"{err}); using the eager kernels", RuntimeWarning, stacklevel=4)
-        return eager(*args)
-
-    # Normalisation stays eager: compiled, its layout change measured ~2x slower.
-    prep = staticmethod(_Eager.prep)
-
-    def terms(self, blurred: Tensor, u: Tensor | None, b: int, c1: float, c2: float, lum: bool,
-              need_gx: bool, need_gy: bool) -> Tensor:
-        if _Compiled.failed:
-            return _Eager.terms(blurred, u, b, c1, c2, lum, need_gx, need_gy)
-        bl = blurred.permute(0, 2, 3, 1).reshape(4, -1)  # dense blocks: views
-        uf = None if u is None else u.permute(0, 2, 3, 1).view(u.shape[0] // b, -1)
-        return self._call(
-            "terms", _terms_fn,
-            lambda *_: _Eager.terms(blurred, u, b, c1, c2, lum, need_gx, need_gy),
-            bl, uf, c1, c2, lum, need_gx, need_gy)
-
-    def grad(self, adj: Tensor, g_sq: Tensor, g_xy: Tensor, z: Tensor, z_other: Tensor,
-             out: Tensor, factor: Tensor | float,
-             per_channel: bool | None) -> tuple[Tensor, Tensor] | None:
-        return self._call("grad", _grad_fn, _Eager.grad, adj, g_sq, g_xy, z, z_other, out,
-                          factor, per_channel)
-
-
-_COMPILED = _Compiled()
