@@ -112,6 +112,31 @@ def test_short_levels_keep_the_blur_operator():
     assert not fuses(blur(100, 168, "valid"))
 
 
+def test_new_level_sizes_reuse_the_compiled_kernels(compile_or_skip, monkeypatch):
+    """Sizes are dynamic: levels of other sizes with the same chunk width compile nothing new,
+    and the fused path's chunk widths are powers of two (a few widths, not one per size)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compiled_mod, "COMPILED", compiled_mod.CompiledKernels())
+    gen = torch.Generator().manual_seed(8)
+    for i, (h, w) in enumerate([(60, 64), (52, 70), (40, 90)]):
+        x = torch.randn(2, 16, h, w, generator=gen)
+        _value_and_grads(x, torch.randn(x.shape, generator=gen), {}, compiled=True, both=False)
+        if compiled_mod.CompiledKernels.failed:
+            pytest.skip("torch.compile could not build the CPU kernels here")
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert set(compiled_mod.COMPILED._fns) == FUSED
+    assert counters["stats"]["unique_graphs"] == graphs
+    fused_blur = GaussianBlur(60, 64, window_size=11, sigma=1.5, padding="same",
+                              dtype=torch.float32, device=torch.device("cpu"))
+    widths = [compiled_mod.COMPILED.chunk_channels(s, fused_blur) for s in (8, 16, 32, 48, 80)]
+    assert widths == [8, 16, 32, 64, 64]
+    valid = GaussianBlur(60, 64, window_size=11, sigma=1.5, padding="valid",
+                         dtype=torch.float32, device=torch.device("cpu"))
+    assert compiled_mod.COMPILED.chunk_channels(48, valid) == 48  # not fused: as it comes
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     """A compiler error warns once; the call it happened in finishes on the same functions
     uncompiled (equal to float32 rounding), and later calls run the eager kernels (bit for

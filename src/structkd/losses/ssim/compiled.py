@@ -13,13 +13,15 @@ the element-wise steps and keep ``GaussianBlur``.
 Opt-in (``set_compile`` or STRUCTKD_SSIM_COMPILE=1), float32 CPU: the first call compiles
 (~15-20 s for the benchmark's levels with a cold compiler cache; nothing happens at import); any
 compiler failure switches back to ``EagerKernels`` for the process, with a warning. Shapes are
-dynamic except the channel count of a chunk (a multiple of 16), which the vector loops need
-fixed: a new level size costs no new compilation, a new chunk width or set of options does.
+dynamic except the channel count of a chunk, which the vector loops need fixed: a new level
+size costs no new compilation, a new chunk width (a power of two: ``chunk_channels``) or set of
+options does.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -228,7 +230,8 @@ class CompiledKernels:
             try:
                 if name not in self._fns:
                     self._fns[name] = torch.compile(raw, dynamic=True, fullgraph=True)
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                                automatic_dynamic_shapes=False):
                     return self._fns[name](*args)
             except Exception as err:
                 CompiledKernels.failed = True
@@ -245,6 +248,14 @@ class CompiledKernels:
             and blur.kh > 1 and blur.kw > 1
             and min(blur.height, blur.width) >= fusable_length(max(blur.kh, blur.kw))
         )
+
+    def chunk_channels(self, step: int, blur: GaussianBlur) -> int:
+        """The channels per chunk: on the fused path ``step`` rounded to a power of two (16,
+        32, 64, ...; nearest on a log scale), because every chunk width is compiled anew
+        (~10-50 s): levels of varying size then meet a few widths, not one per size."""
+        if not self.fuses(blur) or step < 16:
+            return step
+        return 1 << round(math.log2(step))
 
     # Normalisation stays eager: compiled, its layout change (the caller's (B, C, H, W) to
     # channels-last) measured ~2x slower, and ~11x fused into the blur along W.

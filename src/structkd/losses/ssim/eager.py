@@ -18,6 +18,11 @@ class EagerKernels:
     matrix products into the caller's scratch buffers); the element-wise work in ``terms`` and
     ``grad``."""
 
+    @staticmethod
+    def chunk_channels(step: int, blur: GaussianBlur) -> int:
+        """The channels per chunk, given the cache-sized ``step``: here ``step`` itself."""
+        return step
+
     @classmethod
     def blur_terms(cls, blur: GaussianBlur, q: Tensor, buffers: tuple[Tensor, Tensor],
                    u: Tensor | None, b: int, c1: float, c2: float, lum: bool, need_gx: bool,

@@ -67,7 +67,8 @@ def fused_ssim(
     oh, ow = (h, w) if cfg.padding == "same" else (h - blur.kh + 1, w - blur.kw + 1)
     n_out = b * c * oh * ow
     scale = -1.0 / n_out  # d mean((1 - S) / 2) / dS, times 2 for the half-derivatives
-    step = _chunk_size(x)
+    kernels = kernels_for(x, b * min(c, _chunk_size(x)) * oh * ow)
+    step = kernels.chunk_channels(_chunk_size(x), blur)
     # Chunk buffers (the maps, the blur's two scratch buffers, the gradient maps) are carved from
     # one workspace, kept between calls on CPU (``_workspace``): fresh multi-MiB blocks are
     # returned to the OS when freed and page-faulted back in, which costs as much as the
@@ -78,7 +79,6 @@ def fused_ssim(
     ws = _workspace(x, 12 * m_in + (n_maps * m_out if need_grad else 0))
     ws_q, ws_a, ws_b, ws_u = ws.split([4 * m_in, 4 * m_in, 4 * m_in, ws.numel() - 12 * m_in])
     ws_blur = (ws_a, ws_b)
-    kernels = kernels_for(x, b * min(c, step) * oh * ow)
     for c0 in range(0, c, step):
         sl = slice(c0, min(c, c0 + step))
         k = sl.stop - sl.start
