@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blur import GaussianBlur, blur_matrix
-from .eager import EagerKernels
+from .eager import EagerKernels, adjoint_rows
 
 COMPILE_ENV = "STRUCTKD_SSIM_COMPILE"
 # Chunks smaller than this stay eager: cheap anyway, and fewer shapes to compile for.
@@ -118,7 +118,12 @@ def _grad_fn(adj: Tensor, g_sq: Tensor, g_xy: Tensor, z: Tensor, z_other: Tensor
     out.copy_(gz * factor)
     if per_channel is None:
         return None
-    dims = (2, 3) if per_channel else (1, 2, 3)
+    return _row_sums(gz, z, (2, 3) if per_channel else (1, 2, 3))
+
+
+def _row_sums(gz: Tensor, z: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The sums of dS/dz and dS/dz * z over ``dims`` that min-max's backward needs,
+    accumulated in float64."""
     return (gz.sum(dims, dtype=torch.float64).to(gz.dtype),
             (gz * z).sum(dims, dtype=torch.float64).to(gz.dtype))
 
@@ -186,9 +191,7 @@ def _w_grad_fn(a: Tensor, a_sq: Tensor, a_xy: Tensor, z: Tensor, z_other: Tensor
           + z_other * _blur_axis_adjoint(a_xy, 2, gw, ends))
     if per_channel is None:
         return (gz * factor,)
-    dims = (1, 2) if per_channel else (1, 2, 3)
-    return (gz * factor, gz.sum(dims, dtype=torch.float64).to(gz.dtype),
-            (gz * z).sum(dims, dtype=torch.float64).to(gz.dtype))
+    return gz * factor, *_row_sums(gz, z, (1, 2) if per_channel else (1, 2, 3))
 
 
 @functools.lru_cache(maxsize=64)
@@ -294,9 +297,8 @@ class CompiledKernels:
                 z: Tensor, z_other: Tensor, out: Tensor, factor: Tensor | float,
                 per_channel: bool | None) -> tuple[Tensor, Tensor] | None:
         if not isinstance(adj, tuple):
-            rows = adj[i * b : (i + 1) * b], adj[-2 * b : -b], adj[-b:]
-            return self._call("grad", _grad_fn, EagerKernels.grad, *rows, z, z_other, out,
-                              factor, per_channel)
+            return self._call("grad", _grad_fn, EagerKernels.grad, *adjoint_rows(adj, i, b), z,
+                              z_other, out, factor, per_channel)
         if isinstance(factor, Tensor):
             factor = factor.permute(0, 2, 3, 1)
         g, *sums = self._call(

@@ -42,8 +42,7 @@ class EagerKernels:
                 z_other: Tensor, out: Tensor, factor: Tensor | float,
                 per_channel: bool | None) -> tuple[Tensor, Tensor] | None:
         """``grad`` for the map whose half-derivative is row block ``i`` of ``adj``."""
-        return cls.grad(adj[i * b : (i + 1) * b], adj[-2 * b : -b], adj[-b:], z, z_other, out,
-                        factor, per_channel)
+        return cls.grad(*adjoint_rows(adj, i, b), z, z_other, out, factor, per_channel)
 
     @staticmethod
     def prep(xs: Tensor, ys: Tensor, ax: tuple[Tensor, Tensor] | None,
@@ -120,6 +119,12 @@ class EagerKernels:
         cl = is_channels_last(gz)  # both flattened in gz's memory order (views when z shares it)
         flat_g, flat_z = (_flat_rows(t, cl) for t in (gz, z))
         return flat_g.sum(dim=1), torch.linalg.vecdot(flat_g, flat_z)
+
+
+def adjoint_rows(adj: Tensor, i: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The blocks of a whole adjoint ``adj`` that ``grad`` takes for row block ``i``: its own,
+    the E_sq block and the E_xy block (the last two)."""
+    return adj[i * b : (i + 1) * b], adj[-2 * b : -b], adj[-b:]
 
 
 def _flat_rows(t: Tensor, channels_last: bool) -> Tensor:

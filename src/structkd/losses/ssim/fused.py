@@ -67,8 +67,9 @@ def fused_ssim(
     oh, ow = (h, w) if cfg.padding == "same" else (h - blur.kh + 1, w - blur.kw + 1)
     n_out = b * c * oh * ow
     scale = -1.0 / n_out  # d mean((1 - S) / 2) / dS, times 2 for the half-derivatives
-    kernels = kernels_for(x, b * min(c, _chunk_size(x)) * oh * ow)
-    step = kernels.chunk_channels(_chunk_size(x), blur)
+    step = _chunk_size(x)
+    kernels = kernels_for(x, b * min(c, step) * oh * ow)
+    step = kernels.chunk_channels(step, blur)
     # Chunk buffers (the maps, the blur's two scratch buffers, the gradient maps) are carved from
     # one workspace, kept between calls on CPU (``_workspace``): fresh multi-MiB blocks are
     # returned to the OS when freed and page-faulted back in, which costs as much as the
