@@ -54,9 +54,24 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None, *, show: boo
     from .engine import load_config
 
     cfg = load_config(resolve_config_path(args.config), [*(extra or []), *args.set])
+    if getattr(args, "trust_checkpoint", False):
+        _trust_checkpoints(cfg)
     if show:
         print("# resolved config\n" + cfg.to_yaml(), flush=True)
     return cfg
+
+
+def _trust_checkpoints(cfg) -> None:
+    """``--trust-checkpoint``: the builders of the run's detectors of other families may run
+    code from their files (``model.options`` / ``teacher.options.trust_checkpoint``)."""
+    sections = [s for s in (cfg.model, cfg.teacher) if s.family not in (None, "torchvision")]
+    if not sections:
+        raise ValueError("--trust-checkpoint applies to a model or teacher of another family "
+                         "(model.family / teacher.family with a name); torchvision weights and "
+                         "structkd's own files are read with weights_only=True or as "
+                         "safetensors and need no trust")
+    for section in sections:
+        section.options["trust_checkpoint"] = True
 
 
 def _print_metrics(name: str, metrics: dict) -> None:
@@ -332,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a transformers save_pretrained folder (teacher.family + "
                         "teacher.name); else the config's")
 
+    def with_trust(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--trust-checkpoint", action="store_true",
+                        help="load the Ultralytics .pt files of this run with Ultralytics' "
+                        "unrestricted unpickler (and let transformers folders run their own "
+                        "code): only for files you vouch for. By default a .pt is read with "
+                        "weights_only=True against Ultralytics' allowlist and refused if its "
+                        "pickle names anything else")
+
     def with_teacher_cache(sp: argparse.ArgumentParser, where: str) -> None:
         sp.add_argument("--teacher-cache", action="store_true",
                         help=f"write the teacher's levels once ({where}) and let every student "
@@ -345,12 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = _command(sub, "train", help="train a plain detector (a teacher or a baseline)")
     with_config(sp)
     with_overwrite(sp)
+    with_trust(sp)
     sp.set_defaults(func=cmd_train)
 
     sp = _command(sub, "distill", help="distil a teacher into a student")
     with_config(sp)
     with_overwrite(sp)
     with_teacher(sp)
+    with_trust(sp)
     sp.add_argument("--teacher-weights", help="with a torchvision builder: its weights enum "
                     "(e.g. RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1) or a local .pth file")
     sp.add_argument("--method", metavar="NAME",
@@ -446,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="quick first answer: train on this share of the training images "
                     "(e.g. 0.25), stated in the report")
     with_teacher_cache(sp, "OUT/teacher_levels")
+    with_trust(sp)
     sp.set_defaults(func=cmd_compare)
 
     sp = _command(sub, "cache-teacher", help="run the teacher once over the training set and "
@@ -457,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "int8"],
                     help="storage precision (teacher.cache_dtype; default float16)")
     sp.add_argument("--batch-size", type=int, default=8, help="images per teacher forward")
+    with_trust(sp)
     sp.set_defaults(func=cmd_cache_teacher)
 
     sp = _command(sub, "benchmark", help="the seed study behind the demo's claim")

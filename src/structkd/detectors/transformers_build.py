@@ -4,6 +4,7 @@ weights, no pretrained backbone), from a local ``from_pretrained`` folder, or fr
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from torch import nn
 
 from .transformers import TransformersDetector
+
+logger = logging.getLogger("structkd.detectors")
 
 __all__ = ["TRANSFORMERS_TYPES", "transformers_detector"]
 
@@ -83,7 +86,8 @@ def _config(model_type: str, num_labels: int, size: str, queries: int) -> Any:
 
 
 def transformers_detector(name: str | os.PathLike, num_classes: int, *, size: str = "tiny",
-                          num_queries: int = 100, **options: Any) -> TransformersDetector:
+                          num_queries: int = 100, trust_checkpoint: bool = False,
+                          **options: Any) -> TransformersDetector:
     """A transformers detector in structkd's calling convention.
 
     Args:
@@ -95,6 +99,10 @@ def transformers_detector(name: str | os.PathLike, num_classes: int, *, size: st
         num_classes: structkd's count, background included (K + 1 for K object classes).
         size: "tiny" (about 1-2 M parameters) or "small" (about 5-9 M), for built models.
         num_queries: object queries of a built model.
+        trust_checkpoint: run the modelling code a folder or hub model ships with
+            (transformers' ``trust_remote_code``; logged). Weights are read from safetensors
+            or with ``weights_only=True`` either way: a pickled ``pytorch_model.bin`` never
+            runs code.
         **options: :class:`TransformersDetector`'s (``min_size``, ``max_size``, ...).
     """
     transformers = _import()
@@ -113,13 +121,14 @@ def transformers_detector(name: str | os.PathLike, num_classes: int, *, size: st
         if not (local / "config.json").is_file():
             raise ValueError(f"{local} has no config.json; expected a folder written by "
                              "save_pretrained")
-        model = _from_pretrained(transformers, str(local), labels)
+        model = _from_pretrained(transformers, str(local), labels, trust=trust_checkpoint)
         return TransformersDetector(model, **options)
     if local.suffix or text.startswith((".", "/", "~")):
         raise ValueError(f"{text!r} is not a folder; expected a save_pretrained folder, a hub "
                          f"name or one of the model types {sorted(TRANSFORMERS_TYPES)}")
     try:
-        model = _from_pretrained(transformers, text, labels, local_only=not _hub_reachable())
+        model = _from_pretrained(transformers, text, labels, local_only=not _hub_reachable(),
+                                 trust=trust_checkpoint)
     except OSError as e:
         raise ValueError(
             f"could not load {text!r} from the Hugging Face hub ({type(e).__name__}: "
@@ -129,9 +138,15 @@ def transformers_detector(name: str | os.PathLike, num_classes: int, *, size: st
 
 
 def _from_pretrained(transformers: Any, where: str, labels: int,
-                     local_only: bool = True) -> nn.Module:
+                     local_only: bool = True, trust: bool = False) -> nn.Module:
+    if trust:
+        logger.warning("%s: loaded with trust_checkpoint=True (transformers' trust_remote_code: "
+                       "the modelling code it ships runs)", where)
+    # weights_only: a pickled pytorch_model.bin is read without running code; no remote code
+    # unless the user vouches for it.
     model = transformers.AutoModelForObjectDetection.from_pretrained(
-        where, num_labels=labels, ignore_mismatched_sizes=True, local_files_only=local_only)
+        where, num_labels=labels, ignore_mismatched_sizes=True, local_files_only=local_only,
+        weights_only=True, trust_remote_code=trust)
     return model
 
 

@@ -1,14 +1,26 @@
 """Build Ultralytics detectors offline: from a model YAML shipped with ultralytics (random
 weights) or from a local ``.pt`` checkpoint. Nothing is downloaded: Ultralytics fetches named
 weights such as ``yolo11n.pt`` from GitHub when they are missing; here a ``.pt`` that is not on
-disk fails at once."""
+disk fails at once.
+
+Loading a ``.pt`` never runs code from it: an Ultralytics checkpoint is a pickle of its model
+object, and ``ultralytics.YOLO(path)`` unpickles it without restriction, so a crafted file runs
+whatever it names. Here it is read by Ultralytics' own restricted loader
+(``torch_safe_load(path, safe_only=True)``: ``torch.load(weights_only=True)`` against the
+allowlist of the classes genuine Ultralytics checkpoints hold), and anything else is refused,
+naming what the file would import. ``trust_checkpoint=True`` loads a file the user vouches for
+with Ultralytics' unrestricted loader (logged).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .ultralytics import (
@@ -18,7 +30,14 @@ from .ultralytics import (
     is_ultralytics_detector,
 )
 
-__all__ = ["yolo_detector"]
+__all__ = ["TRUST_HINT", "load_checkpoint", "yolo_detector"]
+
+logger = logging.getLogger("structkd.detectors")
+
+# How a user vouches for a checkpoint, in every interface (named in the refusal).
+TRUST_HINT = ("if you trust this file, load it with trust_checkpoint=True (CLI: "
+              "--trust-checkpoint; config: model.options.trust_checkpoint / "
+              "teacher.options.trust_checkpoint)")
 
 
 # size -> Ultralytics' scale letter, for a YAML named without one (e.g. "yolo11.yaml")
@@ -26,7 +45,7 @@ _SCALES = {"tiny": "n", "small": "s", **{c: c for c in "nsmlx"}}
 
 
 def yolo_detector(name: str | os.PathLike, num_classes: int, *, size: str | None = None,
-                  **options: Any) -> UltralyticsDetector:
+                  trust_checkpoint: bool = False, **options: Any) -> UltralyticsDetector:
     """An Ultralytics detector in structkd's calling convention.
 
     Args:
@@ -40,6 +59,10 @@ def yolo_detector(name: str | os.PathLike, num_classes: int, *, size: str | None
         size: the scale of a YAML named without one (``"yolo11.yaml"``): "tiny" (= "n"),
             "small" (= "s") or a letter n/s/m/l/x, where the YAML has that scale; a scale in
             the name (``yolo11s.yaml``) wins, and a ``.pt`` ignores it.
+        trust_checkpoint: load a ``.pt`` with Ultralytics' unrestricted unpickler (runs any
+            code the file names; only for files you vouch for). By default a ``.pt`` is read
+            with ``weights_only=True`` against Ultralytics' allowlist of model classes, and
+            anything else is refused.
         **options: :class:`UltralyticsDetector`'s (``min_size``, ``max_size``, ...).
     """
     import_ultralytics()
@@ -52,7 +75,7 @@ def yolo_detector(name: str | os.PathLike, num_classes: int, *, size: str | None
     if suffix in (".yaml", ".yml"):
         model = _from_yaml(text, nc, size)
     elif suffix == ".pt":
-        model = _from_checkpoint(_local_checkpoint(text), nc)
+        model = _from_checkpoint(_local_checkpoint(text), nc, trust_checkpoint)
     else:
         raise ValueError(f"{text!r}: expected a model YAML (e.g. 'yolov8n.yaml', 'yolo11n.yaml', "
                          "'yolo26n.yaml', 'rtdetr-l.yaml') or a local .pt checkpoint")
@@ -107,10 +130,93 @@ def _local_checkpoint(text: str) -> Path:
         f"{cached.parent})")
 
 
-def _from_checkpoint(path: Path, nc: int) -> nn.Module:
-    from ultralytics.nn.tasks import load_checkpoint
+def load_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a local Ultralytics ``.pt`` (its EMA where saved, else ``model``; float32,
+    eval mode, ``args`` = Ultralytics' defaults updated with its ``train_args``, as
+    Ultralytics' ``load_checkpoint`` gives it) and the checkpoint dict.
 
-    model, _ = load_checkpoint(str(path))
+    Read with ``weights_only=True`` against Ultralytics' allowlist: a file whose pickle names
+    anything else (a function to call, a class of another package) is refused with a
+    ValueError naming it, and nothing in it runs. ``trust_checkpoint=True``: Ultralytics'
+    unrestricted loader, for files the user vouches for (logged as a warning).
+    """
+    import_ultralytics()
+    from ultralytics.nn.tasks import _SafeLoad, torch_safe_load
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    path = Path(path).expanduser()
+    if not path.is_file():  # torch_safe_load would try a download
+        raise FileNotFoundError(f"{path} does not exist (structkd never downloads weights)")
+    if trust_checkpoint:
+        logger.warning("%s: loaded with trust_checkpoint=True, Ultralytics' unrestricted "
+                       "unpickler (any code the file names runs)", path)
+    elif not _SafeLoad.SUPPORTED:
+        raise ValueError(f"{path}: this torch ({torch.__version__}) cannot restrict what an "
+                         f"Ultralytics checkpoint loads (torch >= 2.6 can); {TRUST_HINT}")
+    try:
+        ckpt, _ = torch_safe_load(str(path), safe_only=not trust_checkpoint)
+    except (TypeError, pickle.UnpicklingError, ModuleNotFoundError) as e:
+        raise ValueError(_refusal(path, e)) from None
+    candidate = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(candidate, nn.Module):
+        raise ValueError(f"{path}: not an Ultralytics checkpoint (expected a dict whose 'ema' or "
+                         f"'model' is a model; found {_describe(ckpt)})")
+    model = candidate.float().eval()
+    train_args = ckpt.get("train_args")
+    model.args = {**DEFAULT_CFG_DICT, **(train_args if isinstance(train_args, dict) else {})}
+    if not hasattr(model, "stride"):
+        model.stride = torch.tensor([32.0])
+    for m in model.modules():  # as Ultralytics' load_checkpoint leaves them
+        if hasattr(m, "inplace"):
+            m.inplace = True
+        elif isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+            m.recompute_scale_factor = None
+    return model, ckpt
+
+
+def _describe(ckpt: object) -> str:
+    if isinstance(ckpt, dict):
+        return "keys " + ", ".join(repr(k) for k in list(ckpt)[:6])
+    return f"a {type(ckpt).__name__}"
+
+
+def _refusal(path: Path, error: BaseException) -> str:
+    """One line saying why a checkpoint was not loaded: the globals outside the allowlist
+    that its pickle names (what it would import or call), or why it is unreadable."""
+    text = " ".join(str(error).split())
+    if isinstance(error, ModuleNotFoundError):
+        return (f"{path}: refused: its pickle imports the module {error.name!r}, which a "
+                f"genuine Ultralytics checkpoint does not need; nothing in it ran; {TRUST_HINT}")
+    if "not a loadable checkpoint" in text or "TorchScript" in text:
+        return (f"{path}: not a readable Ultralytics checkpoint (empty, truncated, corrupt or "
+                f"TorchScript: {text.removeprefix('ERROR ❌️ ')[:300]})")
+    outside = _outside_allowlist(path)
+    if outside:
+        shown = ", ".join(outside[:4]) + (f" and {len(outside) - 4} more" if len(outside) > 4
+                                          else "")
+        return (f"{path}: refused: its pickle names {shown}, outside the classes a genuine "
+                "Ultralytics checkpoint holds (read with torch.load(weights_only=True) and "
+                f"Ultralytics' allowlist); nothing in it ran; {TRUST_HINT}")
+    return f"{path}: refused by the restricted loader ({text[:300]}); {TRUST_HINT}"
+
+
+def _outside_allowlist(path: Path) -> list[str]:
+    """The globals ``path``'s pickle references that ``weights_only`` loading does not allow
+    (after Ultralytics registered its allowlist for this file)."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip checkpoint: nothing to list
+        return []
+    allowed = set()
+    for entry in torch.serialization.get_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, None)
+        allowed.add(name or f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+    return [g for g in needed if g not in allowed]
+
+
+def _from_checkpoint(path: Path, nc: int, trust_checkpoint: bool = False) -> nn.Module:
+    model, _ = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
     if not is_ultralytics_detector(model):
         raise ValueError(f"{path} holds a {type(model).__name__}; expected a detection model "
                          "(DetectionModel or RTDETRDetectionModel)")

@@ -6,7 +6,10 @@ For users who keep Ultralytics' recipe (augmentation, EMA, schedules, checkpoint
     from structkd.integrations.ultralytics import distill_trainer
 
     YOLO("yolo26n.yaml").train(data="data.yaml", epochs=100,
-                               trainer=distill_trainer(YOLO("yolo11s.pt"), "mgd"))
+                               trainer=distill_trainer("yolo11s.pt", "mgd"))
+
+(A teacher given as a path is read without running code from it; ``YOLO(path)`` is
+Ultralytics' own, unrestricted unpickler.)
 
 :func:`distill_trainer` returns a subclass of Ultralytics' ``DetectionTrainer``. Each step:
 
@@ -46,9 +49,11 @@ Nothing here imports ultralytics at import time (an optional, AGPL-3.0 dependenc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,6 +63,7 @@ from torch import Tensor, nn
 
 from ..detectors import as_detector, detector_family, family_defaults, remove_hooks
 from ..detectors.ultralytics import import_ultralytics, is_ultralytics_detector
+from ..detectors.ultralytics_build import load_checkpoint
 from ..distill.pairing import LevelPair, measure_levels, pair_levels, paired_maps
 from ..distill.taps import FeatureTap, find_module, unwrap
 from ..distill.teacher import FrozenTeacher, TeacherDtype
@@ -89,22 +95,22 @@ class DistillSpec:
     teacher_dtype: TeacherDtype | None = None
     options: dict[str, Any] = field(default_factory=dict)
     teacher_source: str = ""
+    trust_checkpoint: bool = False
 
 
-def load_teacher(teacher: nn.Module | str | os.PathLike) -> nn.Module:
+def load_teacher(teacher: nn.Module | str | os.PathLike, *,
+                 trust_checkpoint: bool = False) -> nn.Module:
     """The teacher as a structkd detector: a model object (YOLO/RT-DETR, torchvision,
-    transformers) is wrapped; a path is an Ultralytics ``.pt`` or a structkd export prefix /
-    run ``.ckpt`` (read by :func:`structkd.models.load_detector`)."""
+    transformers) is wrapped; a path is an Ultralytics ``.pt`` (read without running code from
+    it unless ``trust_checkpoint``: :func:`structkd.detectors.ultralytics_build.load_checkpoint`)
+    or a structkd export prefix / run ``.ckpt`` (read by :func:`structkd.models.load_detector`)."""
     if isinstance(teacher, str | os.PathLike):
         path = Path(teacher).expanduser()
         if path.suffix == ".pt":
             if not path.is_file():
                 raise FileNotFoundError(f"teacher {path} does not exist (structkd never "
                                         "downloads weights)")
-            import_ultralytics()
-            from ultralytics.nn.tasks import load_checkpoint
-
-            model, _ = load_checkpoint(str(path))
+            model, _ = load_checkpoint(path, trust_checkpoint=trust_checkpoint)
             if not is_ultralytics_detector(model):
                 raise ValueError(f"{path} holds a {type(model).__name__}; expected an "
                                  "Ultralytics detection model")
@@ -340,6 +346,24 @@ class DistillCriterion:
         return self.inner.__reduce_ex__(protocol)  # copies and pickles hold the plain criterion
 
 
+@contextlib.contextmanager
+def restricted_loads(trust_checkpoint: bool = False) -> Iterator[None]:
+    """Ultralytics' own checkpoint loads (``resume=``, NaN recovery, the final validation)
+    restricted to its allowlist for a while, as ``ULTRALYTICS_SAFE_LOAD=1`` makes them;
+    unchanged with ``trust_checkpoint=True``."""
+    from ultralytics.nn import tasks
+
+    before = getattr(tasks, "SAFE_LOAD", None)
+    if before is None or trust_checkpoint:
+        yield
+        return
+    tasks.SAFE_LOAD = True
+    try:
+        yield
+    finally:
+        tasks.SAFE_LOAD = before
+
+
 class _DistillTrainerMixin:
     """The overrides that :func:`distill_trainer` puts in front of ``DetectionTrainer``."""
 
@@ -354,7 +378,12 @@ class _DistillTrainerMixin:
         if overrides.get("distill_model") is not None:
             raise ValueError("distill_model= starts Ultralytics' own distillation; this trainer "
                              "distils with structkd: use one or the other")
-        super().__init__(DEFAULT_CFG if cfg is None else cfg, overrides, _callbacks)
+        resume = overrides.get("resume")
+        if isinstance(resume, str | Path) and Path(resume).is_file() and \
+                not self.distill_spec.trust_checkpoint:
+            load_checkpoint(resume)  # refused here, naming what it would import, if unsafe
+        with restricted_loads(self.distill_spec.trust_checkpoint):
+            super().__init__(DEFAULT_CFG if cfg is None else cfg, overrides, _callbacks)
         args = self.args
         if getattr(args, "distill_model", None) is not None:
             raise ValueError(f"distill_model={args.distill_model!r} (from the configuration) "
@@ -428,7 +457,8 @@ class _DistillTrainerMixin:
 
     def train(self) -> None:
         try:
-            super().train()
+            with restricted_loads(self.distill_spec.trust_checkpoint):
+                super().train()
         finally:
             if self.distillation is not None:
                 self.distillation.detach()
@@ -439,7 +469,7 @@ def distill_trainer(teacher: nn.Module | str | os.PathLike, method: str = "ssim"
                     student_layers: str | list[str] | None = None,
                     teacher_layers: str | list[str] | None = None,
                     teacher_root: str | None = None, teacher_dtype: TeacherDtype | None = None,
-                    **method_options: Any) -> type:
+                    trust_checkpoint: bool = False, **method_options: Any) -> type:
     """A ``DetectionTrainer`` subclass that distils ``teacher`` into the student with ``method``.
 
     Pass it as ``model.train(..., trainer=distill_trainer(teacher, "mgd"))``.
@@ -458,6 +488,11 @@ def distill_trainer(teacher: nn.Module | str | os.PathLike, method: str = "ssim"
         teacher_layers, teacher_root: as for :class:`~structkd.distill.Distiller` (relative to
             the wrapped teacher; default its family's).
         teacher_dtype: run the teacher in this dtype (None follows Ultralytics' autocast).
+        trust_checkpoint: a teacher ``.pt`` is read with ``weights_only=True`` against
+            Ultralytics' allowlist of model classes, and refused when its pickle names anything
+            else; True loads it with Ultralytics' unrestricted unpickler (any code in it runs:
+            only for files you vouch for). Pass the path rather than ``YOLO(path)``:
+            ``ultralytics.YOLO`` itself unpickles without restriction.
         **method_options: the method's other options (checked here).
     """
     if not isinstance(method, str):
@@ -470,11 +505,13 @@ def distill_trainer(teacher: nn.Module | str | os.PathLike, method: str = "ssim"
     check_method(method, {**method_options, **({} if weight is None else {"weight": weight})})
     source = str(teacher) if isinstance(teacher, str | os.PathLike) else type(
         getattr(teacher, "model", teacher)).__name__
-    spec = DistillSpec(load_teacher(teacher), method, weight=weight,
+    spec = DistillSpec(load_teacher(teacher, trust_checkpoint=trust_checkpoint), method,
+                       weight=weight,
                        levels=None if levels is None else list(levels),
                        student_layers=student_layers, teacher_layers=teacher_layers,
                        teacher_root=teacher_root, teacher_dtype=teacher_dtype,
-                       options=dict(method_options), teacher_source=source)
+                       options=dict(method_options), teacher_source=source,
+                       trust_checkpoint=trust_checkpoint)
     import_ultralytics()
     from ultralytics.models.yolo.detect import DetectionTrainer
 

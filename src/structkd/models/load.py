@@ -138,8 +138,12 @@ def load_exported_detector(prefix: Path) -> tuple[nn.Module, DetectorInfo]:
         if not native.exists():
             raise FileNotFoundError(f"{native} does not exist: {json_path} is a "
                                     f"{family['adapter']} detector, rebuilt from that native save")
+        options = dict(family.get("options") or {})
+        if "trust_checkpoint" in options:  # only the user vouches for a file, never the file
+            raise ValueError(f"{json_path}: meta.family.options holds trust_checkpoint; an "
+                             "export cannot vouch for its own files (remove the key)")
         model = family_detector(family["adapter"], str(native), int(family["num_classes"]),
-                                **family.get("options", {}))
+                                **options)
         load_state_into(model, _read_safetensors(weights_path), str(weights_path))
         return model.eval(), _info_from_meta(document["meta"], None, str(prefix))
     if document.get("spec") is None:
