@@ -121,6 +121,7 @@ def test_failed_validation_loses_no_training(coco_data, tmp_path, monkeypatch) -
         train(load_config(overrides=tiny_overrides(coco_data, part, *common)))
     ckpt = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4  # both epochs' training (2 steps each) are saved
+    assert ckpt["structkd"]["data"]["train_ann"] == _sha256(coco_data.train_ann)  # checked now
     monkeypatch.setattr(CocoDetection, "__getitem__", original)
     train(load_config(overrides=tiny_overrides(coco_data, part, *common, "trainer.resume=last")))
     assert _same(_weights(tmp_path / "full"), _weights(part))
@@ -188,6 +189,7 @@ def test_resume_without_changes_leaves_the_restored_optimiser_alone(coco_data, t
     ("trainer.seed=5", "trainer.seed: checkpoint 0 vs now 5"),
     ("data.batch_size=2", "data.batch_size: checkpoint 4 vs now 2"),
     ("optim.name=adamw", 'optim.name: checkpoint "sgd" vs now "adamw"'),
+    ("trainer.precision=64-true", 'trainer.precision: checkpoint "32-true" vs now "64-true"'),
 ])
 def test_resume_refuses_what_makes_another_run(coco_data, tmp_path, change, key) -> None:
     out = tmp_path / "run"
@@ -195,6 +197,65 @@ def test_resume_refuses_what_makes_another_run(coco_data, tmp_path, change, key)
     with pytest.raises(ValueError, match=re.escape(key)):
         train(load_config(overrides=tiny_overrides(coco_data, out, "trainer.resume=last",
                                                    change)))
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def test_resume_refuses_other_training_data(coco_data, tmp_path) -> None:
+    """Another annotation file (one box moved by a pixel) or another image folder (a copy) is
+    another run: refused naming ``data`` and both values. The same precision spelled another
+    way (``32``, Lightning's old name of "32-true") is the same run."""
+    import shutil
+
+    out = tmp_path / "run"
+    train(load_config(overrides=tiny_overrides(coco_data, out)))
+    ann = json.loads(Path(coco_data.train_ann).read_text())
+    ann["annotations"][0]["bbox"][0] += 1.0
+    other_ann = tmp_path / "train_other.json"
+    other_ann.write_text(json.dumps(ann))
+    before, after = _sha256(coco_data.train_ann), _sha256(other_ann)
+    assert before != after
+    with pytest.raises(ValueError, match=rf'another run; data: checkpoint \{{"train_ann": '
+                                         rf'"{before}".* vs now \{{"train_ann": "{after}"'):
+        train(load_config(overrides=tiny_overrides(coco_data, out, "trainer.resume=last",
+                                                   f"data.train_ann={other_ann}")))
+    other_images = shutil.copytree(coco_data.train_images, tmp_path / "images_copy")
+    then, now = (re.escape(str(Path(p).resolve())) for p in (coco_data.train_images,
+                                                                other_images))
+    with pytest.raises(ValueError, match=rf'data: checkpoint .*"train_images": "{then}".* vs '
+                                         rf'now .*"train_images": "{now}"'):
+        train(load_config(overrides=tiny_overrides(coco_data, out, "trainer.resume=last",
+                                                   f"data.train_images={other_images}")))
+    resumed = train(load_config(overrides=tiny_overrides(
+        coco_data, out, "trainer.resume=last", "trainer.precision=32", "schedule.epochs=2",
+        "schedule.max_steps=3")))
+    assert resumed.steps == 3
+
+
+def test_resume_of_an_earlier_checkpoint_warns_what_it_cannot_check(coco_data, tmp_path,
+                                                                   caplog) -> None:
+    """A checkpoint of a structkd that recorded neither the data nor the precision resumes
+    (what it records is still checked) with a warning naming both keys."""
+    out = tmp_path / "run"
+    train(load_config(overrides=tiny_overrides(coco_data, out)))
+    path = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    del ckpt["structkd"]["data"], ckpt["structkd"]["options"]["trainer.precision"]
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"data.batch_size: checkpoint 4 vs now 2"):
+        train(load_config(overrides=tiny_overrides(coco_data, out, "trainer.resume=last",
+                                                   "data.batch_size=2")))
+    with caplog.at_level("WARNING", logger="structkd.engine"):
+        resumed = train(load_config(overrides=tiny_overrides(
+            coco_data, out, "trainer.resume=last", "schedule.epochs=2",
+            "schedule.max_steps=3")))
+    assert resumed.steps == 3
+    assert re.search(r"does not record data, trainer\.precision .*cannot be checked",
+                     caplog.text), caplog.text
 
 
 def test_resume_keeps_one_metrics_row_per_step(coco_data, tmp_path, monkeypatch) -> None:

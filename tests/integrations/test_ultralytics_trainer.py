@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import pickletools
+import re
 import subprocess
 import sys
 import zipfile
@@ -197,7 +198,7 @@ def test_transformers_rtdetr_teacher_into_yolo11_student_cwd(
     assert decoder_calls == []
 
 
-def test_refusals_and_copies(one_thread: None) -> None:
+def test_refusals_and_copies(one_thread: None, caplog: pytest.LogCaptureFixture) -> None:
     from ultralytics.nn.tasks import DetectionModel
 
     from structkd.detectors.ultralytics_build import yolo_detector
@@ -219,6 +220,18 @@ def test_refusals_and_copies(one_thread: None) -> None:
                                 torch.device("cpu"))
     distillation = UltralyticsDistillation(student, spec, torch.device("cpu"))
     assert [p.stride for p in distillation.pairs] == [8, 16, 32]
+    # A state file of an earlier structkd (no teacher fingerprint, no weight or options): the
+    # method's name and the pairs are checked, a warning says the rest cannot be.
+    state = distillation.state_dict()
+    old = {"method": state["method"], "pairs": ["s8", "s16", "s32"], "method_name": "cwd"}
+    with caplog.at_level("WARNING", logger="structkd.integrations"):
+        distillation.load_state_dict(old, "old.pt")
+    assert "old.pt does not record the teacher's fingerprint" in caplog.text
+    with pytest.raises(ValueError, match=r'cannot resume with old\.pt: .*method: saved '
+                                         r'\{"name": "mgd"\} vs now \{"name": "cwd"\}'):
+        distillation.load_state_dict({**old, "method_name": "mgd"}, "old.pt")
+    with pytest.raises(ValueError, match=r'pairs: saved \["s16"\] vs now \["s8", "s16", "s32"\]'):
+        distillation.load_state_dict({**old, "pairs": ["s16"]}, "old.pt")
     distillation.attach()
     assert isinstance(student.criterion, DistillCriterion)
     clone = copy.deepcopy(student)  # what Ultralytics' EMA would take
@@ -229,11 +242,16 @@ def test_refusals_and_copies(one_thread: None) -> None:
 
 
 def test_resume_restores_the_method(yolo_data: Path, tmp_path: Path, one_thread: None) -> None:
-    """An interrupted run resumes with the method's trained parts and optimiser groups."""
+    """An interrupted run resumes with the method's trained parts and optimiser groups; a
+    resume with another teacher or method, or with a method state of another epoch, is refused
+    before Ultralytics restores the optimiser, naming both values."""
     from ultralytics import YOLO
 
+    from structkd.detectors import as_detector
     from structkd.detectors.ultralytics_build import yolo_detector
+    from structkd.distill import weights_fingerprint
 
+    torch.manual_seed(0)
     teacher = yolo_detector("yolo11n.yaml", NUM_CLASSES)
     record: dict[str, Any] = {}
 
@@ -241,8 +259,6 @@ def test_resume_restores_the_method(yolo_data: Path, tmp_path: Path, one_thread:
         def _setup_train(self) -> None:
             super()._setup_train()
             record["initial"] = copy.deepcopy(self.distillation.method.state_dict())
-
-    base = First
 
     class Interrupted(Exception):
         pass
@@ -254,24 +270,48 @@ def test_resume_restores_the_method(yolo_data: Path, tmp_path: Path, one_thread:
     model = YOLO("yolov8n.yaml")
     model.add_callback("on_train_epoch_start", stop)
     with pytest.raises(Interrupted):
-        model.train(data=str(yolo_data), trainer=base, epochs=2, imgsz=IMAGE_SIZE, batch=4,
+        model.train(data=str(yolo_data), trainer=First, epochs=2, imgsz=IMAGE_SIZE, batch=4,
                     workers=0, device="cpu", project=str(tmp_path / "runs"), name="run",
                     exist_ok=True, plots=False, amp=False, seed=0, verbose=False,
                     nbs=4, warmup_epochs=0)  # a step per batch from the start
     run = tmp_path / "runs" / "run"
+    last = run / "weights" / "last.pt"
     saved = torch.load(run / "distill_state.pt", weights_only=True)
     assert any(not torch.equal(v, record["initial"][k]) for k, v in saved["method"].items())
+    mine = weights_fingerprint(as_detector(teacher))
+    assert json.loads((run / "distill.json").read_text())["teacher_fingerprint"] == mine
 
-    class Resumed(base):  # type: ignore[misc, valid-type]
+    def refused(trainer: type) -> str:
+        with pytest.raises(ValueError) as e:
+            YOLO(last).train(resume=True, trainer=trainer)
+        assert "parameter group" not in str(e.value)
+        return str(e.value)
+
+    torch.manual_seed(1)  # a YOLO11n of other random weights
+    other = yolo_detector("yolo11n.yaml", NUM_CLASSES)
+    theirs = weights_fingerprint(as_detector(other))
+    assert theirs != mine
+    text = refused(distill_trainer(other, "mgd", weight=1e-3))
+    assert f'teacher: saved "{mine}" vs now "{theirs}"' in text
+    text = refused(distill_trainer(teacher, "pkd"))  # no trainable parts: fewer groups
+    assert re.search(r'method: saved \{"name": "mgd".*"weight": 0\.001\} vs now '
+                     r'\{"name": "pkd"', text), text
+    text = refused(distill_trainer(teacher, "mgd", weight=1e-2))
+    assert re.search(r'method: saved .*"weight": 0\.001\} vs now .*"weight": 0\.01\}', text)
+    torch.save({**saved, "epoch": 7}, run / "distill_state.pt")  # killed between the saves
+    assert "of epoch 7, the checkpoint" in refused(distill_trainer(teacher, "mgd", weight=1e-3))
+    torch.save(saved, run / "distill_state.pt")
+
+    class Resumed(distill_trainer(copy.deepcopy(teacher), "mgd",  # type: ignore[misc]
+                                  weight=1e-3)):
         def _setup_train(self) -> None:
             super()._setup_train()
             record["method"] = copy.deepcopy(self.distillation.method.state_dict())
             record["start_epoch"] = self.start_epoch
 
-    resumed = YOLO(run / "weights" / "last.pt")
+    resumed = YOLO(last)
     resumed.train(resume=True, trainer=Resumed)
     assert record["start_epoch"] == 1
     assert all(torch.equal(v, saved["method"][k]) for k, v in record["method"].items())
     assert DISTILL_KEY in resumed.trainer.loss_names
-    assert not [m for m in _pickled_modules(run / "weights" / "last.pt")
-                if m.startswith("structkd")]
+    assert not [m for m in _pickled_modules(last) if m.startswith("structkd")]

@@ -39,7 +39,7 @@ from .module import DetectionModule
 from .options import Balance, Loader, Optim, Schedule, TrainerOptions
 from .recipe import Config
 from .results import RunResult, read_history
-from .resume import check_resume, resume_path, run_meta, run_options
+from .resume import check_resume, data_identity, resume_path, run_meta, run_options
 from .run_dir import claim_out_dir
 from .samples import check_first_sample
 from .trainer import build_trainer
@@ -210,8 +210,13 @@ def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
                     [p.name for p in net.pairs])
     else:
         net = DetectorLosses(student)
-    meta = run_meta(net, spec, info, cfg.distill.teacher_dtype, run_options(cfg))
+    meta = run_meta(net, spec, info, cfg.distill.teacher_dtype, run_options(cfg),
+                    data=data_identity(train))
     resumed = check_resume(resume, meta) if resume is not None else None
+    if resumed is not None and resumed.unchecked:
+        logger.warning("resuming %s, a checkpoint that does not record %s (an earlier "
+                       "structkd's): these cannot be checked to be the same as now",
+                       resume, ", ".join(resumed.unchecked))
     if resumed is not None and resumed.changed:
         logger.warning("resuming %s at step %d with changed options, applied from there: %s",
                        resume, resumed.step, "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b)

@@ -36,8 +36,12 @@ plain ``ultralytics.YOLO(path)`` without structkd: the taps and the distillation
 placed on the live student only after the EMA copied it, and stripped from any later copy before
 saving. The method's trainable parts (connectors, MGD generators, FGD blocks) are trained in
 their own optimiser parameter groups (``distill``, ``distill_no_decay``) and saved separately, in
-``<run>/distill_state.pt``, which ``resume=True`` reads back; ``<run>/distill.json`` records the
-configuration and the paired levels.
+``<run>/distill_state.pt``, with what makes the distillation this run's (the teacher's weights
+fingerprint, the method's name, weight and options, the paired levels) and the epoch;
+``<run>/distill.json`` records the configuration and the paired levels. ``resume=True`` refuses
+a trainer whose teacher or method is not the run's, naming both, and a state file of another
+epoch than ``last.pt``'s, before Ultralytics restores the optimiser; then it restores the
+method's parts.
 
 Limits: one device (no multi-GPU DDP: Ultralytics re-imports the trainer class in its worker
 processes); ``compile`` is turned off; the method's parameters are not in Ultralytics' gradient
@@ -66,7 +70,7 @@ from ..detectors.ultralytics import import_ultralytics, is_ultralytics_detector
 from ..detectors.ultralytics_build import load_checkpoint
 from ..distill.pairing import LevelPair, measure_levels, pair_levels, paired_maps
 from ..distill.taps import FeatureTap, find_module, unwrap
-from ..distill.teacher import FrozenTeacher, TeacherDtype
+from ..distill.teacher import FrozenTeacher, TeacherDtype, weights_fingerprint
 from ..methods import DistillContext, DistillMethod, build_method, check_method, resolve_method
 
 __all__ = ["DISTILL_KEY", "DistillCriterion", "DistillSpec", "UltralyticsDistillation",
@@ -223,6 +227,13 @@ class UltralyticsDistillation:
                 spec.method, [p.level for p in pairs], **options).to(device)
         self.options = options
         self.tap: FeatureTap | None = None
+        # What makes this distillation the run's own (saved with it, compared on resume);
+        # JSON-plain, as it is stored and compared.
+        self.identity: dict[str, Any] = json.loads(json.dumps({
+            "teacher": weights_fingerprint(self.frozen.model),
+            "method": {"name": spec.method, "weight": float(self.method.weight),
+                       "options": {k: v for k, v in options.items() if k != "weight"}},
+            "pairs": [p.name for p in pairs]}, default=str))
 
     # ---- wiring -------------------------------------------------------------------------
     def attach(self) -> None:
@@ -249,14 +260,33 @@ class UltralyticsDistillation:
         return [p for p in self.method.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method.state_dict(),
-                "pairs": [p.name for p in self.pairs], "method_name": self.spec.method}
+        """The method's trainable parts and :attr:`identity` (teacher fingerprint, method,
+        pairs)."""
+        return {"method": self.method.state_dict(), "identity": self.identity}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pairs = [p.name for p in self.pairs]
-        if state.get("pairs") != pairs or state.get("method_name") != self.spec.method:
-            raise ValueError(f"the saved distillation state is for {state.get('method_name')} on "
-                             f"{state.get('pairs')}; this run is {self.spec.method} on {pairs}")
+    def check_state(self, state: dict[str, Any], source: str) -> None:
+        """Refuse a saved state of another distillation than this one (another teacher, method
+        or paired levels), naming each difference with both values. A state of an earlier
+        structkd records the method's name and the pairs only: those are compared, and a
+        warning names what cannot be."""
+        saved = state.get("identity")
+        now = self.identity
+        if not isinstance(saved, dict):  # before the identity was saved
+            saved = {"method": {"name": state.get("method_name")}, "pairs": state.get("pairs")}
+            now = {**now, "method": {"name": now["method"]["name"]}}
+            logger.warning("%s does not record the teacher's fingerprint nor the method's "
+                           "weight and options (an earlier structkd's): only the method's name "
+                           "and the paired levels are checked", source)
+        diffs = [f"{key}: saved {_json(saved.get(key))} vs now {_json(now.get(key))}"
+                 for key in ("teacher", "method", "pairs")
+                 if key in saved and _json(saved.get(key)) != _json(now.get(key))]
+        if diffs:
+            raise ValueError(f"cannot resume with {source}: it was saved by another "
+                             "distillation; " + "; ".join(diffs))
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "the saved state") -> None:
+        """Restore the method's parts from ``state`` once :meth:`check_state` accepts it."""
+        self.check_state(state, source)
         self.method.load_state_dict(state["method"])
 
     def describe(self) -> dict[str, Any]:
@@ -265,6 +295,7 @@ class UltralyticsDistillation:
                 "options": {k: v for k, v in self.options.items()
                             if isinstance(v, str | int | float | bool | None)},
                 "teacher": self.spec.teacher_source or type(self.frozen.model).__name__,
+                "teacher_fingerprint": self.identity["teacher"],
                 "teacher_root": self.teacher_root, "student_layers": self.student_layers,
                 "loss_scale": "method term x batch size (Ultralytics sums its loss over the batch)",
                 "pairs": [{"name": p.name, "stride": p.stride, "student": p.student,
@@ -292,6 +323,10 @@ class UltralyticsDistillation:
         for value in terms.values():
             total = total + value.float()
         return total
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def ground_truth(batch: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
@@ -431,18 +466,36 @@ class _DistillTrainerMixin:
                                            "weight_decay": wd, "param_group": group})
         return optimizer
 
+    def resume_training(self, ckpt: dict[str, Any] | None) -> None:
+        """Before Ultralytics restores the optimiser (whose ``distill`` groups are the
+        method's): restore the method's parts, refusing a run saved by another distillation or
+        a state file of another epoch than the checkpoint's."""
+        if ckpt is not None and self.resume:
+            self._resume_distillation(ckpt)
+        super().resume_training(ckpt)
+
+    def _resume_distillation(self, ckpt: dict[str, Any]) -> None:
+        if self.distillation is None:
+            raise RuntimeError("build_optimizer did not run: the distillation has no optimiser")
+        path = Path(self.save_dir) / STATE_FILE
+        if not path.is_file():
+            logger.warning("resuming without %s: the method's trainable parts restart from "
+                           "their initialisation, and the teacher and method cannot be checked "
+                           "to be the run's", path)
+            return
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.distillation.load_state_dict(state, str(path))  # refuses another distillation
+        epoch, saved_epoch = ckpt.get("epoch"), state.get("epoch")
+        if saved_epoch is not None and saved_epoch != epoch:
+            raise ValueError(f"cannot resume with {path}: it holds the method's parts of epoch "
+                             f"{saved_epoch}, the checkpoint {self.args.resume} is of epoch "
+                             f"{epoch} (interrupted between the two saves?); delete it to "
+                             "restart the method's parts from their initialisation")
+
     def _setup_train(self) -> None:
         super()._setup_train()
         if self.distillation is None:
             raise RuntimeError("build_optimizer did not run: the distillation has no optimiser")
-        state = Path(self.save_dir) / STATE_FILE
-        if self.resume:
-            if state.is_file():
-                self.distillation.load_state_dict(torch.load(state, map_location=self.device,
-                                                                  weights_only=True))
-            else:
-                logger.warning("resuming without %s: the method's trainable parts restart from "
-                               "their initialisation", state)
         self.distillation.attach()  # after the EMA copied the plain student
         (Path(self.save_dir) / CONFIG_FILE).write_text(
             json.dumps(self.distillation.describe(), indent=2), encoding="utf-8")
@@ -452,7 +505,8 @@ class _DistillTrainerMixin:
             strip_structkd(self.ema.ema)  # an EMA re-made from the live student (NaN recovery)
         saved = super().save_model()
         if saved and self.distillation is not None:
-            torch.save(self.distillation.state_dict(), Path(self.save_dir) / STATE_FILE)
+            torch.save({**self.distillation.state_dict(), "epoch": self.epoch},
+                       Path(self.save_dir) / STATE_FILE)
         return saved
 
     def train(self) -> None:
