@@ -457,12 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
                   "paired seeds, a confidence interval and a verdict")
     with_config(sp)
     sp.add_argument("--methods", nargs="+", default=["none", "ssim"], metavar="ROW",
-                    help="rows: a method name (its default weight), NAME:WEIGHT or NAME:auto; "
-                    "'none' (the baseline) is added when missing")
+                    help="rows: a method name, NAME:WEIGHT, NAME:auto or NAME:default (the "
+                    "method's own weight); a row of the config's method inherits its "
+                    "distill.weight and distill.options; 'none' (the baseline) is added when "
+                    "missing")
     sp.add_argument("--seeds", type=int, default=3, help="seeds per row (0..N-1)")
     sp.add_argument("--out", default="structkd_compare",
                     help="folder for every run, results.json, report.md and gains.png "
-                    "(finished runs of the same config are reused, interrupted ones resumed)")
+                    "(finished runs of the same config and teacher files are reused, "
+                    "interrupted ones resumed; a folder holding another comparison is kept "
+                    "and this one goes to OUT-2)")
     with_teacher(sp)
     sp.add_argument("--teacher-config", metavar="CONFIG",
                     help="train the teacher once from this config (into OUT/teacher) when no "

@@ -128,8 +128,8 @@ def run_benchmark(out: str | Path = "structkd_benchmark", *, seeds: int = 3, qui
     summary["runs"] = sum(len(rs) for rs in runs.values())
     summary["reused_runs"] = sum(h.count("reused") for h in c.how.values())
     summary["run_minutes"] = sum(r.wall_s or 0.0 for rs in runs.values() for r in rs) / 60
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    c.out.mkdir(parents=True, exist_ok=True)  # where compare wrote (OUT-2 if OUT held another)
+    (c.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     text = _results_markdown(summary, seeds, quick, plan)
     print(text)
     if results_md:

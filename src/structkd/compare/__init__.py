@@ -6,9 +6,18 @@
 """
 
 from .report import markdown, plot_gains, write_report
-from .runner import Comparison, Row, compare, parse_rows, row_config, run_row
-from .stats import PairedGain, paired_gain, seeds_to_resolve
+from .runner import (
+    Comparison,
+    Row,
+    compare,
+    parse_rows,
+    resolve_row,
+    row_config,
+    run_row,
+    teacher_fingerprint,
+)
+from .stats import PairedGain, detectable_gain, paired_gain, seeds_to_resolve
 
-__all__ = ["Comparison", "PairedGain", "Row", "compare", "markdown", "paired_gain",
-           "parse_rows", "plot_gains", "row_config", "run_row", "seeds_to_resolve",
-           "write_report"]
+__all__ = ["Comparison", "PairedGain", "Row", "compare", "detectable_gain", "markdown",
+           "paired_gain", "parse_rows", "plot_gains", "resolve_row", "row_config", "run_row",
+           "seeds_to_resolve", "teacher_fingerprint", "write_report"]

@@ -2,15 +2,18 @@
 
 Every row of a comparison is the config's student trained with one distillation setting (or
 none); per seed every row shares the initial student weights and the data order (both follow
-``trainer.seed``) and the one teacher, so the rows differ only in the method. A row's run lives
-in ``<out>/seed<k>/<row>``: a finished run of the same config is reused, an interrupted one is
-resumed from its last checkpoint, anything else in that folder is replaced. The result holds,
+``trainer.seed``) and the one teacher, so the rows differ only in the method; a row inherits
+the config's distill keys it does not name. A row's run lives in ``<out>/seed<k>/<row>`` with
+the digests of its teacher's files: a finished run of the same config and teacher is reused,
+an interrupted one resumed from its last checkpoint; a folder that holds another comparison is
+never overwritten (this one goes to ``<out>-2``, ...). The result holds,
 per row, mean +- std of the COCO metrics, the paired gain over no distillation with a
 confidence interval and a verdict; :mod:`structkd.compare.report` writes it out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -25,22 +28,36 @@ from typing import Any
 import lightning as L
 
 from ..config import ConfigError
-from ..engine import Config, RunResult, holds_run, load_config, run_config
+from ..distill import file_digest
+from ..distill.teacher_cache import MANIFEST
+from ..engine import (
+    Config,
+    RunResult,
+    cache_teacher,
+    check_out_dir,
+    holds_run,
+    load_config,
+    next_free,
+    run_config,
+)
 from ..engine.from_config import evaluate_checkpoint, resolve_data
 from ..evaluation import TABLE_KEYS
+from ..methods import check_method, resolve_method
 from .stats import PairedGain, paired_gain
 
 logger = logging.getLogger("structkd.compare")
 
-__all__ = ["Comparison", "Row", "compare", "metric_stats", "parse_rows", "row_config", "run_row"]
+__all__ = ["Comparison", "Row", "compare", "metric_stats", "parse_rows", "resolve_row",
+           "row_config", "run_row", "teacher_fingerprint"]
 
 BASELINE = "none"
 
 
 @dataclass(frozen=True)
 class Row:
-    """One row of a comparison: a name and the ``distill`` keys it sets (``method``,
-    ``weight`` and ``options`` always; others, e.g. ``levels``, when given)."""
+    """One row of a comparison: a name and the ``distill`` keys it sets (``method`` always;
+    ``weight``, ``options`` and others, e.g. ``levels``, when it names them: the rest come
+    from the config, see :func:`resolve_row`)."""
 
     name: str
     distill: dict[str, Any]
@@ -55,27 +72,29 @@ def _parse_one(spec: str | Mapping[str, Any]) -> Row:
                              "{'method': 'ssim', 'weight': 2}")
         if name is None:
             name = d["method"] if d.get("weight") is None else f"{d['method']}_{d['weight']}"
-        return Row(str(name), {"weight": None, "options": {}, **d})
+        return Row(str(name), d)
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"method row {spec!r}; expected 'method', 'method:weight' "
-                         "(a number or 'auto') or a mapping")
+                         "(a number, 'auto' or 'default') or a mapping")
     method, _, weight = spec.partition(":")
     if not weight:
-        return Row(method, {"method": method, "weight": None, "options": {}})
-    if weight == "auto":
-        return Row(f"{method}_auto", {"method": method, "weight": "auto", "options": {}})
+        return Row(method, {"method": method})
+    if weight in ("auto", "default"):
+        return Row(f"{method}_{weight}",
+                   {"method": method, "weight": "auto" if weight == "auto" else None})
     try:
         value = float(weight)
     except ValueError:
         raise ValueError(f"method row {spec!r}: weight {weight!r} is neither a number nor "
-                         "'auto'") from None
-    return Row(f"{method}_{weight}", {"method": method, "weight": value, "options": {}})
+                         "'auto' nor 'default'") from None
+    return Row(f"{method}_{weight}", {"method": method, "weight": value})
 
 
 def parse_rows(specs: Sequence[str | Mapping[str, Any]] | Mapping[str, Mapping[str, Any]]
                ) -> list[Row]:
-    """Rows from ``["none", "ssim", "ssim:4", "mgd:auto", {"name": ..., "method": ...}]`` or
-    a mapping name -> distill keys; "none" (the baseline) is added first when missing."""
+    """Rows from ``["none", "ssim", "ssim:4", "mgd:auto", "pkd:default", {"name": ...,
+    "method": ...}]`` or a mapping name -> distill keys; "none" (the baseline) is added first
+    when missing. ``METHOD:default`` is the method's own default weight."""
     if isinstance(specs, Mapping):
         rows = [_parse_one({"name": k, **v}) for k, v in specs.items()]
     else:
@@ -85,14 +104,72 @@ def parse_rows(specs: Sequence[str | Mapping[str, Any]] | Mapping[str, Mapping[s
     if dup:
         raise ValueError(f"method rows {dup} appear twice; give each row its own name")
     if not any(r.distill["method"] == BASELINE for r in rows):
-        rows.insert(0, Row(BASELINE, {"method": BASELINE, "weight": None, "options": {}}))
+        rows.insert(0, Row(BASELINE, {"method": BASELINE}))
     return rows
 
 
+def _same_method(config_method: str, options: Mapping[str, Any], row_method: str) -> bool:
+    """Whether a row's method is the config's one (an alias of the same class counts when the
+    config's options agree with what the alias fixes, e.g. ``imitation`` + distance ssim)."""
+    if row_method == config_method:
+        return True
+    try:
+        cls_c, fixed_c = resolve_method(config_method)
+        cls_r, fixed_r = resolve_method(row_method)
+    except ValueError:
+        return False  # an unknown name: load_config says so, naming the row
+    effective = {**options, **fixed_c}
+    return cls_c is cls_r and all(effective.get(k) == fixed_r.get(k)
+                                  for k in {*fixed_c, *fixed_r})
+
+
+def resolve_row(base: Config, row: Row) -> Row:
+    """The row with the distill keys it trains with: those it names, the rest the config's.
+
+    The config's ``distill.weight`` and ``distill.options`` set the config's method (null:
+    ssim). A row of that method inherits both unless it names them. A row of another method
+    inherits an ``auto`` weight (a measurement, not a scale) and the options its method
+    accepts; a numeric weight (methods' scales differ by orders of magnitude) or an option its
+    method rejects is an error naming the row, rather than a row quietly trained otherwise
+    than the config says. The "none" row takes no weight and no options.
+    """
+    d = dict(row.distill)
+    method = d["method"]
+    if method == BASELINE:
+        return Row(row.name, {**d, "weight": None, "options": {}})
+    cfg = base.distill
+    cfg_method = cfg.method or "ssim"  # null: ssim with a teacher
+    options = dict(cfg.options)
+    same = _same_method(cfg_method, options, method)
+    if "weight" not in d:
+        if cfg.weight is not None and cfg.weight != "auto" and not same:
+            raise ConfigError(
+                f"method row {row.name!r}: distill.weight={cfg.weight!r} is the config's weight "
+                f"for method {cfg_method!r}, and a weight does not carry over to method "
+                f"{method!r} (the methods' scales differ); name the row's weight "
+                f"('{method}:default' for {method}'s own, '{method}:W' or '{method}:auto'; "
+                "'weight' in a mapping row) or remove distill.weight from the config")
+        d["weight"] = cfg.weight
+    if "options" not in d:
+        if options and not same:
+            try:
+                check_method(method, options)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(
+                    f"method row {row.name!r}: the config's distill.options {options} (set for "
+                    f"method {cfg_method!r}) do not fit method {method!r}: {e}; give the row "
+                    f"its own options (a mapping row {{'name': {row.name!r}, 'method': "
+                    f"{method!r}, 'options': {{...}}}}) or remove them from the config"
+                ) from None
+        d["options"] = options
+    return Row(row.name, d)
+
+
 def row_config(base: Config, row: Row, seed: int, out_dir: Path) -> Config:
-    """``base`` with the row's distill keys, ``trainer.seed`` and ``trainer.out_dir`` set."""
+    """``base`` with the row's distill keys (:func:`resolve_row`), ``trainer.seed`` and
+    ``trainer.out_dir`` set."""
     d = base.to_dict()
-    d["distill"].update(row.distill)
+    d["distill"].update(resolve_row(base, row).distill)
     d["trainer"].update({"seed": seed, "out_dir": str(out_dir), "resume": None,
                          "overwrite": True})
     try:
@@ -109,27 +186,166 @@ def _identity(cfg: Config) -> dict[str, Any]:
     return d
 
 
-def run_row(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> tuple[RunResult, str]:
-    """Run one row's config, reusing a finished run of the same config in its folder
-    ("reused") or resuming an interrupted one ("resumed"); otherwise "trained" afresh."""
-    out = Path(cfg.trainer.out_dir)
-    same = False
-    if (out / "config.yaml").is_file():
+class _Digests:
+    """sha256 (16 hex digits) of files, each read once per comparison (keyed by path, size
+    and modification time); None for a missing file."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, path: Path) -> str | None:
         try:
-            same = _identity(load_config(out / "config.yaml")) == _identity(cfg)
-        except (OSError, ValueError):
-            same = False
+            st = path.stat()
+        except OSError:
+            return None
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._seen:
+            self._seen[key] = file_digest(path)
+        return self._seen[key]
+
+
+def _teacher_files(t: Any) -> list[Path]:
+    """The files a config's teacher is read from (an export's pair, a ``.ckpt``, a weights
+    file, a family's file or folder); none for a builder's named weights or a hub name."""
+    if t.checkpoint:
+        p = Path(t.checkpoint).expanduser()
+        if p.suffix == ".ckpt":
+            return [p]
+        prefix = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+        return [prefix.with_name(prefix.name + s) for s in (".json", ".safetensors")]
+    if t.torchvision and t.weights and Path(t.weights).expanduser().is_file():
+        return [Path(t.weights).expanduser()]
+    if t.family and t.name:
+        p = Path(str(t.name)).expanduser()
+        if p.is_dir():
+            return sorted(f for f in p.rglob("*") if f.is_file())
+        if p.exists():
+            return [p]
+    return []
+
+
+def teacher_fingerprint(cfg: Config, digests: _Digests | None = None) -> dict[str, Any] | None:
+    """What a row's teacher is by content, recorded beside its run (``teacher_files.json``)
+    so that a teacher replaced at the same path never lets an earlier run be reused: the
+    sha256 of each of its files, or the key of a teacher cache's manifest (which holds the
+    teacher's weights fingerprint). None for the "none" row, which has no teacher."""
+    if cfg.distill.method == BASELINE:
+        return None
+    digests = digests or _Digests()
+    t = cfg.teacher
+    if t.cache:
+        manifest = Path(t.cache).expanduser() / MANIFEST
+        try:
+            key = json.loads(manifest.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            key = None
+        text = json.dumps(key, sort_keys=True).encode()
+        return {"cache": str(t.cache),
+                "key": None if key is None else hashlib.sha256(text).hexdigest()[:16]}
+    return {"teacher": t.model_source(), "weights": t.weights,
+            "files": {str(p): digests(p) for p in _teacher_files(t)}}
+
+
+TEACHER_RECORD = "teacher_files.json"
+
+
+def _read_record(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / TEACHER_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(out: Path, record: dict[str, Any] | None) -> None:
+    if record is None:
+        (out / TEACHER_RECORD).unlink(missing_ok=True)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / TEACHER_RECORD).write_text(json.dumps(record, indent=2))
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each dotted key whose value differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted({*old, *new}, key=str)
+                for c in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if old == new:
+        return []
+    return [f"{prefix.rstrip('.')} {_short(old)} -> {_short(new)}"]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _difference(cfg: Config, teacher: dict[str, Any] | None) -> str | None:
+    """Why the row's folder holds a run other than the planned one (another config, or a
+    teacher whose files changed since); None when it holds the planned run or none."""
+    out = Path(cfg.trainer.out_dir)
+    if not holds_run(out):
+        return None
+    try:
+        saved = _identity(load_config(out / "config.yaml"))
+    except (OSError, ValueError) as e:
+        return f"its config.yaml cannot be read ({e})"
+    keys = _changed_keys(saved, _identity(cfg))
+    if keys:
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        return f"its config differs: {'; '.join(keys[:3])}{more}"
+    stored = _read_record(out)
+    if stored == teacher:
+        return None
+    if stored is None:
+        return ("it holds no record of its teacher's files (a run of an earlier structkd): "
+                "it may have been distilled from another teacher")
+    if teacher is None:
+        return "it records a teacher, which this row does not use"
+    return f"its teacher changed since it was distilled ({_record_change(stored, teacher)})"
+
+
+def _record_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Which teacher file (or cache key) differs between two fingerprints, by digest."""
+    files_old, files_new = old.get("files"), new.get("files")
+    if isinstance(files_old, dict) and isinstance(files_new, dict) and \
+            {k: v for k, v in old.items() if k != "files"} == \
+            {k: v for k, v in new.items() if k != "files"}:
+        return "; ".join(f"{Path(k).name}: {files_old.get(k) or 'missing'} -> "
+                         f"{files_new.get(k) or 'missing'}" for k in sorted({*files_old,
+                                                                               *files_new})
+                         if files_old.get(k) != files_new.get(k))
+    return "; ".join(_changed_keys(old, new)[:2])
+
+
+def run_row(cfg: Config, callbacks: Sequence[L.Callback] = (), *,
+            teacher: dict[str, Any] | None = None) -> tuple[RunResult, str]:
+    """Run one row's config, reusing a finished run of the same config and teacher in its
+    folder ("reused") or resuming an interrupted one ("resumed"); otherwise "trained" afresh
+    there. ``teacher``: the row's :func:`teacher_fingerprint` (computed from ``cfg`` when not
+    given), recorded beside the run and compared on reuse."""
+    out = Path(cfg.trainer.out_dir)
+    record = teacher if teacher is not None else teacher_fingerprint(cfg)
+    why = _difference(cfg, record)
+    same = why is None and (out / "config.yaml").is_file()
     if same and (out / "results.json").is_file() and (out / "student.safetensors").is_file():
         logger.info("reusing the finished run in %s", out)
         return RunResult.load(out), "reused"
     if same and (out / "checkpoints" / "last.ckpt").is_file():
         logger.info("resuming the interrupted run in %s", out)
         resumed = replace(cfg, trainer=replace(cfg.trainer, resume="last"))
+        _write_record(out, record)
         return run_config(resumed, callbacks=callbacks), "resumed"
-    if holds_run(out):
-        logger.info("%s holds another or an unfinished run; training this row there afresh",
-                    out)
-    return run_config(cfg, callbacks=callbacks), "trained"
+    if why is not None:
+        # the record follows the run (written where it went), never an earlier run's folder
+        logger.info("%s holds another run (%s); training this row there afresh", out, why)
+    else:
+        if holds_run(out):
+            logger.info("%s holds an unfinished run of this row with no checkpoint; training "
+                        "it afresh", out)
+        _write_record(out, record)  # before training: an interrupted run can be resumed
+    result = run_config(cfg, callbacks=callbacks)
+    _write_record(result.out_dir, record)
+    return result, "trained"
 
 
 def metric_stats(xs: Sequence[float]) -> tuple[float, float]:
@@ -190,17 +406,15 @@ class Comparison:
                 "rows": [self.row_summary(r) for r in self.rows]}
 
 
-def _teacher_ap(cfg: Config, out: Path) -> float | None:
+def _teacher_ap(cfg: Config, out: Path, teacher: dict[str, Any] | None) -> float | None:
     """The teacher's AP on the config's validation split (an export or checkpoint teacher;
-    cached in ``<out>/teacher_eval.json`` by path and modification time)."""
+    cached in ``<out>/teacher_eval.json`` by the teacher's file digests and the data)."""
     path = cfg.teacher.checkpoint
     if not path:
         return None
     src = Path(path).expanduser()
-    files = [p for p in (src, src.with_suffix(".safetensors")) if p.is_file()]
-    stamp = max((p.stat().st_mtime_ns for p in files), default=0)
     cache = out / "teacher_eval.json"
-    key = {"checkpoint": str(src), "mtime_ns": stamp, "val": cfg.to_dict()["data"]}
+    key = {"checkpoint": str(src), "teacher": teacher, "val": cfg.to_dict()["data"]}
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
@@ -232,24 +446,63 @@ def _budget(cfg: Config, budget: float | None) -> tuple[Config, dict[str, Any] |
     return load_config(base=d), {"share": budget, "train_images": keep, "of": n}
 
 
-def _from_levels(base: Config, configs: dict[tuple[int, str], Config],
-                 out: Path) -> dict[tuple[int, str], Config]:
-    """Write the teacher's levels once and point every distilling row at them."""
-    from ..engine import cache_teacher
-
-    first = next(c for c in configs.values() if c.distill.method != BASELINE)
-    where = out / "teacher_levels"
-    logger.info("compare: every row reads the teacher's levels from %s (written once; flips "
-                "are replayed)", where)
-    cache = cache_teacher(first, where, progress=base.trainer.progress)
+def _at_levels(configs: dict[tuple[int, str], Config], where: Path
+               ) -> dict[tuple[int, str], Config]:
+    """Every distilling row pointed at the teacher's levels in ``where`` (its teacher unset)."""
     moved = {}
     for k, c in configs.items():
         d = c.to_dict()
         if d["distill"]["method"] != BASELINE:
             d["teacher"] = {**d["teacher"], "checkpoint": None, "torchvision": None,
-                            "weights": None, "cache": str(cache.root)}
+                            "weights": None, "family": None, "name": None, "options": {},
+                            "cache": str(where)}
         moved[k] = load_config(base=d)
     return moved
+
+
+@dataclass
+class _Layout:
+    """A comparison planned into one folder: the teacher's run (from ``teacher_config``), the
+    config with its teacher, each row's config, the teacher's fingerprint, and why the folder
+    holds another comparison (empty: it holds none, or this one, finished or not)."""
+
+    out: Path
+    teacher_run: Config | None
+    base: Config
+    configs: dict[tuple[int, str], Config]
+    teacher: dict[str, Any] | None
+    conflicts: list[str]
+
+
+def _layout(base: Config, rows: list[Row], seeds: int, out: Path, teacher_run: Config | None,
+            teacher_prefix: Path | None, levels: bool, digests: _Digests) -> _Layout:
+    """The comparison's runs in ``out`` (``teacher_prefix``: the export of the teacher trained
+    from ``teacher_run``), checked against what ``out`` already holds."""
+    t_run = None
+    if teacher_run is not None:
+        t_d = teacher_run.to_dict()
+        t_d["distill"]["method"] = BASELINE
+        t_d["trainer"]["out_dir"] = str(out / "teacher")
+        t_run = load_config(base=t_d)
+        d = base.to_dict()
+        d["teacher"] = {"checkpoint": str(teacher_prefix or out / "teacher" / "student")}
+        base = load_config(base=d)
+    configs = {(s, r.name): row_config(base, r, s, out / f"seed{s}" / r.name)
+               for s in range(seeds) for r in rows}  # every row checked before any training
+    distils = any(r.distill["method"] != BASELINE for r in rows)
+    teacher = teacher_fingerprint(next(c for c in configs.values()
+                                       if c.distill.method != BASELINE), digests) \
+        if distils else None
+    if levels and distils:
+        configs = _at_levels(configs, out / "teacher_levels")
+    conflicts = []
+    if t_run is not None and (why := _difference(t_run, None)):
+        conflicts.append(f"teacher: {why}")
+    for (s, name), c in configs.items():
+        why = _difference(c, None if c.distill.method == BASELINE else teacher)
+        if why:
+            conflicts.append(f"seed{s}/{name}: {why}")
+    return _Layout(out, t_run, base, configs, teacher, conflicts)
 
 
 def compare(config: Config | str | os.PathLike, methods: Sequence[str | Mapping[str, Any]]
@@ -262,10 +515,20 @@ def compare(config: Config | str | os.PathLike, methods: Sequence[str | Mapping[
             callbacks: Sequence[L.Callback] = ()) -> Comparison:
     """Train the config's student with each of ``methods`` over ``seeds`` seeds and compare.
 
+    A folder that holds this comparison (same configs, same teacher files), finished or
+    interrupted, is continued: finished runs reused, interrupted ones resumed (rows or seeds
+    added are trained beside them; ``results.json`` describes this call's rows). One that holds
+    another (a changed config or row, a teacher file replaced at the same path) is kept as it
+    is: this comparison goes to the first free ``<out>-2``, ``<out>-3``, ... (or the one that
+    holds it), as single runs do, and the log names the difference; ``Comparison.out`` says
+    where.
+
     Args:
         config: a ``Config`` or a YAML path (the student, data, schedule; ``teacher``).
-        methods: rows: "none", "ssim", "ssim:4" (a weight), "mgd:auto", or mappings of
-            ``distill`` keys with an optional ``name``; "none" is added when missing.
+        methods: rows: "none", "ssim", "ssim:4" (a weight), "mgd:auto", "pkd:default", or
+            mappings of ``distill`` keys with an optional ``name``; "none" is added when
+            missing. A row inherits the config's distill keys it does not name
+            (:func:`resolve_row`).
         seeds: seeds 0..seeds-1; each seed's rows share initial weights and data order.
         teacher: a teacher checkpoint or export (replaces the config's ``teacher``).
         teacher_config: a config to train the teacher once (in ``<out>/teacher``; reused
@@ -280,6 +543,7 @@ def compare(config: Config | str | os.PathLike, methods: Sequence[str | Mapping[
     start = time.perf_counter()
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds={seeds!r}; expected an int >= 1")
+    check_out_dir(out, "out")  # before any work
     out = Path(out)
     rows = parse_rows(methods)
     base = config if isinstance(config, Config) else load_config(config, overrides)
@@ -290,37 +554,58 @@ def compare(config: Config | str | os.PathLike, methods: Sequence[str | Mapping[
         d["teacher"] = {"checkpoint": str(teacher)}
         base = load_config(base=d)
     needs_teacher = any(r.distill["method"] != BASELINE for r in rows)
+    t_cfg = None
     if needs_teacher and not base.teacher.model_source():
         if teacher_config is None:
             raise ValueError("the rows distil but no teacher is given: set teacher= (or the "
                              "config's teacher section) or teacher_config= to train one")
         t_cfg = teacher_config if isinstance(teacher_config, Config) else \
             load_config(teacher_config)
-        t_d = t_cfg.to_dict()
-        t_d["distill"]["method"] = BASELINE
-        t_d["trainer"]["out_dir"] = str(out / "teacher")
-        t_res, how = run_row(load_config(base=t_d), callbacks)
+    base, budget_info = _budget(base, budget)
+    digests = _Digests()
+    layouts: dict[Path, _Layout] = {}
+
+    def layout(where: Path, prefix: Path | None = None) -> _Layout:
+        if prefix is not None or where not in layouts:
+            layouts[where] = _layout(base, rows, seeds, where, t_cfg, prefix, teacher_levels,
+                                     digests)
+        return layouts[where]
+
+    plan = layout(out)
+    if plan.conflicts:
+        fresh = next_free(out, lambda p: p.exists() and bool(layout(p).conflicts))
+        shown = "; ".join(plan.conflicts[:4]) + (
+            f"; and {len(plan.conflicts) - 4} more" if len(plan.conflicts) > 4 else "")
+        logger.warning("compare: %s holds another comparison, kept as it is (%s); this one "
+                       "goes to %s", out, shown, fresh)
+        out = fresh
+        plan = layout(out)
+    if plan.teacher_run is not None:
+        t_res, how = run_row(plan.teacher_run, callbacks)
         logger.info("teacher: %s (%s), AP %.2f", t_res.out_dir, how, t_res.metrics["AP"])
         teacher_ap = t_res.metrics["AP"] if teacher_ap is None else teacher_ap
-        d = base.to_dict()
-        d["teacher"] = {"checkpoint": str(t_res.export_prefix)}
-        base = load_config(base=d)
-    base, budget_info = _budget(base, budget)
-    configs = {(s, r.name): row_config(base, r, s, out / f"seed{s}" / r.name)
-               for s in range(seeds) for r in rows}  # every row checked before any training
+        plan = layout(out, t_res.export_prefix)  # the teacher's files as trained
     if teacher_ap is None and needs_teacher:
-        teacher_ap = _teacher_ap(base, out)
+        teacher_ap = _teacher_ap(plan.base, out, plan.teacher)
     if teacher_levels and needs_teacher:
-        configs = _from_levels(base, configs, out)
+        first = next(r for r in rows if r.distill["method"] != BASELINE)
+        where = out / "teacher_levels"
+        logger.info("compare: every row reads the teacher's levels from %s (written once; "
+                    "flips are replayed)", where)
+        cache_teacher(row_config(plan.base, first, 0, out / "seed0" / first.name), where,
+                      progress=base.trainer.progress)
     runs: dict[str, list[RunResult]] = {r.name: [] for r in rows}
     how: dict[str, list[str]] = {r.name: [] for r in rows}
     for s in range(seeds):
         for r in rows:
             logger.info("compare: seed %d, %s", s, r.name)
-            result, what = run_row(configs[s, r.name], callbacks)
+            c = plan.configs[s, r.name]
+            result, what = run_row(c, callbacks, teacher=None if c.distill.method == BASELINE
+                                   else plan.teacher)
             runs[r.name].append(result)
             how[r.name].append(what)
-    result = Comparison(rows, runs, seeds, confidence, teacher_ap, budget_info, out, how,
+    resolved = [resolve_row(plan.base, r) for r in rows]
+    result = Comparison(resolved, runs, seeds, confidence, teacher_ap, budget_info, out, how,
                         (time.perf_counter() - start) / 60)
     if report:
         from .report import write_report

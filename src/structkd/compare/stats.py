@@ -1,9 +1,13 @@
 """Paired-seed statistics of a comparison: the gain over no distillation with a confidence
-interval, a verdict in words, and how many seeds would resolve an open question.
+interval, a verdict in words, and, for an open question, the gains the spread lets N seeds
+resolve.
 
 Each seed gives one paired difference (the method's AP minus the plain student's, same initial
 weights, same data order), so the interval is Student's t over those differences:
-``mean +- t_{1-alpha/2, n-1} * sd / sqrt(n)``.
+``mean +- t_{1-alpha/2, n-1} * sd / sqrt(n)``. It excludes 0 exactly when ``|mean|`` exceeds
+that half-width, so ``t_{1-alpha/2, n-1} * sd / sqrt(n)`` is the smallest gain ``n`` seeds can
+resolve at spread ``sd``: what an open verdict reports, rather than extrapolating the observed
+mean (which, for a method that does nothing, is noise and would promise a resolution).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as _scipy_stats
 
-__all__ = ["PairedGain", "paired_gain", "seeds_to_resolve"]
+__all__ = ["PairedGain", "detectable_gain", "paired_gain", "seeds_to_resolve"]
 
 GAIN, NO_EVIDENCE, HARM = "gain", "no evidence of gain", "harm"
 
@@ -26,18 +30,35 @@ def _t(confidence: float, df: int) -> float:
     return float(_scipy_stats.t.ppf(0.5 + confidence / 2, df))
 
 
-def seeds_to_resolve(mean: float, sd: float, confidence: float = 0.95,
+def _ap(x: float) -> str:
+    """An AP amount: two decimals, or two significant digits below 0.005 (not "0.00")."""
+    return f"{x:.2f}" if x == 0 or abs(x) >= 0.005 else f"{x:.2g}"
+
+
+# Seed counts an open verdict states the resolvable gain for (those above the current count).
+MORE_SEEDS = (5, 10, 20)
+
+
+def detectable_gain(sd: float, n: int, confidence: float = 0.95) -> float:
+    """The smallest gain whose ``n``-seed interval excludes 0 at this spread of the paired
+    differences: ``t_{(1+confidence)/2, n-1} * sd / sqrt(n)`` (the interval's half-width)."""
+    if n < 2:
+        raise ValueError(f"detectable_gain: n={n!r}; expected at least 2 seeds")
+    return _t(confidence, n - 1) * sd / math.sqrt(n)
+
+
+def seeds_to_resolve(gain: float, sd: float, confidence: float = 0.95,
                      limit: int = 1000) -> int | None:
-    """The smallest number of seeds whose interval would exclude 0 if the paired differences
-    kept this mean and spread; None when the mean is 0 or more than ``limit`` seeds would be
-    needed."""
-    if mean == 0 or not math.isfinite(mean) or not math.isfinite(sd):
+    """The smallest number of seeds whose interval would exclude 0 for a true ``gain`` (a gain
+    you state, e.g. the smallest worth having) at this spread; None when the gain is 0 or more
+    than ``limit`` seeds would be needed."""
+    if gain == 0 or not math.isfinite(gain) or not math.isfinite(sd):
         return None
     if sd == 0:
         return 2
     n = np.arange(2, limit + 1)
     half = _scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n)
-    enough = np.flatnonzero(half < abs(mean))
+    enough = np.flatnonzero(half < abs(gain))
     return int(n[enough[0]]) if enough.size else None
 
 
@@ -52,7 +73,9 @@ class PairedGain:
     high: float | None
     confidence: float
     verdict: str  # GAIN, NO_EVIDENCE or HARM
-    seeds_needed: int | None  # for NO_EVIDENCE: seeds that would resolve it at this spread
+    # for NO_EVIDENCE: (seeds, the smallest gain that many seeds resolve at this spread), for
+    # the seeds run and MORE_SEEDS above them; None with one seed or another verdict
+    detectable: tuple[tuple[int, float], ...] | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,10 +92,20 @@ class PairedGain:
             return f"gain: {ci}"
         if self.verdict == HARM:
             return f"harm: {ci}"
-        more = ("; at this spread no number of seeds would separate it from 0"
-                if self.seeds_needed is None else
-                f"; about {self.seeds_needed} seeds would resolve it if mean and spread held")
-        return f"no evidence of gain: {ci}{more}"
+        return f"no evidence of gain: {ci}{self._resolvable()}"
+
+    def _resolvable(self) -> str:
+        """What the spread lets more seeds resolve (nothing about the observed mean)."""
+        if not self.detectable or self.sd is None:
+            return ""
+        if self.sd == 0:
+            return "; every seed gave the same difference (sd 0)"
+        (n, now), *more = self.detectable
+        text = (f"; at this spread (per-seed gains vary by sd {_ap(self.sd)} AP) {n} seeds "
+                f"resolve only gains beyond ±{_ap(now)} AP")
+        if more:
+            text += "; " + ", ".join(f"{k} seeds ±{_ap(g)}" for k, g in more)
+        return text
 
 
 def paired_gain(method: Sequence[float], baseline: Sequence[float],
@@ -97,5 +130,8 @@ def paired_gain(method: Sequence[float], baseline: Sequence[float],
     half = _t(confidence, n - 1) * sd / math.sqrt(n)
     low, high = mean - half, mean + half
     verdict = GAIN if low > 0 else HARM if high < 0 else NO_EVIDENCE
-    needed = seeds_to_resolve(mean, sd, confidence) if verdict == NO_EVIDENCE else None
-    return PairedGain(n, mean, sd, low, high, confidence, verdict, needed)
+    detectable = None
+    if verdict == NO_EVIDENCE:
+        detectable = tuple((k, detectable_gain(sd, k, confidence))
+                           for k in (n, *(m for m in MORE_SEEDS if m > n)))
+    return PairedGain(n, mean, sd, low, high, confidence, verdict, detectable)

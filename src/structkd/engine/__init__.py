@@ -12,7 +12,7 @@ from .module import DetectionModule
 from .options import Balance, Loader, Optim, Schedule, TrainerOptions
 from .recipe import Config, TeacherSource, load_config
 from .results import RunResult
-from .run_dir import holds_run, next_free
+from .run_dir import check_out_dir, holds_run, next_free
 from .teacher_cache import cache_teacher, open_teacher_cache
 from .trainer import build_trainer
 
@@ -34,6 +34,7 @@ __all__ = [
     "build_run",
     "build_trainer",
     "cache_teacher",
+    "check_out_dir",
     "eval_info_for",
     "evaluate",
     "evaluate_checkpoint",

@@ -91,23 +91,20 @@ def _owner() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
-def check_out_dir(out_dir: str | Path) -> None:
-    """A ``ValueError`` now, before any work, unless a run can write at ``out_dir``."""
+def check_out_dir(out_dir: str | Path, key: str = "trainer.out_dir") -> None:
+    """A ``ValueError`` now, before any work, unless a run can write at ``out_dir`` (``key``:
+    the option that names it, for the message)."""
     path = Path(out_dir).expanduser()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"trainer.out_dir={str(out_dir)!r} is an existing file; expected a "
+        raise ValueError(f"{key}={str(out_dir)!r} is an existing file; expected a "
                          "directory (or a path that does not exist yet)")
-    _check_writable(path, out_dir)
-
-
-def _check_writable(path: Path, out_dir: str | Path) -> None:
     where = path if path.exists() else path.parent
     try:
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=where):
             pass
     except OSError as e:
-        raise ValueError(f"trainer.out_dir={str(out_dir)!r}: cannot write into {where} "
+        raise ValueError(f"{key}={str(out_dir)!r}: cannot write into {where} "
                          f"({e.strerror or e}); choose a writable folder") from None
 
 
