@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from kdtest import cli_inprocess, tiny_overrides
@@ -97,11 +98,20 @@ def test_a_replaced_teacher_file_is_never_reused(coco_data, teacher_run, tmp_pat
     first = compare(cfg, ["ssim"], seeds=1, out=out)
     assert first.how == {"none": ["trained"], "ssim": ["trained"]}
     record = json.loads((out / "seed0" / "ssim" / "teacher_files.json").read_text())["files"]
-    assert record == {str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-                      for p in (teacher.with_suffix(".json"), teacher.with_suffix(".safetensors"))}
-    kept = _snapshot(out)
-    original = teacher.with_suffix(".safetensors").read_bytes()
     weights = load_file(teacher.with_suffix(".safetensors"))
+    by_hand = hashlib.sha256()  # the weights file by its tensors, in name order
+    for k in sorted(weights):
+        by_hand.update(f"{k}:{tuple(weights[k].shape)}:{weights[k].dtype}".encode())
+        by_hand.update(weights[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    json_file = teacher.with_suffix(".json")
+    assert record == {str(json_file): hashlib.sha256(json_file.read_bytes()).hexdigest()[:16],
+                      str(teacher.with_suffix(".safetensors")): by_hand.hexdigest()[:16]}
+    original = teacher.with_suffix(".safetensors").read_bytes()
+    # the same weights saved again (safetensors orders its header as it likes): the same teacher
+    save_file(weights, teacher.with_suffix(".safetensors"), metadata={"b": "2", "a": "1"})
+    assert compare(cfg, ["ssim"], seeds=1, out=out).how == {"none": ["reused"],
+                                                            "ssim": ["reused"]}
+    kept = _snapshot(out)
     name = next(k for k, v in weights.items() if v.is_floating_point())
     weights[name] = weights[name] + 0.5  # another teacher, same path, same config
     save_file(weights, teacher.with_suffix(".safetensors"), metadata={"format": "pt"})

@@ -28,7 +28,7 @@ from typing import Any
 import lightning as L
 
 from ..config import ConfigError
-from ..distill import file_digest
+from ..distill import file_digest, tensors_fingerprint
 from ..distill.teacher_cache import MANIFEST
 from ..engine import (
     Config,
@@ -188,7 +188,10 @@ def _identity(cfg: Config) -> dict[str, Any]:
 
 class _Digests:
     """sha256 (16 hex digits) of files, each read once per comparison (keyed by path, size
-    and modification time); None for a missing file."""
+    and modification time); None for a missing file. A ``.safetensors`` file is hashed by its
+    tensors in name order (:func:`~structkd.distill.tensors_fingerprint`): safetensors writes
+    its header's metadata in an unspecified order, so two saves of the same weights differ as
+    bytes."""
 
     def __init__(self) -> None:
         self._seen: dict[tuple[str, int, int], str] = {}
@@ -200,7 +203,13 @@ class _Digests:
             return None
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if key not in self._seen:
-            self._seen[key] = file_digest(path)
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                tensors = load_file(str(path))
+                self._seen[key] = tensors_fingerprint(sorted(tensors.items()))
+            else:
+                self._seen[key] = file_digest(path)
         return self._seen[key]
 
 

@@ -20,6 +20,7 @@ from .teacher import (
     TeacherDtype,
     as_dtype,
     fused_copy,
+    tensors_fingerprint,
     weights_fingerprint,
 )
 from .teacher_cache import (
@@ -60,6 +61,7 @@ __all__ = [
     "preserved_state",
     "split_losses",
     "student_parameters",
+    "tensors_fingerprint",
     "unwrap",
     "weights_fingerprint",
     "write_teacher_cache",

@@ -12,7 +12,7 @@ import copy
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal, get_args
 
 import torch
@@ -37,8 +37,15 @@ def as_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
 
 def weights_fingerprint(model: nn.Module) -> str:
     """A short hash of every parameter and buffer (names, shapes, dtypes and values)."""
+    return tensors_fingerprint(unwrap(model).state_dict().items())
+
+
+def tensors_fingerprint(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """A short hash of named tensors (names, shapes, dtypes and values, in the order given):
+    what a weights file holds, whatever the order of its header (safetensors writes its
+    metadata in an unspecified order, so two saves of the same weights differ as files)."""
     h = hashlib.sha256()
-    for k, v in unwrap(model).state_dict().items():
+    for k, v in tensors:
         t = v.detach().to("cpu").contiguous()
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
