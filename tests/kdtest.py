@@ -33,16 +33,20 @@ def data_overrides(paths: SyntheticPaths) -> list[str]:
 def tiny_overrides(paths: SyntheticPaths, out_dir: str | Path, *extra: str) -> list[str]:
     """``--set`` values for a tiny, deterministic CPU run writing into ``out_dir``.
 
-    Later entries win, so ``extra`` can replace any default below.
+    Later entries win, so ``extra`` can replace any default below. With a ``model.family``
+    other than torchvision in ``extra``, the torchvision model keys are left out (such a model
+    refuses them).
     """
+    family = any(e.startswith("model.family=") and e != "model.family=torchvision"
+                 for e in extra)
+    torchvision = [] if family else ["model.arch=retinanet", "model.backbone=resnet18",
+                                     "model.fpn_channels=16"]
     return [
         *data_overrides(paths),
         "data.num_workers=0",
         "data.batch_size=4",
         "data.val_batch_size=4",
-        "model.arch=retinanet",
-        "model.backbone=resnet18",
-        "model.fpn_channels=16",
+        *torchvision,
         f"model.min_size={IMAGE_SIZE}",
         f"model.max_size={IMAGE_SIZE}",
         "schedule.epochs=1",

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -103,7 +104,7 @@ def _teacher_key(name: str) -> str:
     if name in builders:
         return "torchvision"
     path = Path(name).expanduser()
-    if path.suffix == ".pt" and _pickles_ultralytics(path):
+    if path.suffix == ".pt" and path.is_file() and _pickles_ultralytics(path):
         return "ultralytics"  # an Ultralytics checkpoint (structkd's own saves are safetensors)
     if path.is_dir() and (path / "config.json").is_file() and not (
             path / "student.json").is_file():
@@ -119,15 +120,17 @@ def _teacher_key(name: str) -> str:
 
 def _pickles_ultralytics(path: Path) -> bool:
     """Whether a torch ``.pt`` file's pickle names Ultralytics' model classes (read as bytes,
-    never unpickled)."""
+    never unpickled); a file that is no readable torch archive is refused here, naming it."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
             pickles = [n for n in z.namelist() if n.endswith("data.pkl")]
             return any(b"ultralytics.nn" in z.read(n) for n in pickles)
-    except (OSError, zipfile.BadZipFile):
-        return False
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"--teacher {path}: not a readable PyTorch checkpoint (an Ultralytics "
+                         ".pt or a state dict written by torch.save is a zip archive; this one "
+                         f"is truncated or corrupt: {type(e).__name__}: {e})") from None
 
 
 def _teacher_overrides(args: argparse.Namespace) -> list[str]:
@@ -523,6 +526,12 @@ def _rejected_trainer_settings(e: BaseException) -> str | None:
     return None
 
 
+# What the machine refuses, not a bug: one line naming the file (full disk, read-only,
+# permissions, a file where a folder is expected).
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+
+
 def _error_message(e: BaseException) -> str | None:
     """The one-line message of an error the user can fix; None for a bug (keep the traceback).
 
@@ -543,6 +552,11 @@ def _error_message(e: BaseException) -> str | None:
                         "False: use trainer.accelerator=cpu or auto")
         return (f"Lightning cannot set up the trainer with {settings}: {' '.join(str(e).split())} "
                 f"({hint})")
+    if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+        where = f"{e.filename}: " if e.filename else ""
+        hint = "; free some space and resume (trainer.resume=last)" \
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return f"{where}{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}){hint}"
     lightning_misconfig = any(c.__name__ == "MisconfigurationException" and
                               c.__module__.startswith("lightning") for c in type(e).__mro__)
     if not lightning_misconfig and not isinstance(

@@ -152,9 +152,11 @@ def section_from_dataclass(
     return _make(name, fields, doc or f"The fields of ``{cls.__qualname__}``.", check)
 
 
-def compose(name: str, *parts: type, doc: str | None = None) -> type:
+def compose(name: str, *parts: type, doc: str | None = None,
+            check: Callable[[Any], None] | None = None) -> type:
     """One section holding the fields of several dataclasses (names must not repeat); building
-    it builds each part, so every part's own checks run. :func:`part` gets a part back."""
+    it builds each part, so every part's own checks run, then ``check(section)`` (checks
+    across parts). :func:`part` gets a part back."""
     fields: list[tuple[str, Any, Any]] = []
     seen: set[str] = set()
     for cls in parts:
@@ -167,12 +169,14 @@ def compose(name: str, *parts: type, doc: str | None = None) -> type:
                 else f.default
             fields.append(_field(f.name, hints[f.name], default))
 
-    def check(section: Any) -> None:
+    def check_all(section: Any) -> None:
         for cls in parts:
             part(section, cls)
+        if check is not None:
+            check(section)
 
     return _make(name, fields, doc or f"The fields of {', '.join(c.__name__ for c in parts)}.",
-                 check)
+                 check_all)
 
 
 def part(section: Any, cls: type[T]) -> T:

@@ -355,3 +355,47 @@ def test_teacher_flag_names_a_family_for_its_own_saves(tmp_path: Path) -> None:
 
     pt = yolo_detector("yolov8n.yaml", 3).save_native(tmp_path / "yolo")
     assert overrides(str(pt)) == ["teacher.family=ultralytics", f"teacher.name={pt}"]
+
+
+# ------------------------------------------------------------- issue 24, items 8 and 9
+
+
+def test_a_truncated_pt_teacher_is_named_as_such(tmp_path: Path, make_overrides) -> None:
+    """A cut ``.pt`` (an Ultralytics checkpoint or a state dict: both zip archives) is not
+    described as a torchvision or structkd file."""
+    pt = tmp_path / "yolo11s.pt"
+    torch.save({"model": torch.zeros(1000)}, pt)
+    pt.write_bytes(pt.read_bytes()[:300])
+    proc = cli_inprocess(["distill", "--teacher", str(pt),
+                          *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, f"--teacher {pt}: not a readable PyTorch checkpoint", "truncated or corrupt")
+
+
+def test_a_lock_that_is_a_folder(make_overrides, tmp_path: Path) -> None:
+    (tmp_path / "run" / ".structkd.lock").mkdir(parents=True)
+    proc = cli_inprocess(["train", *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, str(tmp_path / "run" / ".structkd.lock"), "is a folder", "remove it")
+
+
+def test_a_full_disk_is_one_line(make_overrides, tmp_path: Path, monkeypatch) -> None:
+    """No space left while the run writes its checkpoint: one line naming the file and what to
+    do, not a traceback."""
+    import errno
+
+    import lightning.pytorch.callbacks.model_checkpoint as mc
+
+    def full(self, trainer, filepath):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
+
+    monkeypatch.setattr(mc.ModelCheckpoint, "_save_checkpoint", full)
+    proc = cli_inprocess(["train", *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, "last.ckpt: No space left on device (ENOSPC); free some space and resume")
+
+
+def test_compare_out_on_a_file(make_overrides, tmp_path: Path, export: Path) -> None:
+    out = tmp_path / "results"
+    out.write_text("a file the user keeps")
+    proc = cli_inprocess(["compare", "--teacher", str(export), "--seeds", "1", "--out",
+                          str(out), *_sets(make_overrides(tmp_path / "run"))])
+    _fails(proc, f"out='{out}' is an existing file; expected a directory")
+    assert out.read_text() == "a file the user keeps"

@@ -258,3 +258,18 @@ def test_load_image_applies_every_exif_orientation(tmp_path: Path, orientation: 
             load_image(path, 1, (6, 4))
         with pytest.raises(ValueError, match=rf"orientation {orientation} is not applied"):
             load_image(path, 1, (4, 6), apply_exif=False)
+
+
+def test_a_fifo_named_like_an_image_is_a_listed_problem_not_a_hang(tmp_path: Path) -> None:
+    """A FIFO in place of an annotated image would block ``Image.open`` forever: the header
+    check lists it (with the count of unusable files) and loading names it, at once."""
+    import os
+
+    ds = tiny_dataset(tmp_path)
+    (tmp_path / "im2.png").unlink()
+    os.mkfifo(tmp_path / "im2.png")
+    with pytest.raises(ValueError, match=r"1 of \d+ image files cannot be used: image id 2 "
+                                         r"\(.*im2\.png\) is a FIFO, not a regular image file"):
+        ds.check_images(progress=False)
+    with pytest.raises(ValueError, match=r"im2\.png \(image id 2\) is a FIFO"):
+        ds[1]

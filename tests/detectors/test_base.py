@@ -16,8 +16,10 @@ from structkd.detectors import (
     WrappedDetector,
     adapters,
     as_detector,
+    class_count,
     detector_family,
     family_defaults,
+    family_detector,
     register_adapter,
 )
 from structkd.models import DetectorSpec, build_detector
@@ -119,3 +121,25 @@ def test_remove_hooks_takes_structkd_hooks_and_leaves_the_users() -> None:
     model[1].register_forward_pre_hook(lambda *_: None)
     assert remove_hooks(model, structkd_only=False) == 2  # a copy to pickle: every hook goes
     assert not model[0]._forward_hooks and not model[1]._forward_pre_hooks
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos", "fasterrcnn"])
+def test_class_count_reads_torchvision_heads(arch: str) -> None:
+    det = build_detector(DetectorSpec(arch, 5, "resnet18", fpn_channels=16))
+    assert class_count(det) == 5
+    assert class_count(nn.Conv2d(3, 3, 1)) is None  # a user's model: unknown, not a guess
+
+
+def test_class_count_reads_ssd_heads() -> None:
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    det = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=5)
+    assert class_count(det) == 5
+
+
+def test_an_unknown_builder_option_names_its_key() -> None:
+    pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match=r"^model.options.num_querys: not an option of the "
+                                         r"transformers builder for 'rt_detr' "):
+        family_detector("transformers", "rt_detr", 7, options_key="model.options",
+                        num_querys=10)

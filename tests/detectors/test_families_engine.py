@@ -44,6 +44,13 @@ def test_a_resumed_run_of_another_family_is_the_uninterrupted_run(
     assert any(not torch.equal(before[k], b[k]) for k in b)  # the second epoch trained
     assert json.loads((tmp_path / "part" / "results.json").read_text())["steps"] == 4
 
+    # the run's last.ckpt is a detector too: the export's architecture with the checkpoint's
+    # weights (here the final ones: equal to the export's safetensors)
+    from_ckpt, ckpt_info = load_detector(tmp_path / "part" / "checkpoints" / "last.ckpt")
+    state = from_ckpt.state_dict()
+    assert set(state) == set(b) and all(torch.equal(state[k], b[k]) for k in b)
+    assert len(ckpt_info.class_names) == NUM_CLASSES
+
     # the run's student as ONNX (what `structkd export RUN --onnx` does), rebuilt from its
     # export alone, with the run's label map; ONNX Runtime gives the rebuilt student's detections
     student, info = load_detector(resumed.export_prefix)

@@ -247,3 +247,50 @@ def test_default_taps_of_each_type_pair_with_a_torchvision_teacher(kind, strides
     out = d(images, targets)
     assert torch.isfinite(out["distill"]) and out["distill"] > 0
     d.close()
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory: pytest.TempPathFactory):
+    det = transformers_detector("rt_detr", 7, num_queries=50)
+    folder = tmp_path_factory.mktemp("saved") / "rtdetr"
+    det.save_native(folder)
+    return det, folder
+
+
+def _broken(folder, dest, what: str):
+    import shutil
+
+    shutil.copytree(folder, dest)
+    weights = dest / "model.safetensors"
+    if what == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif what == "cut config":
+        config = dest / "config.json"
+        config.write_text(config.read_text()[:200])
+    elif what == "no weights":
+        weights.unlink()
+    elif what == "foreign pickled weights":  # a plain state dict of another model
+        weights.unlink()
+        torch.save({"conv.weight": torch.zeros(3)}, dest / "pytorch_model.bin")
+    return dest
+
+
+@pytest.mark.parametrize(("what", "message"), [
+    ("truncated weights", r"not a loadable save_pretrained folder \(SafetensorError: "),
+    ("cut config", r"not a loadable save_pretrained folder \(OSError: .*config.json.* is not "
+                   r"a valid JSON file"),
+    ("no weights", r"not a loadable save_pretrained folder \(OSError: Error no file named "
+                   r"model.safetensors"),
+    ("foreign pickled weights", r"its weights lack \d+ of the model's tensors"),
+])
+def test_a_broken_folder_is_one_line_never_random_weights(saved_folder, tmp_path, what,
+                                                          message) -> None:
+    """transformers would train on, or initialise at random, what these folders lack."""
+    det, folder = saved_folder
+    broken = _broken(folder, tmp_path / "broken", what)
+    with pytest.raises(ValueError, match=rf"^{broken}: {message}") as error:
+        transformers_detector(str(broken), 7)
+    assert "\n" not in str(error.value)
+    loaded = transformers_detector(str(folder), 7, num_queries=50)  # the intact one loads
+    state = loaded.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in det.state_dict().items())

@@ -42,8 +42,22 @@ def test_a_working_distillation_passes_and_leaves_no_trace(pair) -> None:
 def test_a_tap_on_a_module_the_forward_never_calls(pair) -> None:
     student, teacher = _copies(pair)
     student.unused = nn.Conv2d(3, 8, 3)  # exists, never called by the detector's forward
-    with pytest.raises(RuntimeError, match=r"the tapped modules \['unused'\] did not run"):
+    with pytest.raises(ValueError, match=r"student taps \['unused'\] never ran when 'backbone' "
+                                         r"ran"):
         Distiller(student, teacher, student_layers=["backbone", "unused"])
+
+
+def test_a_tap_whose_own_module_cannot_take_the_image_batch_names_the_tap(pair) -> None:
+    """A tap outside the family's root makes its top-level parent the root of the dry run; a
+    module that cannot take the image batch is named, not a convolution's shape error."""
+    student, teacher = _copies(pair)
+    student.aux = nn.Conv2d(64, 8, 3)  # never called by the forward, wants 64 channels
+    with pytest.raises(ValueError, match=r"student taps \['aux'\]: 'aux' failed on a blank "
+                                         r"512x512 image batch \(RuntimeError: "):
+        Distiller(student, teacher, student_layers=["aux"])
+    with pytest.raises(ValueError, match=r"student taps \['anchor_generator'\]: "
+                                         r"'anchor_generator' failed"):
+        Distiller(student, teacher, student_layers=["anchor_generator"])
 
 
 def test_a_ddp_prefix_on_a_tap_path_says_to_drop_it(pair) -> None:
@@ -123,3 +137,20 @@ def test_a_method_whose_term_is_constant(pair, zero_grad: bool, message: str) ->
             check_distillation(d, *_batch())
     finally:
         METHODS.pop("constant_test", None)
+
+
+def test_a_level_tapped_on_frozen_layers_is_named(pair) -> None:
+    """Two tapped levels, the first behind frozen layers only: the total gradient reaches the
+    student (through the second), but the first level would move nothing; it is named."""
+    student, teacher = _copies(pair)
+    for name, p in student.backbone.body.named_parameters():
+        p.requires_grad_(name.startswith("layer4"))
+    layers = ["backbone.body.layer2", "backbone.body.layer4"]
+    d = Distiller(student.train(), teacher, "mse", student_layers=layers, teacher_layers=layers)
+    with pytest.raises(ValueError, match=r"the student's level\(s\) s8 \(tap "
+                                         r"'backbone.body.layer2'\) depend on no trainable "
+                                         r"parameter"):
+        check_distillation(d, *_batch())
+    for p in student.backbone.body.layer2.parameters():  # trainable again: both levels learn
+        p.requires_grad_(True)
+    assert check_distillation(d, *_batch())["levels"] == ["s8", "s32"]

@@ -148,3 +148,53 @@ def test_the_sample_check_leaves_the_random_state_alone(datasets) -> None:
     before = torch.get_rng_state()
     check_first_sample(datasets[0], "train")  # its flip transform draws from the global RNG
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_student_that_is_not_a_detector_is_one_clear_error(datasets, tmp_path) -> None:
+    with pytest.raises(TypeError, match=r"fit\(student='retinanet'\): expected a detector "
+                                        r"\(an nn.Module\), got a str; build one first"):
+        structkd.fit("retinanet", *datasets, out_dir=tmp_path / "run", **TINY)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_student_of_another_class_count_is_refused(datasets, tmp_path) -> None:
+    """The data has 6 classes (num_classes 7): a student built for 80 (or 3) is refused before
+    any work, naming both counts; the independent count is the annotation file's categories."""
+    import json
+
+    categories = len(json.loads(datasets[0].ann_file.read_text())["categories"])
+    for k in (81, 4):
+        student = build_detector(arch="fcos", num_classes=k, backbone="resnet18",
+                                 fpn_channels=16, min_size=IMAGE_SIZE, max_size=IMAGE_SIZE)
+        with pytest.raises(ValueError, match=rf"the student predicts {k - 1} classes "
+                                             rf"\(num_classes={k} with the background\), the "
+                                             rf"training data has {categories} "
+                                             rf"\(num_classes={categories + 1}\)"):
+            structkd.fit(student, *datasets, out_dir=tmp_path / "run", **TINY)
+
+
+class _Relabelled(torch.utils.data.Dataset):
+    """A user's dataset (no ``num_classes``) whose items but the first carry label 9."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, target = self.base[i]
+        if i > 0:
+            target = {**target, "labels": torch.full_like(target["labels"], 9)}
+        return image, target
+
+
+def test_labels_beyond_the_students_classes_name_label_and_image(datasets, tmp_path) -> None:
+    student, _ = _pair()
+    train = _Relabelled(datasets[0])
+    ids = {int(train[i][1]["image_id"]) for i in range(1, len(train))}
+    with pytest.raises(ValueError, match=r"label 9 of image \d+ is outside 1..6: the student "
+                                         r"predicts 6 object classes") as error:
+        structkd.fit(student, train, None, out_dir=tmp_path / "run",
+                     **{**TINY, "batch_size": 2, "max_steps": 2})
+    assert int(str(error.value).split()[4]) in ids

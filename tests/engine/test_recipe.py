@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from torch import nn
 
 from structkd.config import ConfigError, parse_override
 from structkd.engine import Config, Loader, Schedule, load_config
@@ -311,3 +313,40 @@ def test_a_student_of_another_family_is_checked_when_the_config_loads() -> None:
     with pytest.raises(ConfigError, match=r"name='rt_detr' goes with a family other than "
                                           r"torchvision"):
         load_config(overrides=["model.name=rt_detr"])
+
+
+def test_torchvision_keys_set_for_a_model_of_another_family_are_refused() -> None:
+    """A model of another family would ignore them silently; its input size keys stay."""
+    base = ["model.family=ultralytics", "model.name=yolo26n.yaml"]
+    cfg = load_config(overrides=[*base, "model.min_size=320", "model.max_size=320"])
+    assert (cfg.model.min_size, cfg.model.max_size) == (320, 320)
+    with pytest.raises(ConfigError, match=r"^model.backbone='resnet50', fpn_channels=16: "
+                                          r"torchvision key\(s\) that a ultralytics model "
+                                          r"ignores \(it is built from name='yolo26n.yaml'"):
+        load_config(overrides=[*base, "model.backbone=resnet50", "model.fpn_channels=16"])
+
+
+def test_a_teacher_with_random_weights_is_refused_unless_allowed(coco_data) -> None:
+    """A teacher the config builds from a model YAML / type, or a torchvision builder without
+    weights, has random weights: refused with the key that allows it; allowed, it builds."""
+    from kdtest import data_overrides
+    from structkd.engine import load_teacher
+
+    cases = [("teacher.torchvision=retinanet_resnet50_fpn", "teacher.num_classes=7",
+              r"teacher.torchvision='retinanet_resnet50_fpn' without teacher.weights has "
+              r"random weights")]
+    if importlib.util.find_spec("ultralytics"):
+        cases.append(("teacher.family=ultralytics", "teacher.name=yolo11n.yaml",
+                      r"teacher.name='yolo11n.yaml' \(a ultralytics model built from its "
+                      r"configuration\) has random weights"))
+    if importlib.util.find_spec("transformers"):
+        cases.append(("teacher.family=transformers", "teacher.name=rt_detr",
+                      r"teacher.name='rt_detr' \(a transformers model"))
+    for a, b, message in cases:
+        cfg = load_config(overrides=[*data_overrides(coco_data), a, b])
+        with pytest.raises(ValueError, match=message + r".*teacher.allow_untrained=true"):
+            load_teacher(cfg, 7)
+        cfg = load_config(overrides=[*data_overrides(coco_data), a, b,
+                                     "teacher.allow_untrained=true"])
+        model, _ = load_teacher(cfg, 7)
+        assert isinstance(model, nn.Module) and len(list(model.parameters())) > 0

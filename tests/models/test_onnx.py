@@ -192,3 +192,25 @@ def test_onnx_latency_times_warmup_and_iters_calls(monkeypatch, tmp_path) -> Non
     assert next(durations, None) is None  # exactly warmup + iters calls
     with pytest.raises(ValueError, match="warmup=-1"):
         onnx_latency(tmp_path / "m.onnx", warmup=-1)
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
+    """No space left while the ONNX file is written: one ValueError naming the path, no
+    truncated file at the path (an earlier export there stays as it was), no temporary left."""
+    import errno
+
+    model = _detector("fcos")
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an earlier export")
+
+    def full_disk(proto, where, *args, **kwargs):
+        with open(where, "wb") as f:
+            f.write(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", full_disk)
+    with pytest.raises(ValueError, match=r"--onnx .*model\.onnx: cannot write the ONNX file "
+                                         r"\(No space left on device\); no partial file"):
+        export_onnx(model, path, image_size=SIZE)
+    assert path.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

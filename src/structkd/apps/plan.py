@@ -146,7 +146,8 @@ def run_key(cfg: Config) -> str:
     d["trainer"] = {k: v for k, v in d["trainer"].items() if k in ("seed", "precision")}
     # A teacher of another family by name: left out at its defaults, so runs cached before
     # these keys existed stay valid.
-    for k, default in (("family", None), ("name", None), ("options", {})):
+    for k, default in (("family", None), ("name", None), ("options", {}),
+                       ("allow_untrained", False)):
         if d["teacher"].get(k, default) == default:
             d["teacher"].pop(k, None)
     if d["distill"]["method"] == "none":

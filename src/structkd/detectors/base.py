@@ -19,6 +19,7 @@ tapped levels (``taps``) and the family name that picks a method's preset.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,9 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
 __all__ = ["Adapter", "DetectorFamily", "FamilyInfo", "WrappedDetector", "adapters",
-           "as_detector", "describe_families", "detector_family", "family_defaults",
-           "family_detector", "register_adapter", "remove_hooks", "unwrap"]
+           "as_detector", "builds_random_weights", "class_count", "describe_families",
+           "detector_family", "family_defaults", "family_detector", "register_adapter",
+           "remove_hooks", "unwrap"]
 
 
 class WrappedDetector(nn.Module):
@@ -104,6 +106,9 @@ class Adapter:
     # names(): what ``build`` takes by name in this installation (raises ImportError without
     # the family's package)
     names: Callable[[], list[str]] | None = None
+    # random_weights(name): whether ``build(name, ...)`` gives random weights (a model type or
+    # YAML built from its configuration, not a checkpoint): refused as a teacher by default
+    random_weights: Callable[[str], bool] | None = None
 
 
 _ADAPTERS: list[Adapter] = []
@@ -198,6 +203,22 @@ def detector_family(model: nn.Module) -> str:
     return "custom"
 
 
+def class_count(model: nn.Module) -> int | None:
+    """The classes ``model`` predicts, background included (structkd's ``num_classes``): a
+    wrapper's own count, torchvision's class heads' (RetinaNet, FCOS, SSD, Faster R-CNN);
+    None where it cannot be read (a user's detector)."""
+    inner = unwrap(model)
+    if isinstance(inner, WrappedDetector):
+        return inner.num_classes
+    head = getattr(getattr(inner, "head", None), "classification_head", None)
+    for value in (getattr(head, "num_classes", None), getattr(head, "num_columns", None)):
+        if isinstance(value, int):
+            return value
+    score = getattr(getattr(getattr(inner, "roi_heads", None), "box_predictor", None),
+                    "cls_score", None)
+    return int(score.out_features) if isinstance(score, nn.Linear) else None
+
+
 def family_defaults(model: nn.Module) -> tuple[str, str | list[str]]:
     """(root, taps): the module taking the batched tensor and the default tapped path(s);
     ``("backbone", "backbone")`` (trunk + FPN output) for torchvision's detectors."""
@@ -236,15 +257,31 @@ class DetectorFamily:
                              "folder or file)")
 
 
-def family_detector(family: str, name: str, num_classes: int, **options: Any) -> nn.Module:
+def family_detector(family: str, name: str, num_classes: int, *, options_key: str = "options",
+                    **options: Any) -> nn.Module:
     """A detector of ``family`` built by its adapter's builder from ``name`` (``options``: the
-    builder's, e.g. ``size``, ``min_size``, ``max_size``)."""
+    builder's, e.g. ``size``, ``min_size``, ``max_size``; an unknown one is a ValueError
+    naming ``options_key.<option>``, e.g. "model.options.x")."""
     known = {a.name: a for a in adapters()}
     adapter = known.get(family)
     if adapter is None or adapter.build is None:
         raise ValueError(f"no builder for the family {family!r}; expected one of "
                          f"{[n for n, a in known.items() if a.build is not None]}")
-    return adapter.build(name, num_classes, **options)
+    try:
+        return adapter.build(name, num_classes, **options)
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unknown is None:
+            raise
+        raise ValueError(f"{options_key}.{unknown.group(1)}: not an option of the {family} "
+                         f"builder for {name!r} ({e})") from None
+
+
+def builds_random_weights(family: str, name: str) -> bool:
+    """Whether ``family``'s builder makes ``name`` with random weights (e.g. a model YAML)."""
+    adapter = {a.name: a for a in adapters()}.get(family)
+    return bool(adapter is not None and adapter.random_weights is not None
+                and adapter.random_weights(name))
 
 
 @dataclass(frozen=True)

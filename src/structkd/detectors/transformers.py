@@ -212,6 +212,13 @@ def _names() -> list[str]:
     return [*TRANSFORMERS_TYPES, "<hub name, e.g. PekingU/rtdetr_r18vd>"]
 
 
+def _random_weights(name: str) -> bool:
+    from .transformers_build import TRANSFORMERS_TYPES
+
+    return str(name) in TRANSFORMERS_TYPES  # built from a config; folders and hub names load
+
+
 register_adapter(Adapter(
     "transformers", is_transformers_detector, TransformersDetector,
-    install="pip install 'structkd[transformers]'", build=_build, names=_names))
+    install="pip install 'structkd[transformers]'", build=_build, names=_names,
+    random_weights=_random_weights))

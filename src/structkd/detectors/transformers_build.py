@@ -144,9 +144,26 @@ def _from_pretrained(transformers: Any, where: str, labels: int,
                        "the modelling code it ships runs)", where)
     # weights_only: a pickled pytorch_model.bin is read without running code; no remote code
     # unless the user vouches for it.
-    model = transformers.AutoModelForObjectDetection.from_pretrained(
-        where, num_labels=labels, ignore_mismatched_sizes=True, local_files_only=local_only,
-        weights_only=True, trust_remote_code=trust)
+    try:
+        saved = transformers.AutoConfig.from_pretrained(
+            where, local_files_only=local_only, trust_remote_code=trust).num_labels
+        model, info = transformers.AutoModelForObjectDetection.from_pretrained(
+            where, num_labels=labels, ignore_mismatched_sizes=True, local_files_only=local_only,
+            weights_only=True, trust_remote_code=trust, output_loading_info=True)
+    except Exception as e:  # transformers' own errors: OSError, SafetensorError, pickle's, ...
+        if isinstance(e, OSError) and not Path(where).exists():
+            raise  # a hub name: the caller explains the offline case
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise ValueError(f"{where}: not a loadable save_pretrained folder ({type(e).__name__}: "
+                         f"{first})") from None
+    missing = list(info.get("missing_keys") or [])
+    if missing:  # transformers would initialise them at random and carry on
+        raise ValueError(f"{where}: its weights lack {len(missing)} of the model's tensors (e.g. "
+                         f"{missing[0]!r}): they belong to another architecture or are "
+                         "incomplete")
+    if saved != labels:
+        logger.warning("%s has %d classes, the data %d: its class head is new, for %d classes "
+                       "(every other weight loaded)", where, saved, labels, labels)
     return model
 
 

@@ -377,4 +377,5 @@ def _names() -> list[str]:
 
 register_adapter(Adapter(
     "ultralytics", is_ultralytics_detector, UltralyticsDetector, install=INSTALL,
-    build=_build, names=_names))
+    build=_build, names=_names,
+    random_weights=lambda name: Path(str(name)).suffix.lower() in (".yaml", ".yml")))

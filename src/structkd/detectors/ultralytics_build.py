@@ -221,6 +221,9 @@ def _from_checkpoint(path: Path, nc: int, trust_checkpoint: bool = False) -> nn.
         raise ValueError(f"{path} holds a {type(model).__name__}; expected a detection model "
                          "(DetectionModel or RTDETRDetectionModel)")
     if int(model.model[-1].nc) != nc:
+        logger.warning("%s has %d classes, the data %d: rebuilt with a new class head for %d "
+                       "(every other weight of a matching shape copied)", path,
+                       int(model.model[-1].nc), nc, nc)
         cls = _model_class(type(model).__name__ == "RTDETRDetectionModel")
         fresh = cls(dict(model.yaml), nc=nc, verbose=False)
         fresh.load(model, verbose=False)

@@ -105,6 +105,8 @@ class Distiller(nn.Module):
             teacher_root = teacher_root or "backbone"
             teacher_layers = teacher_layers or teacher_root
         self.last_teacher: dict[str, Tensor] = {}  # the teacher's levels of a probing step
+        # per level of a probing step: whether the student's map depends on trainable weights
+        self.last_student_trainable: dict[str, bool] = {}
         if self._cache is None and inner is unwrap(teacher):  # also through DDP / compile
             raise ValueError("student and teacher are the same module; pass two detectors")
         self.student = student
@@ -150,7 +152,7 @@ class Distiller(nn.Module):
               levels: list[str] | None, teacher_dtype: str | torch.dtype | None,
               options: dict[str, Any]) -> None:
         """Freeze the teacher, measure and pair the levels, build the method."""
-        s_levels = measure_levels(student, self._tap, s_root)
+        s_levels = measure_levels(student, self._tap, s_root, role="student")
         if isinstance(teacher, TeacherCache):
             t_levels = teacher.levels
         else:
@@ -161,7 +163,8 @@ class Distiller(nn.Module):
                 self._frozen[0].model.to(self.teacher_device)
             t_tap = self._frozen[0].tap_for_dry_run()
             try:
-                t_levels = measure_levels(self._frozen[0].model, t_tap, teacher_root)
+                t_levels = measure_levels(self._frozen[0].model, t_tap, teacher_root,
+                                          role="teacher")
             finally:
                 if t_tap is not self._frozen[0].tap:
                     t_tap.close()
@@ -313,6 +316,7 @@ class Distiller(nn.Module):
             labels = [t["labels"] for t in t_targets]
         if self._probing:
             self.last_teacher = {k: v.detach() for k, v in teacher.items()}
+            self.last_student_trainable = {k: v.requires_grad for k, v in student.items()}
         ctx = DistillContext(student, teacher, self.method.levels,
                              batch_shape=tuple(batch.shape[-2:]), image_sizes=sizes,
                              boxes=boxes, labels=labels)

@@ -43,7 +43,8 @@ def check_distillation(distiller: Distiller, images: list[Tensor],
     """Check on one batch that ``distiller`` really distils; raise ``ValueError`` if not.
 
     Checked: every student tap fired and every tapped layer of an explicit list paired with a
-    teacher level; no teacher level is constant; the distillation term is finite and, unless
+    teacher level; every paired student level depends on trainable parameters; no teacher
+    level is constant; the distillation term is finite and, unless
     the weight is 0 on purpose (an error: use method "none"), non-zero; its gradient reaches
     the student's trainable parameters with a non-zero norm. Returns what was seen (levels,
     term value, reached parameter groups) for the log.
@@ -84,8 +85,8 @@ def check_distillation(distiller: Distiller, images: list[Tensor],
                              "finite value (per level: " + _levels(distiller) + ")")
         grads = (torch.autograd.grad(term, [p for _, p in params], allow_unused=True)
                  if term.requires_grad else (None,) * len(params))
-        t_levels = distiller.last_teacher
-        distiller.last_teacher = {}
+        t_levels, s_trainable = distiller.last_teacher, distiller.last_student_trainable
+        distiller.last_teacher, distiller.last_student_trainable = {}, {}
     for name, t in t_levels.items():
         t = t.detach().float()
         if t.numel() and float(t.max() - t.min()) == 0.0:
@@ -101,6 +102,14 @@ def check_distillation(distiller: Distiller, images: list[Tensor],
             f"{distiller.student_layers}; trainable groups {_groups([n for n, _ in params])}): "
             "the tapped output is detached, the layers before it are frozen, or the method "
             "returns a value that does not depend on the student's features")
+    still = [p for p in distiller.pairs if not s_trainable.get(p.name, True)]
+    if still:
+        raise ValueError(
+            "the student's level(s) " + ", ".join(f"{p.name} (tap {p.student!r})" for p in still)
+            + " depend on no trainable parameter (the layers before them are frozen or their "
+            "output is detached): their terms would train only the method's adapters; tap "
+            "trainable layers, unfreeze the ones before them (e.g. a larger "
+            "trainable_backbone_layers), or leave these levels out (levels=[...])")
     norm = total_norm(g for g in grads if g is not None)
     if value == 0.0 or norm == 0.0:
         raise ValueError(f"the distillation term is {value:.4g} with a gradient norm of "

@@ -46,23 +46,41 @@ class LevelPair:
 
 @torch.no_grad()
 def measure_levels(model: nn.Module, tap: FeatureTap, root: str,
-                   size: int = DRY_RUN_SIZE) -> OrderedDict[str, LevelInfo]:
+                   size: int = DRY_RUN_SIZE, *, role: str = "model"
+                   ) -> OrderedDict[str, LevelInfo]:
     """Run ``root`` of ``model`` once on a blank image (eval mode) and read the tapped levels.
 
-    Autocast is off for it: only shapes are read, and a bfloat16 CPU autocast region around a
-    ``Distiller``'s construction made this 512 px run a hundred times slower.
+    A tapped module that does not run from ``root``, or a root that does not take an image
+    batch, is a ValueError naming the taps and the root (``role``: "student" / "teacher", for
+    the message). Autocast is off for it: only shapes are read, and a bfloat16 CPU autocast
+    region around a ``Distiller``'s construction made this 512 px run a hundred times slower.
     """
-    module = find_module(model, root)
+    module = find_module(model, root, role)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     was_training = model.training
     model.eval()  # never touch BatchNorm running statistics in a dry run
+    where = f"'{root}'" if root else f"the {role}"
     try:
         tap.clear()
         with no_autocast(device):
-            tap.run_until_complete(module, torch.zeros(1, 3, size, size, device=device,
-                                                       dtype=dtype))
+            try:
+                tap.run_until_complete(module, torch.zeros(1, 3, size, size, device=device,
+                                                           dtype=dtype))
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                first = (str(e).splitlines() or [""])[0][:200]
+                raise ValueError(
+                    f"{role} taps {tap.paths}: {where} failed on a blank {size}x{size} image "
+                    f"batch ({type(e).__name__}: {first}); tap modules that run in the "
+                    f"detector's forward after the module taking the batched images, and name "
+                    "that module as the root (teacher_root; a student's root is its family's, "
+                    "or the top-level parent of its first tap)") from None
+        missing = [p for p in tap.paths if not tap.recorded(p)]
+        if missing:
+            raise ValueError(f"{role} taps {missing} never ran when {where} ran on a blank "
+                             "image batch: tap modules that the detector's forward calls "
+                             "after that point")
         levels = tap.levels()
     finally:
         model.train(was_training)

@@ -191,6 +191,10 @@ class FeatureTap:
     def clear(self) -> None:
         self._store = {}
 
+    def recorded(self, path: str) -> bool:
+        """Whether the module at ``path`` ran since the last :meth:`clear`."""
+        return path in self._store
+
     def input(self) -> Any:
         """The recorded input of ``input_path`` (its positional arguments), or None."""
         return self._store.get("__input__")

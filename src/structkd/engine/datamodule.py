@@ -8,6 +8,7 @@ the right epoch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -29,16 +30,35 @@ class DetectionDataModule(L.LightningDataModule):
         seed: the data order and every sample's augmentation depend on (seed, epoch) only.
         class_names: names by label (0 = background) for the per-class table; a structkd
             ``CocoDetection`` brings its own.
+        num_classes: the classes the model predicts, background included: a training label
+            outside 1..num_classes-1 is refused, naming the label and its image (torchvision's
+            losses would fail with an IndexError, or train nothing); None checks nothing.
     """
 
     def __init__(self, train: Dataset, val: Dataset | None = None, loader: Loader | None = None,
-                 *, seed: int = 0, class_names: Sequence[str] | None = None) -> None:
+                 *, seed: int = 0, class_names: Sequence[str] | None = None,
+                 num_classes: int | None = None) -> None:
         super().__init__()
         self.train_dataset, self.val_dataset = train, val
         self.loader = loader or Loader()
         self.seed = seed
         self.class_names = list(class_names) if class_names is not None else None
+        self.num_classes = num_classes
         self._eval_info: EvalInfo | None = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Check a training batch's labels on the host, before it goes to the device."""
+        t = self.trainer
+        if self.num_classes is not None and t is not None and t.training:
+            k = self.num_classes - 1
+            for target in batch[1]:
+                labels = target["labels"]
+                bad = labels[(labels < 1) | (labels > k)]
+                if bad.numel():
+                    raise ValueError(f"label {int(bad[0])} of image {target.get('image_id')} "
+                                     f"is outside 1..{k}: the student predicts {k} object "
+                                     "classes (give it the data's class count)")
+        return batch
 
     def _replicas(self) -> tuple[int, int]:
         t = self.trainer

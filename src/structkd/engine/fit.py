@@ -24,10 +24,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..config import part
-from ..detectors import WrappedDetector, as_detector
+from ..detectors import WrappedDetector, as_detector, class_count
 from ..distill import DetectorLosses, Distiller, TeacherCache, unwrap
 from ..methods import DistillMethod
 from ..models import DetectorSpec, count_parameters, export_student
@@ -158,9 +158,17 @@ def fit(
         d.options = dict(method_options)
     if isinstance(chosen, DistillMethod) and d.options:
         raise ValueError("method_options are only accepted with a method name")
+    for role, model in (("student", student), ("teacher", teacher)):
+        if model is not None and not isinstance(model, nn.Module | TeacherCache):
+            raise TypeError(f"fit({role}={model!r}): expected a detector (an nn.Module), got a "
+                            f"{type(model).__name__}; build one first, e.g. "
+                            "structkd.models.build_detector(arch=..., num_classes=...), a family "
+                            "builder (yolo_detector, transformers_detector) or "
+                            "structkd.models.load_detector(path)")
     student = as_detector(student)
     if isinstance(teacher, nn.Module):
         teacher = as_detector(teacher)
+    _check_classes(student, train)
     check_first_sample(train, "train")
     if val is not None:
         check_first_sample(val, "val")
@@ -169,6 +177,20 @@ def fit(
     return _run(cfg, student, train, val, teacher=teacher if name != "none" else None,
                 method=chosen if isinstance(chosen, DistillMethod) else None,
                 class_names=class_names, spec=spec, info=info, callbacks=callbacks)
+
+
+def _check_classes(student: nn.Module, train: Dataset) -> None:
+    """Refuse a student whose class head is not the training data's (labels beyond it would
+    crash inside the loss or train nothing; classes beyond the data's would be predicted
+    untrained), naming both counts."""
+    data = train
+    while isinstance(data, Subset):
+        data = data.dataset
+    want, have = getattr(data, "num_classes", None), class_count(student)
+    if isinstance(want, int) and have is not None and want != have:
+        raise ValueError(f"the student predicts {have - 1} classes (num_classes={have} with the "
+                         f"background), the training data has {want - 1} "
+                         f"(num_classes={want}); build the student with num_classes={want}")
 
 
 def _distiller(cfg: Config, student: nn.Module, teacher: nn.Module,
@@ -228,7 +250,7 @@ def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
     checks, watch = DistillStart(balance), DistillWatch(balance)
     watchers = [checks, watch] if distilling else []
     data = DetectionDataModule(train, val, part(cfg.data, Loader), seed=t.seed,
-                               class_names=class_names)
+                               class_names=class_names, num_classes=class_count(student))
     trainer = build_trainer(out_dir, t, cfg.schedule, cfg.optim, [*watchers, *callbacks],
                             resume_step=resumed.step if resumed is not None else None)
     if trainer.is_global_zero:  # written only now: everything above has validated it

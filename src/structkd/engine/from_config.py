@@ -21,7 +21,7 @@ from torch import nn
 from ..checks import writable_file
 from ..config import ConfigError, part
 from ..data import CocoDetection, build_transforms, make_synthetic_coco
-from ..detectors import family_detector
+from ..detectors import builds_random_weights, family_detector
 from ..distill import TeacherCache
 from ..labels import label_map
 from ..models import DetectorInfo, build_detector, load_detector, torchvision_detector
@@ -126,6 +126,16 @@ def load_teacher(cfg: Config, num_classes: int | None = None) -> tuple[nn.Module
     another family's builder (its class head for ``teacher.num_classes``, else ``num_classes``:
     the dataset's)."""
     t = cfg.teacher
+    untrained = (t.torchvision and not t.weights) or (
+        t.family and builds_random_weights(t.family, str(t.name)))
+    if untrained and not t.allow_untrained:
+        what = (f"teacher.torchvision={t.torchvision!r} without teacher.weights" if t.torchvision
+                else f"teacher.name={t.name!r} (a {t.family} model built from its "
+                     "configuration)")
+        raise ValueError(f"{what} has random weights: an untrained teacher only teaches "
+                         "noise; give a trained teacher (a checkpoint, a weights file, a "
+                         "trained .pt or folder), or set teacher.allow_untrained=true for a "
+                         "smoke test")
     if t.torchvision:
         model, info = torchvision_detector(t.torchvision, t.weights, num_classes=t.num_classes)
     elif t.checkpoint:
@@ -135,7 +145,8 @@ def load_teacher(cfg: Config, num_classes: int | None = None) -> tuple[nn.Module
         if classes is None:
             raise ValueError(f"teacher.family={t.family!r} needs teacher.num_classes (or the "
                              "dataset's class count)")
-        model = family_detector(t.family, str(t.name), int(classes), **t.options)
+        model = family_detector(t.family, str(t.name), int(classes),
+                                options_key="teacher.options", **t.options)
         info = DetectorInfo(source=f"{t.family} {t.name}",
                             meta={"family": {"adapter": t.family, "name": t.name}})
         logger.info("teacher: %s with a class head for %d classes (background included; a "
@@ -167,7 +178,7 @@ def build_student(cfg: Config, num_classes: int) -> nn.Module:
         return build_detector(spec)
     m = cfg.model
     return family_detector(m.family, m.name, num_classes, size=m.size, min_size=m.min_size,
-                           max_size=m.max_size, **m.options)
+                           max_size=m.max_size, options_key="model.options", **m.options)
 
 
 def build_run(cfg: Config) -> Run:

@@ -21,6 +21,7 @@ and its options by the same code that builds them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Sequence
@@ -116,8 +117,24 @@ SpecSection = section_from_dataclass(
     DetectorSpec, "SpecSection", skip=("num_classes",), defaults=MODEL_DEFAULTS,
     check=_check_model,
     doc="A torchvision detector: the fields of ``structkd.models.DetectorSpec``.")
+def _check_family_keys(section: Any) -> None:
+    """A model of another family takes only ``min_size`` / ``max_size`` of the torchvision keys:
+    any other one set (away from its default) would be silently ignored."""
+    if section.family == "torchvision":
+        return
+    defaults = SpecSection()
+    ignored = [f"{f.name}={getattr(section, f.name)!r}" for f in dataclasses.fields(SpecSection)
+               if f.name not in ("min_size", "max_size")
+               and getattr(section, f.name) != getattr(defaults, f.name)]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)}: torchvision key(s) that a {section.family} "
+                         f"model ignores (it is built from name={section.name!r}; of the "
+                         "torchvision keys it takes min_size and max_size, and its builder's "
+                         "own options go in options); remove them")
+
+
 ModelSection = compose(
-    "ModelSection", DetectorFamily, SpecSection,
+    "ModelSection", DetectorFamily, SpecSection, check=_check_family_keys,
     doc="The detector to train: ``family`` torchvision (default) with the fields of "
         "``structkd.models.DetectorSpec`` (``num_classes`` comes from the data), or another "
         "family (``structkd.detectors.DetectorFamily``: ``family``, ``name``, ``size``; "
@@ -139,7 +156,9 @@ class TeacherSource:
     models``), e.g. ``ultralytics`` + a local ``yolo11s.pt``, ``transformers`` + a
     ``save_pretrained`` folder or a hub name (online); ``options``: the builder's other options
     (``size``, ``num_queries``, ...). Its class head is built for ``num_classes`` (default the
-    dataset's), which a feature teacher never runs."""
+    dataset's), which a feature teacher never runs. ``allow_untrained``: accept a teacher
+    built with random weights (a model YAML or type, a torchvision builder without
+    ``weights``), which is refused otherwise: an untrained teacher only teaches noise."""
 
     checkpoint: str | None = None
     torchvision: str | None = None
@@ -151,6 +170,7 @@ class TeacherSource:
     family: str | None = None
     name: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    allow_untrained: bool = False
 
     def model_source(self) -> str | None:
         """What names the teacher model (None: no teacher model, maybe a cache)."""

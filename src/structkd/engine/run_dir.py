@@ -74,6 +74,9 @@ def _try_lock(path: Path) -> FileLock | None:
     released it), else None. Says when it takes over from a run that ended without releasing."""
     path.mkdir(parents=True, exist_ok=True)
     lock_path = _lock_file(path)
+    if lock_path.exists() and not lock_path.is_file():
+        raise ValueError(f"{lock_path} is a folder (or another non-file); structkd keeps its "
+                         "run lock there as a file: remove it")
     lock = FileLock(lock_path)
     try:
         lock.acquire(timeout=0)

@@ -133,17 +133,7 @@ def load_exported_detector(prefix: Path) -> tuple[nn.Module, DetectorInfo]:
                          f"meta.format={EXPORT_FORMAT!r}")
     family = document["meta"].get("family")
     if document.get("spec") is None and isinstance(family, dict):
-        # another family: rebuilt from its native save beside the export, then the weights
-        native = prefix.parent / str(family.get("rebuild") or family["native"])
-        if not native.exists():
-            raise FileNotFoundError(f"{native} does not exist: {json_path} is a "
-                                    f"{family['adapter']} detector, rebuilt from that native save")
-        options = dict(family.get("options") or {})
-        if "trust_checkpoint" in options:  # only the user vouches for a file, never the file
-            raise ValueError(f"{json_path}: meta.family.options holds trust_checkpoint; an "
-                             "export cannot vouch for its own files (remove the key)")
-        model = family_detector(family["adapter"], str(native), int(family["num_classes"]),
-                                **options)
+        model = _family_architecture(prefix, json_path, family)
         load_state_into(model, _read_safetensors(weights_path), str(weights_path))
         return model.eval(), _info_from_meta(document["meta"], None, str(prefix))
     if document.get("spec") is None:
@@ -155,6 +145,21 @@ def load_exported_detector(prefix: Path) -> tuple[nn.Module, DetectorInfo]:
     model = build_detector(spec)
     load_state_into(model, state, str(weights_path))
     return model.eval(), _info_from_meta(document["meta"], spec, str(prefix))
+
+
+def _family_architecture(prefix: Path, json_path: Path, family: Mapping[str, Any]) -> nn.Module:
+    """A detector of another family rebuilt from the native save beside its export (its
+    architecture; the weights are loaded by the caller)."""
+    native = prefix.parent / str(family.get("rebuild") or family["native"])
+    if not native.exists():
+        raise FileNotFoundError(f"{native} does not exist: {json_path} is a "
+                                f"{family['adapter']} detector, rebuilt from that native save")
+    options = dict(family.get("options") or {})
+    if "trust_checkpoint" in options:  # only the user vouches for a file, never the file
+        raise ValueError(f"{json_path}: meta.family.options holds trust_checkpoint; an "
+                         "export cannot vouch for its own files (remove the key)")
+    return family_detector(family["adapter"], str(native), int(family["num_classes"]),
+                           **options)
 
 
 def load_exported(path_prefix: str | Path, *, device: str | torch.device = "cpu"
@@ -176,13 +181,27 @@ def load_checkpoint_detector(path: Path) -> tuple[nn.Module, DetectorInfo]:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or not written by "
                          f"torch.save (torch.load raised {type(e).__name__}: {first})") from None
     info = ckpt.get("structkd") if isinstance(ckpt, dict) else None
-    if not isinstance(info, dict) or not info.get("spec") or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint of a structkd run with a structkd-built "
-                         "detector (no 'structkd' entry with a spec)")
-    spec = DetectorSpec.from_dict({**info["spec"], "weights": None, "backbone_weights": None})
-    model = build_detector(spec)
+    if not isinstance(info, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint of a structkd run (no 'structkd' entry; "
+                         "a Lightning checkpoint of another program?)")
     prefix = "net.student."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not info.get("spec"):  # a student of another family: its run's export has the design
+        export = path.parent.parent / "student"
+        json_path = export.with_name("student.json")
+        document = _read_json(json_path) if json_path.is_file() else None
+        family = (document.get("meta") or {}).get("family") if isinstance(document, dict) \
+            else None
+        if not isinstance(family, dict):
+            raise ValueError(f"{path} is a checkpoint of a structkd run whose student is not "
+                             f"built by structkd's torchvision builders; its architecture comes "
+                             f"from the run's export, and {json_path} holds none (the run did "
+                             "not finish?)")
+        model = _family_architecture(export, json_path, family)
+        load_state_into(model, state, str(path))
+        return model.eval(), _info_from_meta({**document["meta"], **info}, None, str(path))
+    spec = DetectorSpec.from_dict({**info["spec"], "weights": None, "backbone_weights": None})
+    model = build_detector(spec)
     load_state_into(model, state, str(path))
     return model.eval(), _info_from_meta(info, spec, str(path))
 

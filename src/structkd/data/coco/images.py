@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -48,6 +49,11 @@ _EXIF_ORIENTATION_NAMES: dict[int, str] = {
 
 class ImageTooLarge(ValueError):
     """An image over the decompression-bomb limit (PIL's, or ``$STRUCTKD_MAX_IMAGE_PIXELS``)."""
+
+
+class NotRegularFile(OSError):
+    """A path that names a FIFO, a socket or a device instead of a file (opening a FIFO would
+    block until something writes to it)."""
 
 
 class _SizeMismatch(Exception):
@@ -90,6 +96,11 @@ def _open_image(path: Path) -> Image.Image:
     limit = _env_pixel_limit()
     if limit is not None:
         Image.MAX_IMAGE_PIXELS = None  # structkd's limit (below) replaces PIL's guard
+    mode = os.stat(path).st_mode  # FileNotFoundError as Image.open would raise it
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a directory: PIL's own error
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        raise NotRegularFile(f"is {kind}, not a regular image file")
     try:
         img = _pil_open()(path)
     except Image.DecompressionBombError as e:
@@ -162,6 +173,8 @@ def _describe_open_error(e: BaseException) -> str:
         return "cannot be read (permission denied)"
     if isinstance(e, ImageTooLarge):
         return f"{e}; {_RAISE_LIMIT_HINT}"
+    if isinstance(e, NotRegularFile):
+        return str(e)
     if isinstance(e, UnidentifiedImageError):
         return "is not an image PIL can read (unknown format or corrupt header)"
     return f"is corrupt or not an image ({type(e).__name__}: {e})"

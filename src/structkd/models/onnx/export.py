@@ -270,26 +270,42 @@ def export_onnx(
     dynamic_axes = {name: {0: "detections"} for name in OUTPUT_NAMES}
     if dynamic:
         dynamic_axes[INPUT_NAME] = {1: "height", 2: "width"}
+    # Written under temporary names and renamed once whole: a failed export (no space left,
+    # an export error) leaves no truncated file at ``path`` and keeps an earlier one intact.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp_sidecar = _sidecar(tmp)
     try:
-        with _quiet_tracing(), torch.no_grad():
-            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                              dynamic_axes=dynamic_axes, do_constant_folding=True)
-    except Exception as e:
-        raise RuntimeError(f"ONNX export of {type(model).__name__} ({arch}) failed: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        try:
+            with _quiet_tracing(), torch.no_grad():
+                torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False,
+                                  opset_version=opset, input_names=[INPUT_NAME],
+                                  output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic_axes,
+                                  do_constant_folding=True)
+        except OSError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"ONNX export of {type(model).__name__} ({arch}) failed: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        finally:
+            model.to(device).train(was_training)
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, text
+        proto.doc_string = f"structkd {arch} detector: {INPUT_NAME} (3,H,W) in [0,1] -> " \
+                           + ", ".join(OUTPUT_NAMES)
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp))
+        tmp_sidecar.write_text(json.dumps(document, indent=2, sort_keys=True, default=str)
+                               + "\n")
+        os.replace(tmp, path)
+        os.replace(tmp_sidecar, _sidecar(path))
+    except OSError as e:
+        raise ValueError(f"--onnx {path}: cannot write the ONNX file ({e.strerror or e}); no "
+                         "partial file was left there") from None
     finally:
-        model.to(device).train(was_training)
-
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, text
-    proto.doc_string = f"structkd {arch} detector: {INPUT_NAME} (3,H,W) in [0,1] -> " \
-                       + ", ".join(OUTPUT_NAMES)
-    onnx.save(proto, str(path))
-    onnx.checker.check_model(str(path))
-    _sidecar(path).write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.unlink(missing_ok=True)
+        tmp_sidecar.unlink(missing_ok=True)
     return path
 
 
