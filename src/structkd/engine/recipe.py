@@ -151,7 +151,9 @@ class TeacherSource:
     weights only). ``strict_classes``: the teacher's label set must be the dataset's.
     ``cache``: a teacher cache written by ``structkd cache-teacher`` (the teacher is then not
     built at all); ``cache_dtype``: the precision ``cache-teacher`` stores the levels in
-    (``int8``: 8-bit codes with a min and scale per image and channel, half of float16's size).
+    (``int8``: 8-bit codes with a min and scale per image and channel, half of float16's size);
+    a run from ``cache`` names the cache's precision (its recorded config says what it trained
+    from).
     Or ``family`` + ``name``: a detector of another family from its builder (``structkd
     models``), e.g. ``ultralytics`` + a local ``yolo11s.pt``, ``transformers`` + a
     ``save_pretrained`` folder or a hub name (online); ``options``: the builder's other options
