@@ -62,6 +62,16 @@ def tiny_overrides(paths: SyntheticPaths, out_dir: str | Path, *extra: str) -> l
     ]
 
 
+def distill_config(paths: SyntheticPaths, teacher_run, out_dir: str | Path, *extra: str):
+    """A tiny SSIM distillation config from ``teacher_run``'s export, writing into
+    ``out_dir / "run"`` (the teacher-cache tests' setting)."""
+    from structkd.engine import load_config
+
+    return load_config(overrides=tiny_overrides(
+        paths, Path(out_dir) / "run", f"teacher.checkpoint={teacher_run.export_prefix}",
+        "distill.method=ssim", *extra))
+
+
 def cli_subprocess(args: list[str], *, timeout: float = 300, cwd: Path | None = None):
     """Run ``python -m structkd.cli ARGS`` in a fresh interpreter; returns CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["check_choice", "check_positive", "writable_file"]
+__all__ = ["check_choice", "check_positive", "writable_dir", "writable_file"]
 
 T = TypeVar("T")
 
@@ -52,4 +53,23 @@ def writable_file(path: str | os.PathLike, option: str) -> Path:
         raise ValueError(f"{option} {target}: cannot write there ({e.strerror or e})") from None
     if not existed:
         target.unlink()
+    return target
+
+
+def writable_dir(path: str | os.PathLike, option: str) -> Path:
+    """``path`` once it is known that files can be written into it (the folder, or the parent
+    it will be created in, created if missing): a ``ValueError`` names the option, the path
+    and the reason, before the work that fills it."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{option}={str(path)!r} is an existing file; expected a folder (or a "
+                         "path that does not exist yet)")
+    where = target if target.exists() else target.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option}={str(path)!r}: cannot write into {where} "
+                         f"({e.strerror or e}); choose a writable folder") from None
     return target

@@ -397,5 +397,5 @@ def test_compare_out_on_a_file(make_overrides, tmp_path: Path, export: Path) -> 
     out.write_text("a file the user keeps")
     proc = cli_inprocess(["compare", "--teacher", str(export), "--seeds", "1", "--out",
                           str(out), *_sets(make_overrides(tmp_path / "run"))])
-    _fails(proc, f"out='{out}' is an existing file; expected a directory")
+    _fails(proc, f"out='{out}' is an existing file; expected a folder")
     assert out.read_text() == "a file the user keeps"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdtest import cli_inprocess, tiny_overrides
+from kdtest import cli_inprocess, distill_config, tiny_overrides
 from structkd.data import CocoDetection, build_transforms
 from structkd.data.collate import collate_fn as collate
 from structkd.distill import Distiller, TeacherCache, write_teacher_cache
@@ -24,16 +24,10 @@ METHODS = ["ssim", "l1", "mse", "pkd", "cwd", "mgd", "fgd"]
 INT8_REL = 2e-3
 
 
-def _cfg(coco_data, teacher_run, tmp_path, *extra):
-    return load_config(overrides=tiny_overrides(
-        coco_data, tmp_path / "run", f"teacher.checkpoint={teacher_run.export_prefix}",
-        "distill.method=ssim", *extra))
-
-
 @pytest.fixture(scope="module")
 def written(coco_data, teacher_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
-    cfg = _cfg(coco_data, teacher_run, tmp)
+    cfg = distill_config(coco_data, teacher_run, tmp)
     return cfg, cache_teacher(cfg, tmp / "cache", batch_size=3, progress=False)
 
 
@@ -103,7 +97,7 @@ def test_cached_levels_equal_the_teachers_to_float16(written) -> None:
 @pytest.fixture(scope="module")
 def written_int8(coco_data, teacher_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache8")
-    cfg = _cfg(coco_data, teacher_run, tmp, "teacher.cache_dtype=int8")
+    cfg = distill_config(coco_data, teacher_run, tmp, "teacher.cache_dtype=int8")
     return cfg, cache_teacher(cfg, tmp / "cache", batch_size=3, progress=False)
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import structkd.distill.teacher_cache as tc
-from kdtest import cli_inprocess, tiny_overrides
+from kdtest import cli_inprocess, distill_config, tiny_overrides
 from structkd.data import CocoDetection, SyntheticPaths, build_transforms
 from structkd.distill import TeacherCache, write_teacher_cache
 from structkd.engine import build_run, cache_teacher, load_config
@@ -32,17 +32,11 @@ from structkd.engine.teacher_cache import expected_key
 SHARD = 3  # images per shard here: the 8 training images in 3 shards
 
 
-def _cfg(paths, teacher_run, out, *extra):
-    return load_config(overrides=tiny_overrides(
-        paths, out / "run", f"teacher.checkpoint={teacher_run.export_prefix}",
-        "distill.method=ssim", *extra))
-
-
 @pytest.fixture(scope="module")
 def setting(coco_data, teacher_run, tmp_path_factory):
     """The student, the teacher and another teacher (its weights scaled: the same levels'
     shapes, other values), the unaugmented data and each teacher's cache key."""
-    cfg = _cfg(coco_data, teacher_run, tmp_path_factory.mktemp("setting"))
+    cfg = distill_config(coco_data, teacher_run, tmp_path_factory.mktemp("setting"))
     run = build_run(cfg)
     teacher, _ = load_teacher(cfg)
     other = copy.deepcopy(teacher)
@@ -236,8 +230,8 @@ def test_changed_images_are_refused_naming_them(coco_data, teacher_run, tmp_path
     shutil.copytree(coco_data.root, root)
     data = SyntheticPaths(root, *(root / p.relative_to(coco_data.root) for p in (
         coco_data.train_ann, coco_data.train_images, coco_data.val_ann, coco_data.val_images)))
-    cache = cache_teacher(_cfg(data, teacher_run, tmp_path), tmp_path / "cache", batch_size=8,
-                          progress=False)
+    cache = cache_teacher(distill_config(data, teacher_run, tmp_path), tmp_path / "cache",
+                          batch_size=8, progress=False)
     assert len(json.loads((cache.root / tc.SOURCES).read_text())) == 8
 
     def run():
@@ -357,7 +351,7 @@ def test_a_batch_size_under_one_is_refused(teacher_run, coco_data, tmp_path, val
 def test_out_on_a_file_is_refused(teacher_run, coco_data, tmp_path) -> None:
     (tmp_path / "f").write_text("")
     err = _cli(teacher_run, coco_data, tmp_path, tmp_path / "f")
-    assert err == (f"structkd: error: teacher cache out='{tmp_path / 'f'}' (cache-teacher --out) "
+    assert err == (f"structkd: error: teacher cache out (cache-teacher --out)='{tmp_path / 'f'}' "
                    "is an existing file; expected a folder (or a path that does not exist yet)\n")
 
 
@@ -383,9 +377,9 @@ def test_a_read_only_folder_is_refused_unless_it_holds_the_cache(genuine, settin
     _read_only(tmp_path / "ro", monkeypatch)
     try:
         err = _cli(teacher_run, coco_data, tmp_path, tmp_path / "ro")
-        assert err == (f"structkd: error: teacher cache out='{tmp_path / 'ro'}' (cache-teacher "
-                       f"--out): cannot write into it ({os.strerror(errno.EACCES)}); choose a "
-                       "writable folder\n")
+        assert err == (f"structkd: error: teacher cache out (cache-teacher --out)="
+                       f"'{tmp_path / 'ro'}': cannot write into {tmp_path / 'ro'} "
+                       f"({os.strerror(errno.EACCES)}); choose a writable folder\n")
         root = _copy(genuine[0], tmp_path, "finished")
         _read_only(root, monkeypatch)
         assert _same_levels(_write(setting, root), genuine[0])  # read, not written
@@ -422,7 +416,7 @@ def test_a_full_disk_is_one_line_and_the_write_continues(genuine, setting, tmp_p
     reason = (os.strerror(errno.ENOSPC) if how == "OSError" else
               "Error while serializing: I/O error: No space left on device (os error 28)")
     assert str(e.value) == (
-        f"teacher cache out='{out}' (cache-teacher --out): writing shard-00001.safetensors "
+        f"teacher cache out (cache-teacher --out)='{out}': writing shard-00001.safetensors "
         f"failed ({reason}); free space or choose another folder (the shards written so far "
         "are kept: the next run continues after them)")
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
@@ -443,14 +437,14 @@ def test_full_disk_from_the_cli_is_one_line(teacher_run, coco_data, tmp_path,
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     err = _cli(teacher_run, coco_data, tmp_path, tmp_path / "c")
-    assert err.startswith(f"structkd: error: teacher cache out='{tmp_path / 'c'}' (cache-teacher "
-                          "--out): writing shard-00000.safetensors failed (No space left on "
-                          "device); free space")
+    assert err.startswith(f"structkd: error: teacher cache out (cache-teacher --out)="
+                          f"'{tmp_path / 'c'}': writing shard-00000.safetensors failed (No space "
+                          "left on device); free space")
 
 
 def test_an_int8_cache_names_the_key_to_set(coco_data, teacher_run, tmp_path) -> None:
-    cache = cache_teacher(_cfg(coco_data, teacher_run, tmp_path, "teacher.cache_dtype=int8"),
-                          tmp_path / "int8", batch_size=8, progress=False)
+    cfg = distill_config(coco_data, teacher_run, tmp_path, "teacher.cache_dtype=int8")
+    cache = cache_teacher(cfg, tmp_path / "int8", batch_size=8, progress=False)
 
     def run(*extra):
         return build_run(load_config(overrides=tiny_overrides(

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import writable_dir
 from ..detectors import family_defaults
 from .pairing import LevelInfo, measure_levels
 from .taps import unwrap
@@ -74,6 +75,7 @@ _verified: dict[str, list[Any]] = {}
 # same clock tick (file systems keep times in ticks of up to 2 s) would leave them unchanged.
 _RACY_NS = 2_000_000_000
 _REWRITE = "run `structkd cache-teacher` again to rewrite it"
+OUT_OPTION = "teacher cache out (cache-teacher --out)"  # how messages name the folder
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                 "int8": torch.uint8}
 # int8: 8-bit codes with an affine map per (image, variant, channel) stored beside each level,
@@ -369,20 +371,8 @@ def check_writer_options(out: str | os.PathLike, *, batch_size: int,
                              "at least 1")
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"teacher cache out={str(out)!r} (cache-teacher --out) is an existing "
-                         "file; expected a folder (or a path that does not exist yet)")
+        writable_dir(out, OUT_OPTION)  # refuses it, naming the option
     return path
-
-
-def _unwritable(out: Path) -> str | None:
-    """Why no file can be written into ``out`` (created if missing), or None."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
 
 
 @contextlib.contextmanager
@@ -449,13 +439,14 @@ def write_teacher_cache(out: str | os.PathLike, student: nn.Module, teacher: nn.
     waits for the first, then reuses its cache (same key) or refuses to replace it.
     """
     out = check_writer_options(out, batch_size=batch_size, shard_images=shard_images)
-    problem = _unwritable(out)
-    if problem is not None:
+    try:
+        writable_dir(out, OUT_OPTION)
+    except ValueError:
         existing = _complete(out, key, len(dataset))
         if existing is not None:  # a finished cache on a read-only disk is still read
             return existing
-        raise ValueError(f"teacher cache out={str(out)!r} (cache-teacher --out): cannot write "
-                         f"into it ({problem}); choose a writable folder")
+        raise
+    out.mkdir(exist_ok=True)
     with _writer_lock(out) as waited:
         return _write(out, student, teacher, dataset, key=key, teacher_layers=teacher_layers,
                       teacher_root=teacher_root, batch_size=batch_size,
@@ -589,7 +580,7 @@ def _writing(target: Path) -> Iterator[None]:
         yield
     except (OSError, SafetensorError) as e:
         why = (e.strerror if isinstance(e, OSError) else None) or " ".join(str(e).split())
-        raise ValueError(f"teacher cache out='{target.parent}' (cache-teacher --out): writing "
+        raise ValueError(f"{OUT_OPTION}='{target.parent}': writing "
                          f"{target.name} failed ({why}); free space or choose another folder "
                          "(the shards written so far are kept: the next run continues after "
                          "them)") from None

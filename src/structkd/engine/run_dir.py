@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from ..checks import writable_dir
 
 logger = logging.getLogger("structkd.engine")
 
@@ -97,18 +98,7 @@ def _owner() -> str:
 def check_out_dir(out_dir: str | Path, key: str = "trainer.out_dir") -> None:
     """A ``ValueError`` now, before any work, unless a run can write at ``out_dir`` (``key``:
     the option that names it, for the message)."""
-    path = Path(out_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{key}={str(out_dir)!r} is an existing file; expected a "
-                         "directory (or a path that does not exist yet)")
-    where = path if path.exists() else path.parent
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=where):
-            pass
-    except OSError as e:
-        raise ValueError(f"{key}={str(out_dir)!r}: cannot write into {where} "
-                         f"({e.strerror or e}); choose a writable folder") from None
+    writable_dir(out_dir, key)
 
 
 def claim_out_dir(out_dir: str | Path, *, resume: bool, overwrite: bool) -> RunDir:

@@ -41,7 +41,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from ..._version import __version__
 from ...checks import writable_file
-from ...detectors import WrappedDetector
+from ...detectors import WrappedDetector, class_count
 from ...labels import default_class_names
 from ..spec import DetectorSpec, as_spec
 
@@ -163,20 +163,6 @@ def _label_map(meta: Mapping[str, Any], class_names: Sequence[str] | None,
     return names, l2c
 
 
-def _num_classes(model: nn.Module) -> int | None:
-    if isinstance(model, WrappedDetector):
-        return int(model.num_classes)
-    spec = getattr(model, "structkd_spec", None)
-    if spec is not None:
-        return int(spec.num_classes)
-    head = getattr(getattr(model, "head", None), "classification_head", None)
-    if head is not None and hasattr(head, "num_classes"):
-        return int(head.num_classes)
-    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    cls_score = getattr(predictor, "cls_score", None)
-    return int(cls_score.out_features) if isinstance(cls_score, nn.Linear) else None
-
-
 @contextlib.contextmanager
 def _quiet_tracing() -> Iterator[None]:
     """The tracer's warnings about torchvision's shape arithmetic are expected (torchvision
@@ -235,7 +221,7 @@ def export_onnx(
         _check_against_spec(model, spec)
     hw = _as_hw(image_size) if image_size is not None else default_image_size(model, spec)
     meta = dict(meta or {})
-    names, l2c = _label_map(meta, class_names, label_to_cat_id, _num_classes(model))
+    names, l2c = _label_map(meta, class_names, label_to_cat_id, class_count(model))
     path = writable_file(path, "--onnx")
 
     if dynamic and isinstance(model, WrappedDetector):
