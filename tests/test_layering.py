@@ -33,6 +33,7 @@ def test_contracts_hold() -> None:
     ("models/build.py", "from .. import __version__", "no module imports the package root"),
     ("losses/l1.py", "import torchvision", "methods and losses are pure tensor code"),
     ("distill/taps.py", "import lightning", "the wiring of a step knows nothing of Lightning"),
+    ("detectors/registry.py", "from . import torchvision", "no circles"),
 ])
 def test_an_upward_import_breaks_its_contract(tmp_path: Path, module: str, line: str,
                                               contract: str) -> None:
@@ -44,3 +45,26 @@ def test_an_upward_import_breaks_its_contract(tmp_path: Path, module: str, line:
     proc = _lint(tmp_path / "src", tmp_path)
     assert proc.returncode != 0
     assert f"{contract}" in proc.stdout and "BROKEN" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_nothing_above_the_detectors_asks_which_family() -> None:
+    """Only ``structkd.detectors`` (the protocol and one module per family) and structkd's own
+    torchvision builders (``models/build.py``) import torchvision's detection models or name a
+    family's batching or wrapper class; every other room goes through the protocol."""
+    import ast
+
+    root = SRC / "structkd"
+    allowed = {root / "models" / "build.py"}
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if root / "detectors" in path.parents or path in allowed:
+            continue
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(root)} imports {n}" for n in names
+                          if n.startswith("torchvision.models.detection")]
+        offenders += [f"{path.relative_to(root)} names {word}" for word in
+                      ("GeneralizedRCNNTransform", "WrappedDetector") if word in text]
+    assert offenders == []

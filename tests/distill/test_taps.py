@@ -259,7 +259,7 @@ def test_a_second_distiller_on_the_same_student_leaves_one_set_of_hooks(models) 
     second = Distiller(student, teacher, "mse")
     hooks = _tap_hooks(student)
     assert {k: len(v) for k, v in hooks.items()} == {"backbone": 1, "transform": 1}
-    assert all(h.tap is second._tap for v in hooks.values() for h in v)
+    assert all(h.tap is second.tap for v in hooks.values() for h in v)
     assert _all_hooks(teacher) == 0  # the teacher's dry-run tap is gone
     assert torch.isfinite(second(*_batch())["distill"])
     with pytest.raises(RuntimeError, match="replaced by a newer tap"):
@@ -316,30 +316,30 @@ def test_deepcopy_gives_an_independent_working_distiller(models) -> None:
     student, teacher = models
     d = Distiller(student.train(), teacher, "mse")
     clone = copy.deepcopy(d)
-    assert clone.student is not d.student and clone._tap is not d._tap
-    assert clone._tap.model is clone.student
+    assert clone.student is not d.student and clone.tap is not d.tap
+    assert clone.tap.model is clone.student
     hooks = _tap_hooks(clone.student)
     assert {k: len(v) for k, v in hooks.items()} == {"backbone": 1, "transform": 1}
-    assert all(h.tap is clone._tap for v in hooks.values() for h in v)
-    assert all(h.tap is d._tap for v in _tap_hooks(d.student).values() for h in v)
+    assert all(h.tap is clone.tap for v in hooks.values() for h in v)
+    assert all(h.tap is d.tap for v in _tap_hooks(d.student).values() for h in v)
     with torch.no_grad():  # the copy's student now computes other features
         for p in clone.student.backbone.fpn.parameters():
             p.add_(0.5)
     images, targets = _batch()
     out = d(images, targets)
-    original = {k: v.detach().clone() for k, v in d._tap.levels().items()}
+    original = {k: v.detach().clone() for k, v in d.tap.levels().items()}
     out_clone = clone(images, targets)
     assert torch.isfinite(out_clone["distill"])
     assert out_clone["distill"].item() != pytest.approx(out["distill"].item())
-    recorded = clone._tap.levels()
+    recorded = clone.tap.levels()
     # The copy's hooks recorded the copy's features: its own backbone on its own batch...
-    batch, _, _ = clone._tap.batch()
+    batch, _, _ = clone.tap.batch()
     with torch.no_grad():
         expected = clone.student.backbone(batch)
     for k, v in recorded.items():
         torch.testing.assert_close(v, expected[k])
     # ...and the original's record is untouched by the copy's forward.
-    for k, v in d._tap.levels().items():
+    for k, v in d.tap.levels().items():
         assert torch.equal(v, original[k])
         assert not torch.allclose(v, recorded[k])
     clone.close()
@@ -370,8 +370,8 @@ def test_pickle_round_trip(models) -> None:
     assert not loaded.frozen_teacher._copy  # ...but is not pickled: rebuilt on first use
     hooks = _tap_hooks(loaded.student)
     assert {k: len(v) for k, v in hooks.items()} == {"backbone": 1, "transform": 1}
-    assert all(h.tap is loaded._tap for v in hooks.values() for h in v)
-    assert loaded._tap.model is loaded.student and loaded._tap._store == {}
+    assert all(h.tap is loaded.tap for v in hooks.values() for h in v)
+    assert loaded.tap.model is loaded.student and loaded.tap._store == {}
     out = loaded(images, targets)
     assert out["distill"].item() == pytest.approx(expected, rel=1e-5)
     sum(out.values()).backward()
@@ -397,13 +397,13 @@ def test_ddp_wrapped_student(models) -> None:
         ddp = nn.parallel.DistributedDataParallel(student.train())
         d = Distiller(ddp, teacher, "mse")
         d.method.load_state_dict(reference.method.state_dict())
-        assert d._tap.model is student  # the hooks sit on the wrapped module
+        assert d.tap.model is student  # the hooks sit on the wrapped module
         assert {k: len(v) for k, v in _tap_hooks(student).items()} == {"backbone": 1,
                                                                       "transform": 1}
         images, targets = _batch()
         out = d(images, targets)
         sum(out.values()).backward()
-        assert set(d._tap.levels()) == {"0", "1", "2", "p6", "p7"}
+        assert set(d.tap.levels()) == {"0", "1", "2", "p6", "p7"}
         grad = student.backbone.fpn.layer_blocks[0][0].weight.grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
         assert all(p.grad is None for p in teacher.parameters())
@@ -422,11 +422,11 @@ def test_compiled_student(models) -> None:
     try:
         d = Distiller(compiled, teacher, "ssim")
         d.method.load_state_dict(reference.method.state_dict())
-        assert d._tap.model is student
+        assert d.tap.model is student
         images, targets = _batch()
         out = d(images, targets)
         sum(out.values()).backward()
-        levels = d._tap.levels()
+        levels = d.tap.levels()
         assert set(levels) == {"0", "1", "2", "p6", "p7"}
         assert all(v.requires_grad for v in levels.values())  # the compiled forward's maps
         grad = student.backbone.fpn.layer_blocks[0][0].weight.grad

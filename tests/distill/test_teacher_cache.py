@@ -62,7 +62,7 @@ def _live_and_cached_levels(cfg, cache):
     live = Distiller(copy.deepcopy(run.student).train(), teacher, "mse")
     images, targets = _batch(cfg, seed=5)
     live(images, targets)
-    batch, sizes, _ = live._tap.batch()
+    batch, sizes, _ = live.tap.batch()
     want = live.teacher_features(batch, sizes)
     got = cache.features([(int(t["image_id"]), int(t["hflip"])) for t in targets])
     assert list(got) == list(want)

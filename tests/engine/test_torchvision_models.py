@@ -245,7 +245,7 @@ def test_student_map_resized_to_the_teachers(teacher) -> None:
         _step(d, *_batch(72))
     finally:
         hook.remove()
-    raw = d._tap.levels()
+    raw = d.tap.levels()
     assert tuple(raw["0"].shape[-2:]) == (9, 9) and tuple(raw["1"].shape[-2:]) == (4, 4)
     ctx = seen["ctx"]
     assert {k: tuple(v.shape[-2:]) for k, v in ctx.teacher.items()} == {"s8": (9, 9),

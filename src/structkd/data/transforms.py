@@ -1,7 +1,7 @@
 """Joint image/box augmentation pipelines built on ``torchvision.transforms.v2``.
 
-No fixed-size resize happens here: torchvision detectors resize to their own min/max size inside
-``GeneralizedRCNNTransform``, so a dataset-side resize would only cost quality.
+No fixed-size resize happens here: detectors resize to their own min/max size when they batch
+the images (``Detector.batch_path``), so a dataset-side resize would only cost quality.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The DETR family of Hugging Face transformers (``*ForObjectDetection``) as structkd detectors.
 
-The wrapper speaks torchvision's calling convention (see :mod:`structkd.detectors.base`):
+The wrapper speaks torchvision's calling convention (see :mod:`structkd.detectors.protocol`):
 
 * images are resized, normalised and padded by torchvision's ``GeneralizedRCNNTransform`` with
   the model's own normalisation (RT-DETR, RT-DETRv2, D-FINE, DEIMv2: none, pixels in [0, 1];
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from .base import Adapter, WrappedDetector, register_adapter
+from .protocol import WrappedDetector
 
 __all__ = ["TransformersDetector", "is_transformers_detector"]
 
@@ -197,28 +197,3 @@ class TransformersDetector(WrappedDetector):
         path = Path(path)
         self.model.save_pretrained(path)
         return path
-
-
-def _build(name: str, num_classes: int, **options: Any) -> TransformersDetector:
-    from .transformers_build import transformers_detector
-
-    return transformers_detector(name, num_classes, **options)
-
-
-def _names() -> list[str]:
-    from .transformers_build import TRANSFORMERS_TYPES, _import
-
-    _import()
-    return [*TRANSFORMERS_TYPES, "<hub name, e.g. PekingU/rtdetr_r18vd>"]
-
-
-def _random_weights(name: str) -> bool:
-    from .transformers_build import TRANSFORMERS_TYPES
-
-    return str(name) in TRANSFORMERS_TYPES  # built from a config; folders and hub names load
-
-
-register_adapter(Adapter(
-    "transformers", is_transformers_detector, TransformersDetector,
-    install="pip install 'structkd[transformers]'", build=_build, names=_names,
-    random_weights=_random_weights))

@@ -11,7 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from .transformers import TransformersDetector
+from .registry import Adapter, register_adapter
+from .transformers import TransformersDetector, is_transformers_detector
 
 logger = logging.getLogger("structkd.detectors")
 
@@ -181,3 +182,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
     return True
+
+
+def _names() -> list[str]:
+    _import()
+    return [*TRANSFORMERS_TYPES, "<hub name, e.g. PekingU/rtdetr_r18vd>"]
+
+
+register_adapter(Adapter(
+    "transformers", is_transformers_detector, TransformersDetector,
+    install="pip install 'structkd[transformers]'", build=transformers_detector, names=_names,
+    random_weights=lambda name: str(name) in TRANSFORMERS_TYPES))  # folders and hub names load

@@ -1,6 +1,6 @@
 """Ultralytics detectors (YOLOv8, YOLO11, YOLO26, Ultralytics' RT-DETR) as structkd detectors.
 
-The wrapper speaks torchvision's calling convention (see :mod:`structkd.detectors.base`):
+The wrapper speaks torchvision's calling convention (see :mod:`structkd.detectors.protocol`):
 
 * images are resized and padded by torchvision's ``GeneralizedRCNNTransform`` with no
   normalisation (Ultralytics models take pixels in [0, 1]); the padded batch's sides are
@@ -33,7 +33,7 @@ from torchvision import ops
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from .base import Adapter, WrappedDetector, register_adapter, remove_hooks
+from .protocol import WrappedDetector, remove_hooks
 
 __all__ = ["INSTALL", "UltralyticsDetector", "import_ultralytics", "is_ultralytics_detector"]
 
@@ -352,30 +352,3 @@ class UltralyticsDetector(WrappedDetector):
                     "license": "AGPL-3.0 License (https://ultralytics.com/license)",
                     "docs": "https://docs.ultralytics.com"}, path)
         return path
-
-
-def _build(name: str, num_classes: int, **options: Any) -> UltralyticsDetector:
-    from .ultralytics_build import yolo_detector
-
-    return yolo_detector(name, num_classes, **options)
-
-
-def _names() -> list[str]:
-    """The detection model YAMLs shipped with the installed ultralytics (a scale letter after
-    the version picks the size: ``yolo11.yaml`` -> ``yolo11n.yaml``, ``yolo11s.yaml``, ...)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("ultralytics")  # located, not imported: its import patches
-    if spec is None or not spec.submodule_search_locations:  # PIL and reads settings
-        raise ImportError(f"Ultralytics models need the ultralytics package: {INSTALL}")
-    root = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "models"
-    other = ("-seg", "-pose", "-obb", "-cls", "world", "yoloe", "-p2", "-p6", "-ghost", "-depth",
-             "-sem")  # other tasks and variants
-    names = sorted(p.name for p in root.glob("*/*.yaml") if not any(t in p.stem for t in other))
-    return names
-
-
-register_adapter(Adapter(
-    "ultralytics", is_ultralytics_detector, UltralyticsDetector, install=INSTALL,
-    build=_build, names=_names,
-    random_weights=lambda name: Path(str(name)).suffix.lower() in (".yaml", ".yml")))

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .registry import Adapter, register_adapter
 from .ultralytics import (
+    INSTALL,
     UltralyticsDetector,
     ensure_args,
     import_ultralytics,
@@ -235,3 +237,23 @@ def _from_checkpoint(path: Path, nc: int, trust_checkpoint: bool = False) -> nn.
     ensure_args(model)
     return model
 
+
+def _names() -> list[str]:
+    """The detection model YAMLs shipped with the installed ultralytics (a scale letter after
+    the version picks the size: ``yolo11.yaml`` -> ``yolo11n.yaml``, ``yolo11s.yaml``, ...)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ultralytics")  # located, not imported: its import patches
+    if spec is None or not spec.submodule_search_locations:  # PIL and reads settings
+        raise ImportError(f"Ultralytics models need the ultralytics package: {INSTALL}")
+    root = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "models"
+    other = ("-seg", "-pose", "-obb", "-cls", "world", "yoloe", "-p2", "-p6", "-ghost", "-depth",
+             "-sem")  # other tasks and variants
+    names = sorted(p.name for p in root.glob("*/*.yaml") if not any(t in p.stem for t in other))
+    return names
+
+
+register_adapter(Adapter(
+    "ultralytics", is_ultralytics_detector, UltralyticsDetector, install=INSTALL,
+    build=yolo_detector, names=_names,
+    random_weights=lambda name: Path(str(name)).suffix.lower() in (".yaml", ".yml")))

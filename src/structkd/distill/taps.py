@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..detectors.base import unwrap
+from ..detectors.protocol import unwrap
 
 __all__ = ["FeatureTap", "TapsComplete", "as_levels", "find_module", "unwrap"]
 
@@ -138,9 +138,9 @@ class FeatureTap:
     ``paths``: one path, whose output gives the levels (e.g. ``"backbone"``: an FPN's dict), or a
     list of paths, each giving one level named by its path (or ``path/key`` for dict outputs).
     ``input_path`` names a module whose first positional input is recorded too (the batched
-    image tensor), e.g. the tapped root for a model without torchvision's ``transform``;
-    ``batch_path`` a torchvision ``GeneralizedRCNNTransform`` whose output (the batched images,
-    their sizes and the resized targets) is recorded (see :meth:`batch`).
+    image tensor), e.g. the tapped root for a model without a batching module;
+    ``batch_path`` the module that batches the images (``Detector.batch_path``), whose output
+    (the batched images, their sizes and the resized targets) is recorded (see :meth:`batch`).
     :meth:`run_until_complete` runs a forward that stops after the last tapped module.
     """
 

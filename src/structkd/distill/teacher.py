@@ -13,11 +13,13 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
+from ..detectors import protocol_of
+from .pairing import LevelInfo, measure_levels
 from .taps import FeatureTap, as_levels, find_module, unwrap
 
 logger = logging.getLogger("structkd.distill")
@@ -50,14 +52,6 @@ def tensors_fingerprint(tensors: Iterable[tuple[str, Tensor]]) -> str:
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def normalisation(model: nn.Module) -> tuple[list[float], list[float]] | None:
-    """The image mean/std of a torchvision detector's transform, or None without one."""
-    t = getattr(unwrap(model), "transform", None)
-    if t is None or not hasattr(t, "image_mean"):
-        return None
-    return list(t.image_mean), list(t.image_std)
 
 
 def fused_copy(module: nn.Module) -> nn.Module:
@@ -94,8 +88,12 @@ class FrozenTeacher:
 
     def __init__(self, teacher: nn.Module, *, root: str = "backbone",
                  layers: str | Sequence[str] = "backbone", dtype: str | torch.dtype | None = None,
-                 student_norm: tuple[list[float], list[float]] | None = None) -> None:
+                 student_norm: tuple[list[float], list[float]] | None = None,
+                 device: str | torch.device | None = None) -> None:
         self.model = unwrap(teacher).eval().requires_grad_(False)
+        self.device = None if device is None else torch.device(device)
+        if self.device is not None:
+            self.model.to(self.device)
         self.root = root
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         self.dtype = as_dtype(dtype)
@@ -108,7 +106,7 @@ class FrozenTeacher:
         self.tap = None if self.fused else FeatureTap(self.model, self.layers)
         self._copy: list[nn.Module] = []
         self._version = -1
-        teacher_norm = normalisation(self.model)
+        teacher_norm = protocol_of(self.model).normalisation()
         self.renormalise = (student_norm is not None and teacher_norm is not None
                             and student_norm != teacher_norm)
         self.scale = self.shift = None
@@ -123,6 +121,24 @@ class FrozenTeacher:
         """A tap on the teacher that reads the same levels as :meth:`features` returns."""
         return self.tap if self.tap is not None else FeatureTap(self.model, self.layers)
 
+    def measure(self) -> OrderedDict[str, LevelInfo]:
+        """Each level's stride and width, by a dry run of the root on a blank image."""
+        tap = self.tap_for_dry_run()
+        try:
+            return measure_levels(self.model, tap, self.root, role="teacher")
+        finally:
+            if tap is not self.tap:
+                tap.close()
+
+    def fingerprint(self) -> str:
+        """A hash of the teacher's weights (checked when a run resumes)."""
+        return weights_fingerprint(self.model)
+
+    def close(self) -> None:
+        """Remove the teacher's tap (where its tapped layers are not its root's output)."""
+        if self.tap is not None:
+            self.tap.close()
+
     @property
     def runner(self) -> nn.Module:
         """The module that runs: the fused copy of the root, or the root itself (with taps)."""
@@ -135,8 +151,11 @@ class FrozenTeacher:
         return self._copy[0]
 
     def to(self, fn) -> None:
-        """Apply a module ``_apply`` function (``.to()``, ``.cuda()``, ``.double()``)."""
+        """Apply a module ``_apply`` function (``.to()``, ``.cuda()``, ``.double()``); a
+        teacher on its own ``device`` takes dtype changes and stays there."""
         self.model._apply(fn)
+        if self.device is not None:
+            self.model.to(self.device)
         if self.scale is not None:
             self.scale, self.shift = fn(self.scale), fn(self.shift)
         self._copy = []  # re-derived from the moved teacher on next use
@@ -148,13 +167,23 @@ class FrozenTeacher:
         return {**self.__dict__, "_copy": [], "_version": -1}
 
     @torch.no_grad()
-    def features(self, batch: Tensor,
-                 image_sizes: Sequence[tuple[int, int]] | None = None) -> OrderedDict[str, Tensor]:
-        """The teacher's tapped maps on the student's batched input (B, 3, H, W).
+    def features(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None,
+                 targets: Any = None) -> OrderedDict[str, Tensor]:
+        """The teacher's tapped maps on the student's batched input (B, 3, H, W); ``targets``
+        are not needed (a cache's lookup key).
 
         With ``dtype`` set the teacher runs under autocast to it (float32: autocast off) and its
-        maps come back in the input's dtype.
+        maps come back in the input's dtype. A teacher on its own ``device`` gets the batch
+        there and its maps come back to the batch's device.
         """
+        if self.device is not None and self.device != batch.device:
+            levels = self._features(batch.to(self.device, non_blocking=True), image_sizes)
+            return OrderedDict((k, v.to(batch.device, non_blocking=True))
+                               for k, v in levels.items())
+        return self._features(batch, image_sizes)
+
+    def _features(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]] | None
+                  ) -> OrderedDict[str, Tensor]:
         x = batch
         if self.renormalise:
             assert self.scale is not None and self.shift is not None

@@ -53,10 +53,9 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import writable_dir
-from ..detectors import family_defaults
+from ..detectors import family_defaults, protocol_of
 from .pairing import LevelInfo, measure_levels
-from .taps import unwrap
-from .teacher import FrozenTeacher, normalisation, weights_fingerprint
+from .teacher import FrozenTeacher, weights_fingerprint
 
 logger = logging.getLogger("structkd.distill")
 
@@ -94,17 +93,6 @@ def _quantise(x: Tensor) -> dict[str, Tensor]:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant channel: code 0
     codes = ((x - lo[..., None, None]) / scale[..., None, None]).round_().clamp_(0, INT8_LEVELS)
     return {"": codes.to(torch.uint8), _MIN: lo, _SCALE: scale}
-
-
-def _transform_settings(student: nn.Module) -> dict[str, Any]:
-    """What the student's transform does to an image (sizes, normalisation, padding)."""
-    t = getattr(unwrap(student), "transform", None)
-    if t is None or not hasattr(t, "min_size"):
-        raise ValueError("a teacher cache needs a student with torchvision's transform "
-                         "(GeneralizedRCNNTransform): its batches are what the cache replays")
-    return {"min_size": list(t.min_size), "max_size": t.max_size,
-            "size_divisible": t.size_divisible, "fixed_size": t.fixed_size,
-            "normalisation": normalisation(student)}
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -162,7 +150,7 @@ def cache_key(*, teacher: nn.Module | str, student: nn.Module, teacher_layers: s
         "teacher_layers": [teacher_layers] if isinstance(teacher_layers, str)
         else list(teacher_layers),
         "teacher_root": teacher_root, "teacher_dtype": teacher_dtype,
-        "student_transform": _transform_settings(student),
+        "student_transform": protocol_of(student).transform_settings(),
         "data": dict(data), "variants": ["as is", "hflip"] if hflip else ["as is"],
         "dtype": dtype,
     }
@@ -505,17 +493,15 @@ def _write(out: Path, student: nn.Module, teacher: nn.Module, dataset: Any, *,
     with _writing(out / SOURCES):
         _write_sources(out, sources)
     done = len(manifest["shards"])
-    transform = unwrap(student).transform
+    view = protocol_of(student)
     frozen = FrozenTeacher(teacher, root=teacher_root, layers=teacher_layers,
-                           dtype=key.get("teacher_dtype"), student_norm=normalisation(student))
+                           dtype=key.get("teacher_dtype"), student_norm=view.normalisation())
     t_tap = frozen.tap_for_dry_run()  # strides and widths as the Distiller measures them
     try:
         infos = measure_levels(frozen.model, t_tap, teacher_root)
     finally:
         if t_tap is not frozen.tap:
             t_tap.close()
-    was_training = transform.training
-    transform.eval()  # eval resizing: no random choice among min sizes, no RNG drawn
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -533,10 +519,11 @@ def _write(out: Path, student: nn.Module, teacher: nn.Module, dataset: Any, *,
                 ids += [int(t["image_id"]) for _, t in samples]
                 per_variant = []
                 for flip in ([False, True] if hflip else [False]):
-                    batch = [img.flip(-1) if flip else img for img in images]
-                    image_list, _ = transform(batch)
-                    _check_geometry(manifest, image_list, ids[-len(images):])
-                    feats = frozen.features(image_list.tensors, image_list.image_sizes)
+                    # eval batching: no random choice among min sizes, no RNG drawn
+                    x, sizes = view.batch_images([img.flip(-1) if flip else img
+                                                  for img in images])
+                    _check_geometry(manifest, x, sizes, ids[-len(images):])
+                    feats = frozen.features(x, sizes)
                     per_variant.append(feats)
                 for k in per_variant[0]:
                     stacked = torch.stack([f[k] for f in per_variant], dim=1)  # (B, V, C, H, W)
@@ -556,7 +543,6 @@ def _write(out: Path, student: nn.Module, teacher: nn.Module, dataset: Any, *,
             with _writing(out / name):
                 _write_shard(out, name, tensors, ids, manifest)
     finally:
-        transform.train(was_training)
         if bar is not None:
             bar.close()
     manifest["complete"] = True
@@ -593,10 +579,11 @@ def _write_sources(out: Path, sources: Sequence[Sequence[Any]] | None) -> None:
         _atomic_write(out / SOURCES, json.dumps([list(row) for row in sources]))
 
 
-def _check_geometry(manifest: dict[str, Any], image_list: Any, ids: list[int]) -> None:
+def _check_geometry(manifest: dict[str, Any], batch: Tensor, image_sizes: list[Any],
+                    ids: list[int]) -> None:
     """Record the batch geometry once; refuse images that make another one (not exact)."""
-    shape = list(image_list.tensors.shape[-2:])
-    sizes = [list(s) for s in image_list.image_sizes]
+    shape = list(batch.shape[-2:])
+    sizes = [list(s) for s in image_sizes]
     if "batch_shape" not in manifest:
         manifest["batch_shape"], manifest["image_size"] = shape, [sizes[0]]
     if shape != manifest["batch_shape"] or any(s != manifest["image_size"][0] for s in sizes):

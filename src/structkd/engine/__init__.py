@@ -7,13 +7,13 @@ from .distill_watch import DistillWatch
 from .evalinfo import EvalInfo, eval_info_for
 from .evaluate import evaluate
 from .fit import OPTIONS, fit
-from .from_config import build_run, evaluate_checkpoint, load_teacher, run_config
+from .from_config import build_run, cache_teacher, evaluate_checkpoint, load_teacher, run_config
 from .module import DetectionModule
 from .options import Balance, Loader, Optim, Schedule, TrainerOptions
 from .recipe import Config, TeacherSource, load_config
 from .results import RunResult
 from .run_dir import check_out_dir, holds_run, next_free
-from .teacher_cache import cache_teacher, open_teacher_cache
+from .teacher_cache import open_teacher_cache
 from .trainer import build_trainer
 
 __all__ = [

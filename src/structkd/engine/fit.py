@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..config import part
-from ..detectors import WrappedDetector, as_detector, class_count
+from ..detectors import as_detector, class_count, protocol_of
 from ..distill import DetectorLosses, Distiller, TeacherCache, unwrap
 from ..methods import DistillMethod
 from ..models import DetectorSpec, count_parameters, export_student
@@ -276,14 +276,14 @@ def _run_in(out_dir: Path, cfg: Config, student: nn.Module, train: Dataset,
             export_meta["class_names"] = list(info.class_names)
             export_meta["label_to_cat_id"] = {str(k): v for k, v in
                                               info.label_to_cat_id.items()}
-        if isinstance(student, WrappedDetector):  # also as its own library saves it
-            native = student.save_native(out_dir / "student_native")
-            if native is not None:
-                logger.info("student saved as its family saves it: %s", native)
-                export_meta["family"] = {"adapter": student.adapter, "native": native.name,
-                                         "rebuild": student.rebuild_name(native),
-                                         "num_classes": student.num_classes,
-                                         "options": student.options()}
+        view = protocol_of(student)
+        native = view.save_native(out_dir / "student_native")  # as its own library saves it
+        if native is not None:
+            logger.info("student saved as its family saves it: %s", native)
+            export_meta["family"] = {"adapter": view.adapter, "native": native.name,
+                                     "rebuild": view.rebuild_name(native),
+                                     "num_classes": view.num_classes,
+                                     "options": view.options()}
         export_student(student, spec, result.export_prefix, extra_meta=export_meta)
         result.wall_s = time.perf_counter() - start
         result.save()

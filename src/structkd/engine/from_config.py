@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from ..checks import writable_file
 from ..config import ConfigError, part
 from ..data import CocoDetection, build_transforms, make_synthetic_coco
 from ..detectors import builds_random_weights, family_detector
-from ..distill import TeacherCache
+from ..distill import TeacherCache, write_teacher_cache
+from ..distill.teacher_cache import check_writer_options, read_sources
 from ..labels import label_map
 from ..models import DetectorInfo, build_detector, load_detector, torchvision_detector
 from .evaluate import evaluate
@@ -33,6 +35,13 @@ from .recipe import Augment, Config
 from .results import RunResult
 from .run_dir import check_out_dir
 from .sampling import limit
+from .teacher_cache import (
+    check_cacheable,
+    expected_key,
+    image_table,
+    open_teacher_cache,
+    teacher_taps,
+)
 
 logger = logging.getLogger("structkd.engine")
 
@@ -193,8 +202,6 @@ def build_run(cfg: Config) -> Run:
     student = build_student(cfg, train_ds.num_classes)
     teacher: nn.Module | TeacherCache | None = None
     if cfg.distill.method != "none" and cfg.teacher.cache:
-        from .teacher_cache import open_teacher_cache
-
         teacher = open_teacher_cache(cfg, student, train_ds)
     elif cfg.distill.method != "none":
         teacher, info = load_teacher(cfg, train_ds.num_classes)
@@ -238,3 +245,24 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, *,
     if out_path is not None:
         out_path.write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def cache_teacher(cfg: Config, out: str | os.PathLike, *, batch_size: int = 8,
+                  progress: bool = True) -> TeacherCache:
+    """Write the cache of ``cfg``'s teacher over its training split into ``out``."""
+    check_writer_options(out, batch_size=batch_size)
+    check_cacheable(cfg)
+    if cfg.teacher.cache:
+        raise ValueError("teacher.cache is set: name the teacher to cache with "
+                         "teacher.checkpoint, teacher.torchvision or teacher.family + name")
+    paths = resolve_data(cfg)
+    train, _ = load_datasets(cfg, paths, check=("train",))
+    plain = CocoDetection(paths.train_ann, paths.train_images, build_transforms(False))
+    student = build_student(cfg, train.num_classes)  # only its transform is used
+    teacher, _ = load_teacher(cfg, train.num_classes)
+    images = image_table(train, read_sources(Path(out).expanduser()))
+    key = expected_key(cfg, student, train, teacher, images=images)
+    layers, root = teacher_taps(cfg, teacher)
+    return write_teacher_cache(out, student, teacher, plain, key=key,
+                               teacher_layers=layers, teacher_root=root,
+                               batch_size=batch_size, sources=images, progress=progress)

@@ -1,5 +1,6 @@
-"""The config path of the teacher cache: ``structkd cache-teacher`` writes it, a config with
-``teacher.cache`` trains from it (the teacher is then never built).
+"""The config path of the teacher cache: the key a config's run needs, and opening the cache a
+config with ``teacher.cache`` trains from (the teacher is then never built); ``structkd
+cache-teacher`` writes it (:func:`structkd.engine.from_config.cache_teacher`).
 
 The cache's key is derived from the config: the teacher's weights, ``distill.teacher_layers`` /
 ``teacher_root`` / ``teacher_dtype``, the student's transform (``model.min_size``, ...), the
@@ -20,22 +21,21 @@ content did. An image replaced under the same size and mtime (set back on purpos
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..data import CocoDetection, build_transforms
+from ..data import CocoDetection
 from ..detectors import family_defaults
-from ..distill import TeacherCache, cache_key, file_digest, write_teacher_cache
-from ..distill.teacher_cache import check_writer_options, file_table, read_sources, table_digest
-from .from_config import build_student, load_datasets, load_teacher, resolve_data
+from ..distill import TeacherCache, cache_key, file_digest
+from ..distill.teacher_cache import file_table, table_digest
 from .recipe import Config
 
 logger = logging.getLogger("structkd.engine")
 
-__all__ = ["cache_teacher", "check_cacheable", "expected_key", "open_teacher_cache"]
+__all__ = ["check_cacheable", "expected_key", "image_table", "open_teacher_cache",
+           "teacher_taps"]
 
 
 def check_cacheable(cfg: Config) -> None:
@@ -47,7 +47,7 @@ def check_cacheable(cfg: Config) -> None:
                          "the teacher (flips, data.hflip_prob, are replayed)")
 
 
-def _image_table(train: CocoDetection, known: list[list[Any]] | None) -> list[list[Any]]:
+def image_table(train: CocoDetection, known: list[list[Any]] | None) -> list[list[Any]]:
     """The training images' :func:`file_table` (``known``: a cache's, to skip unchanged files)."""
     return file_table([train.image_path(i) for i in range(len(train))], known)
 
@@ -57,7 +57,7 @@ def _data_key(train: CocoDetection, images: list[list[Any]]) -> dict[str, Any]:
             "image_dir": str(Path(train.image_dir).resolve()), "image_files": table_digest(images)}
 
 
-def _teacher_taps(cfg: Config, teacher: nn.Module | TeacherCache) -> tuple[Any, str]:
+def teacher_taps(cfg: Config, teacher: nn.Module | TeacherCache) -> tuple[Any, str]:
     """(layers, root) of the teacher: the config's, else the teacher family's defaults (for a
     cache, the ones it was written with)."""
     d = cfg.distill
@@ -75,34 +75,13 @@ def expected_key(cfg: Config, student: nn.Module, train: CocoDetection,
     """The cache key a run of ``cfg`` needs (``teacher``: the model, or the cache opened;
     ``images``: the training images' table if known, else every image is hashed)."""
     d = cfg.distill
-    images = _image_table(train, None) if images is None else images
-    layers, root = _teacher_taps(cfg, teacher)
+    images = image_table(train, None) if images is None else images
+    layers, root = teacher_taps(cfg, teacher)
     return cache_key(teacher=teacher.teacher_fingerprint if isinstance(teacher, TeacherCache)
                      else teacher, student=student, teacher_layers=layers,
                      teacher_root=root, teacher_dtype=d.teacher_dtype,
                      data=_data_key(train, images), hflip=cfg.data.hflip_prob > 0,
                      dtype=cfg.teacher.cache_dtype)
-
-
-def cache_teacher(cfg: Config, out: str | os.PathLike, *, batch_size: int = 8,
-                  progress: bool = True) -> TeacherCache:
-    """Write the cache of ``cfg``'s teacher over its training split into ``out``."""
-    check_writer_options(out, batch_size=batch_size)
-    check_cacheable(cfg)
-    if cfg.teacher.cache:
-        raise ValueError("teacher.cache is set: name the teacher to cache with "
-                         "teacher.checkpoint, teacher.torchvision or teacher.family + name")
-    paths = resolve_data(cfg)
-    train, _ = load_datasets(cfg, paths, check=("train",))
-    plain = CocoDetection(paths.train_ann, paths.train_images, build_transforms(False))
-    student = build_student(cfg, train.num_classes)  # only its transform is used
-    teacher, _ = load_teacher(cfg, train.num_classes)
-    images = _image_table(train, read_sources(Path(out).expanduser()))
-    key = expected_key(cfg, student, train, teacher, images=images)
-    layers, root = _teacher_taps(cfg, teacher)
-    return write_teacher_cache(out, student, teacher, plain, key=key,
-                               teacher_layers=layers, teacher_root=root,
-                               batch_size=batch_size, sources=images, progress=progress)
 
 
 def _check_images(cache: TeacherCache, images: list[list[Any]],
@@ -132,7 +111,7 @@ def open_teacher_cache(cfg: Config, student: nn.Module, train: CocoDetection) ->
                          f"teacher.cache_dtype={stored} (--set teacher.cache_dtype={stored}) to "
                          "train from it")
     known = cache.sources
-    images = _image_table(train, known)
+    images = image_table(train, known)
     _check_images(cache, images, known)
     cache.check(expected_key(cfg, student, train, cache, images=images))
     logger.info("teacher: the cached levels in %s (%d images x %d variant(s); the teacher "

@@ -65,13 +65,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..detectors import as_detector, detector_family, family_defaults, remove_hooks
+from ..detectors import as_detector, remove_hooks
 from ..detectors.ultralytics import import_ultralytics, is_ultralytics_detector
 from ..detectors.ultralytics_build import load_checkpoint
-from ..distill.pairing import LevelPair, measure_levels, pair_levels, paired_maps
-from ..distill.taps import FeatureTap, find_module, unwrap
-from ..distill.teacher import FrozenTeacher, TeacherDtype, weights_fingerprint
-from ..methods import DistillContext, DistillMethod, build_method, check_method, resolve_method
+from ..distill.pairing import LevelPair
+from ..distill.taps import FeatureTap, find_module
+from ..distill.teacher import FrozenTeacher, TeacherDtype
+from ..distill.wiring import wire
+from ..methods import DistillContext, DistillMethod, check_method
 
 __all__ = ["DISTILL_KEY", "DistillCriterion", "DistillSpec", "UltralyticsDistillation",
            "distill_trainer", "load_teacher", "strip_structkd"]
@@ -173,72 +174,47 @@ class UltralyticsDistillation:
         self.student = student
         self.spec = spec
         self.wrapper = as_detector(student)
-        s_root, s_default = family_defaults(self.wrapper)
-        self.student_layers = [_student_path(self.wrapper, p) for p in _as_list(
-            spec.student_layers if spec.student_layers is not None else s_default)]
-        if not all(p == s_root or p.startswith(s_root + ".") for p in self.student_layers):
-            s_root = ""
-        teacher = spec.teacher
-        if unwrap(teacher) is self.wrapper or unwrap(teacher) is student or getattr(
-                unwrap(teacher), "model", None) is student:
-            raise ValueError("student and teacher are the same model; pass two detectors")
-        t_root, t_default = family_defaults(teacher)
-        self.teacher_root = t_root if spec.teacher_root is None else spec.teacher_root
-        teacher_layers = t_default if spec.teacher_layers is None else spec.teacher_layers
-        teacher.to(device)
-        self.frozen = FrozenTeacher(teacher, root=self.teacher_root, layers=teacher_layers,
-                                    dtype=spec.teacher_dtype, student_norm=STUDENT_NORM)
-        tap = FeatureTap(self.wrapper, self.student_layers)
-        try:
-            s_levels = measure_levels(self.wrapper, tap, s_root)
-        finally:
-            tap.close()
-        t_tap = self.frozen.tap_for_dry_run()
-        try:
-            t_levels = measure_levels(self.frozen.model, t_tap, self.teacher_root)
-        finally:
-            if t_tap is not self.frozen.tap:
-                t_tap.close()
-        try:
-            pairs = pair_levels(s_levels, t_levels, spec.levels)
-        except ValueError as e:
-            raise ValueError(f"cannot distil {spec.teacher_source or type(teacher).__name__} "
-                             f"into this student: {e}. Tap other layers (student_layers / "
-                             "teacher_layers) so that some strides match") from None
-        cls, _ = resolve_method(spec.method)
+        layers = None if spec.student_layers is None else [
+            _student_path(self.wrapper, p) for p in _as_list(spec.student_layers)]
         options = dict(spec.options)
         if spec.weight is not None:
             options["weight"] = spec.weight
-        preset = options.get("preset")
-        if cls.presets and preset is None:
-            family = detector_family(self.wrapper)
-            if family not in cls.presets:
-                logger.warning("%s has no preset for %s students; using its retinanet preset "
-                               "(set the option 'preset' to one of %s to choose)", cls.name,
-                               family, sorted(cls.presets))
-                family = "retinanet"
-            preset = options["preset"] = family
-        if spec.levels is None and preset in cls.preset_strides:
-            chosen = [p for p in pairs if p.stride in cls.preset_strides[preset]]
-            pairs = chosen or pairs
-        self.pairs: list[LevelPair] = pairs
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            self.method: DistillMethod = build_method(
-                spec.method, [p.level for p in pairs], **options).to(device)
-        self.options = options
+        try:
+            self.wiring = wire(self.wrapper, spec.teacher, spec.method, levels=spec.levels,
+                               student_layers=layers, teacher_layers=spec.teacher_layers,
+                               teacher_root=spec.teacher_root, teacher_dtype=spec.teacher_dtype,
+                               teacher_device=device, student_norm=STUDENT_NORM,
+                               record_batch=False, isolate_rng=True, **options)
+        except ValueError as e:
+            if "stride" not in str(e):
+                raise
+            raise ValueError(f"cannot distil {spec.teacher_source or type(spec.teacher).__name__}"
+                             f" into this student: {e}. Tap other layers (student_layers / "
+                             "teacher_layers) so that some strides match") from None
+        self.wiring.tap.close()  # tapped again by attach(), after Ultralytics' EMA copy
+        self.pairs: list[LevelPair] = self.wiring.pairs
+        self.method: DistillMethod = self.wiring.method
+        self.options = self.wiring.options
+        self.student_layers = self.wiring.student_layers
+        self.teacher_root = getattr(self.wiring.teacher, "root", None)
         self.tap: FeatureTap | None = None
         # What makes this distillation the run's own (saved with it, compared on resume);
         # JSON-plain, as it is stored and compared.
         self.identity: dict[str, Any] = json.loads(json.dumps({
-            "teacher": weights_fingerprint(self.frozen.model),
+            "teacher": self.wiring.fingerprint(),
             "method": {"name": spec.method, "weight": float(self.method.weight),
-                       "options": {k: v for k, v in options.items() if k != "weight"}},
-            "pairs": [p.name for p in pairs]}, default=str))
+                       "options": {k: v for k, v in self.options.items() if k != "weight"}},
+            "pairs": [p.name for p in self.pairs]}, default=str))
+
+    @property
+    def frozen(self) -> FrozenTeacher:
+        """The frozen teacher (the teacher source of this run)."""
+        return self.wiring.teacher  # type: ignore[return-value]
 
     # ---- wiring -------------------------------------------------------------------------
     def attach(self) -> None:
         """Tap the student and wrap its criterion (after Ultralytics' EMA copied it)."""
-        self.tap = FeatureTap(self.wrapper, self.student_layers)
+        self.tap = self.wiring.retap(self.wrapper)
         criterion = getattr(self.student, "criterion", None)
         if isinstance(criterion, DistillCriterion):
             criterion = criterion.inner
@@ -312,8 +288,8 @@ class UltralyticsDistillation:
             s_levels = self.tap.levels()
         finally:
             self.tap.clear()
-        t_levels = self.frozen.features(x)
-        student, teacher = paired_maps(self.pairs, s_levels, t_levels)
+        t_levels = self.wiring.teacher.features(x)
+        student, teacher = self.wiring.paired(s_levels, t_levels)
         boxes, labels = ground_truth(batch)
         ctx = DistillContext(student, teacher, self.method.levels,
                              batch_shape=(int(x.shape[-2]), int(x.shape[-1])), image_sizes=None,

@@ -37,11 +37,10 @@ from typing import Any
 import torch
 import torchvision
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from ..._version import __version__
 from ...checks import writable_file
-from ...detectors import WrappedDetector, class_count
+from ...detectors import class_count, protocol_of
 from ...labels import default_class_names
 from ..spec import DetectorSpec, as_spec
 
@@ -56,7 +55,6 @@ OUTPUT_NAMES = ("boxes", "scores", "labels")
 # Input sides an export accepts: below 32 px the FPN's last levels vanish; above 8192 px one
 # image's tensors alone take gigabytes (the exporter's trace would run out of memory first).
 SIZE_RANGE = (32, 8192)
-_SUPPORTED = (RetinaNet, FCOS, FasterRCNN)
 
 
 class _Deployed(nn.Module):
@@ -90,38 +88,26 @@ def _as_hw(image_size: int | Sequence[int], argument: str = "image_size") -> tup
 
 def default_image_size(model: nn.Module, spec: DetectorSpec | None = None) -> tuple[int, int]:
     """The size a detector sees after its own resize: a square of its ``min_size`` (the spec's,
-    else the model transform's), capped at ``max_size``."""
+    else the detector's batching), capped at ``max_size``."""
     if spec is not None:
-        lo, hi = spec.min_size, spec.max_size
-    else:
-        transform = getattr(model, "transform", None)
-        sizes = getattr(transform, "min_size", None)
-        if not sizes:
-            raise ValueError(f"model of type {type(model).__name__} has no transform.min_size; "
-                             "pass image_size")
-        lo = int(sizes[-1] if isinstance(sizes, Sequence) else sizes)
-        hi = int(getattr(transform, "max_size", lo))
-    side = min(lo, hi)
-    return side, side
+        side = min(spec.min_size, spec.max_size)
+        return side, side
+    size = protocol_of(model).export_size()
+    if size is None:
+        raise ValueError(f"model of type {type(model).__name__} has no known input size; "
+                         "pass image_size")
+    return size
 
 
 def _check_exportable(model: nn.Module) -> None:
-    """Only a bare detector (torchvision's, or another family's wrapped by structkd): no
-    distillation wrapper, teacher or adapters."""
+    """Only a bare detector (no distillation wrapper, teacher or adapters) whose protocol says
+    it can be exported."""
     name = type(model).__name__
     if hasattr(model, "student") or "distill" in name.lower():
         raise ValueError(f"model is a {name} (a distillation wrapper holding a teacher); "
                          "expected the student detector only, e.g. export_onnx(distiller.student, "
                          "...) or a structkd export loaded with load_detector")
-    if not isinstance(model, (*_SUPPORTED, WrappedDetector)):
-        raise ValueError(f"model of type {name} cannot be exported; expected a torchvision "
-                         "RetinaNet, FCOS or FasterRCNN (e.g. from build_detector), or a "
-                         "detector of another family wrapped by structkd (as_detector)")
-    roi = getattr(model, "roi_heads", None)
-    if roi is not None and (getattr(roi, "mask_roi_pool", None) is not None
-                            or getattr(roi, "keypoint_roi_pool", None) is not None):
-        raise ValueError(f"model {name} has mask/keypoint heads; only box detectors (boxes, "
-                         "scores, labels) are exported")
+    protocol_of(model).check_exportable()
     teacher = [k for k, _ in model.named_modules() if "teacher" in k.lower().split(".")[-1]]
     teacher += [k for k in model.state_dict() if "teacher" in k.lower()]
     if teacher:
@@ -224,11 +210,12 @@ def export_onnx(
     names, l2c = _label_map(meta, class_names, label_to_cat_id, class_count(model))
     path = writable_file(path, "--onnx")
 
-    if dynamic and isinstance(model, WrappedDetector):
-        raise ValueError(f"dynamic=True: a {type(model).__name__} ({model.adapter} family) is "
+    view = protocol_of(model)
+    if dynamic and not view.dynamic_export:
+        raise ValueError(f"dynamic=True: a {type(model).__name__} ({view.adapter} family) is "
                          "exported at one fixed input size (its anchors and query positions are "
                          "traced as constants); pass image_size instead")
-    arch = spec.arch if spec is not None else _arch_name(model)
+    arch = spec.arch if spec is not None else view.arch_name()
     document: dict[str, Any] = {
         "format": ONNX_FORMAT,
         "arch": arch,
@@ -293,17 +280,6 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
     return path
-
-
-def _arch_name(model: nn.Module) -> str:
-    """``adapter:type`` for another family (e.g. ``transformers:rt_detr``,
-    ``ultralytics:DetectionModel``), else the class name."""
-    if isinstance(model, WrappedDetector):
-        inner = getattr(model, "model", None)
-        config = getattr(inner, "config", None)
-        kind = getattr(config, "model_type", None) or type(inner).__name__
-        return f"{model.adapter}:{kind}"
-    return type(model).__name__.lower()
 
 
 def _sidecar(path: Path) -> Path:

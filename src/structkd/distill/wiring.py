@@ -1,0 +1,257 @@
+"""One distillation's wiring, built once, used by whoever drives the steps: the ``Distiller``
+(and structkd's engine through it) and the Ultralytics integration.
+
+:func:`wire` taps the student, turns the teacher into a :class:`TeacherSource` (a frozen live
+teacher, or the levels a teacher cache holds), measures and pairs the levels by stride, picks
+the method's preset for the student's family and builds the method. A driver then runs the
+student's own forward, reads the tapped levels, asks the teacher source for its levels on the
+same batch and gives both to the method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..detectors import detector_family, family_defaults, protocol_of
+from ..methods import DistillMethod, build_method, resolve_method
+from .pairing import LevelInfo, LevelPair, measure_levels, pair_levels, paired_maps
+from .taps import FeatureTap, find_module, unwrap
+from .teacher import FrozenTeacher, TeacherDtype
+from .teacher_cache import TeacherCache
+
+logger = logging.getLogger("structkd.distill")
+
+__all__ = ["CachedTeacher", "TeacherSource", "Wiring", "choose_preset", "teacher_source", "wire"]
+
+
+class TeacherSource(Protocol):
+    """Where a distillation's teacher levels come from: a frozen live teacher
+    (:class:`~structkd.distill.teacher.FrozenTeacher`) or a cache (:class:`CachedTeacher`)."""
+
+    def measure(self) -> OrderedDict[str, LevelInfo]:
+        """Each level's stride and width (a dry run, or what the cache recorded)."""
+
+    def features(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None,
+                 targets: Sequence[dict[str, Any]] | None = None) -> OrderedDict[str, Tensor]:
+        """The levels on the student's batched input (a cache looks them up by the targets'
+        ``image_id`` and ``hflip``)."""
+
+    def fingerprint(self) -> str:
+        """A hash of the teacher's weights (a cache records the one it was written from)."""
+
+    def to(self, fn: Any) -> None:
+        """Apply a module ``_apply`` function (``.to()``, ``.double()``)."""
+
+    def close(self) -> None:
+        """Remove the teacher's hooks."""
+
+
+class CachedTeacher:
+    """A :class:`TeacherSource` reading the levels a teacher cache holds."""
+
+    def __init__(self, cache: TeacherCache) -> None:
+        self.cache = cache
+
+    def measure(self) -> OrderedDict[str, LevelInfo]:
+        return OrderedDict(self.cache.levels)
+
+    def features(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None,
+                 targets: Sequence[dict[str, Any]] | None = None) -> OrderedDict[str, Tensor]:
+        cache = self.cache
+        if targets is None:
+            raise ValueError("levels from a teacher cache are looked up by the targets' "
+                             "image_id and hflip; this call has no targets")
+        if tuple(batch.shape[-2:]) != cache.batch_shape:
+            raise ValueError(f"the teacher cache {cache.root} holds levels of "
+                             f"{cache.batch_shape} batches; this batch is "
+                             f"{tuple(batch.shape[-2:])}")
+        keys = []
+        for t in targets:
+            if "hflip" not in t and len(cache.variants) > 1:
+                raise ValueError("the targets carry no 'hflip' entry, so the cached variant is "
+                                 "unknown: use structkd.data.build_transforms for training")
+            keys.append((int(t["image_id"]), int(bool(t.get("hflip", False)))))
+        return cache.features(keys, device=batch.device, dtype=batch.dtype)
+
+    def fingerprint(self) -> str:
+        return self.cache.teacher_fingerprint
+
+    def to(self, fn: Any) -> None:
+        """Nothing to move: levels go to each batch's device as they are read."""
+
+    def close(self) -> None:
+        """Nothing hooked."""
+
+
+def teacher_source(teacher: nn.Module | TeacherCache, *, root: str | None = None,
+                   layers: str | Sequence[str] | None = None,
+                   dtype: TeacherDtype | torch.dtype | None = None,
+                   device: str | torch.device | None = None,
+                   student_norm: tuple[list[float], list[float]] | None = None
+                   ) -> TeacherSource:
+    """A teacher model frozen (eval, no gradient, on ``device`` if given; ``root`` / ``layers``
+    default to its family's), or a cache as it is."""
+    if isinstance(teacher, TeacherCache):
+        return CachedTeacher(teacher)
+    t_root, t_layers = family_defaults(teacher)
+    return FrozenTeacher(teacher, root=t_root if root is None else root,
+                         layers=t_layers if layers is None else layers, dtype=dtype,
+                         student_norm=student_norm, device=device)
+
+
+def choose_preset(cls: type[DistillMethod], student: nn.Module) -> str:
+    """The method's preset for the student's family; a family it has none for falls back to
+    the RetinaNet preset, with a warning saying what to do."""
+    family = detector_family(student)
+    if family in cls.presets:
+        return family
+    logger.warning("%s has no preset for %s students; falling back to its retinanet preset "
+                   "%s, whose weight was tuned against RetinaNet's losses: with structkd's "
+                   "engine set the weight to 'auto' (measured on the first batches) or a number "
+                   "of your own (or the method option 'preset' to one of %s)",
+                   cls.name, family, dict(cls.presets["retinanet"]), sorted(cls.presets))
+    return "retinanet"
+
+
+@dataclass(eq=False)
+class Wiring:
+    """What :func:`wire` built: the student's tap (``student_root`` takes the batch), the
+    teacher source, the paired levels (``unpaired``: the levels of either side that found no
+    partner), and the method (``options``: its options as built)."""
+
+    tap: FeatureTap
+    student_root: str
+    student_layers: list[str]
+    teacher: TeacherSource
+    pairs: list[LevelPair]
+    unpaired: tuple[list[str], list[str]]
+    method: DistillMethod
+    method_name: str
+    options: dict[str, Any]
+
+    def paired(self, student: dict[str, Tensor], teacher: dict[str, Tensor]
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Both sides' maps by pair name (a student map resized to its teacher's size)."""
+        return paired_maps(self.pairs, student, teacher)
+
+    def fingerprint(self) -> str:
+        return self.teacher.fingerprint()
+
+    def retap(self, student: nn.Module) -> FeatureTap:
+        """A fresh tap on the same layers of ``student`` (the old one closed): for a driver
+        that lets a copy of the student be made without hooks first (Ultralytics' EMA)."""
+        old = self.tap
+        old.close()
+        self.tap = FeatureTap(student, self.student_layers, input_path=old.input_path,
+                              batch_path=old.batch_path)
+        return self.tap
+
+    def close(self) -> None:
+        """Remove the student's and the teacher's hooks."""
+        self.tap.close()
+        self.teacher.close()
+
+
+def _same_model(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two detectors are one model (also one wrapped, the other not)."""
+    def models(m: nn.Module) -> set[int]:
+        inner = unwrap(m)
+        return {id(inner), id(getattr(inner, "model", inner))}
+    return bool(models(a) & models(b))
+
+
+def wire(student: nn.Module, teacher: nn.Module | TeacherCache,
+         method: str | DistillMethod = "ssim", *, levels: list[str] | None = None,
+         student_layers: str | list[str] | None = None,
+         teacher_layers: str | list[str] | None = None, teacher_root: str | None = None,
+         teacher_dtype: TeacherDtype | torch.dtype | None = None,
+         teacher_device: str | torch.device | None = None,
+         student_norm: tuple[list[float], list[float]] | str | None = "protocol",
+         record_batch: bool = True, isolate_rng: bool = False, **options: Any) -> Wiring:
+    """Build one distillation's wiring (see the module's docstring).
+
+    ``student`` is the module that trains (``structkd.detectors.as_detector``'s); ``teacher``
+    a detector or a :class:`~structkd.distill.TeacherCache`; the keywords are the
+    ``Distiller``'s. ``student_norm``: the normalisation of the batch the teacher is given
+    ("protocol": the student's own); ``record_batch``: the tap also records the student's
+    batch (its batching module's output, else its root's input), for drivers that do not hold
+    the batch themselves; ``isolate_rng``: the method's random initialisation leaves the global
+    random stream as it was (so that runs with and without distillation draw the same data
+    order and augmentation where the driver seeded before building it). Options not accepted
+    by the method are an error naming the valid ones; a failure leaves no hook behind.
+    """
+    if not isinstance(teacher, TeacherCache) and _same_model(student, teacher):
+        raise ValueError("student and teacher are the same module; pass two detectors")
+    view = protocol_of(student)
+    s_root, s_default = view.root, view.taps
+    layers = s_default if student_layers is None else student_layers
+    s_layers = [layers] if isinstance(layers, str) else list(layers)
+    for name, paths in (("student_layers", s_layers), ("teacher_layers", teacher_layers)):
+        if paths is None:
+            continue
+        if not paths or not all(isinstance(p, str) and p for p in (
+                [paths] if isinstance(paths, str) else paths)):
+            raise ValueError(f"{name}={paths!r}; expected a module path (e.g. 'backbone') or a "
+                             "non-empty list of them")
+    # The batch: the protocol's batching module's output, else the input of the student's root
+    # (or of the first tapped module's top-level parent, for taps outside the root).
+    if not any(p == s_root or p.startswith(s_root + ".") or not s_root for p in s_layers):
+        s_root = s_layers[0].split(".")[0]
+    find_module(student, s_root, "student")
+    batch_path = view.batch_path if record_batch else None
+    tap = FeatureTap(student, s_layers,
+                     input_path=s_root if record_batch and batch_path is None else None,
+                     batch_path=batch_path)
+    source: TeacherSource | None = None
+    try:
+        if isinstance(teacher, TeacherCache):  # the cache's own levels; the names only label
+            source = CachedTeacher(teacher)
+            t_levels = source.measure()
+        else:
+            norm = view.normalisation() if student_norm == "protocol" else student_norm
+            source = teacher_source(teacher, root=teacher_root, layers=teacher_layers,
+                                    dtype=teacher_dtype, device=teacher_device,
+                                    student_norm=norm)  # type: ignore[arg-type]
+            t_levels = source.measure()
+        s_levels = measure_levels(student, tap, s_root, role="student")
+        pairs = pair_levels(s_levels, t_levels, levels)
+        unpaired = ([k for k in s_levels if k not in {p.student for p in pairs}],
+                    [k for k in t_levels if k not in {p.teacher for p in pairs}])
+        if isinstance(method, DistillMethod):
+            if options:
+                raise ValueError("method options are only accepted with a method name")
+            missing = [n for n in method.levels if n not in {p.name for p in pairs}]
+            if missing:
+                raise ValueError(f"the method was built for levels {list(method.levels)}, but "
+                                 f"the detectors share only {[p.name for p in pairs]}")
+            pairs = [p for p in pairs if p.name in method.levels]
+            built, name = method, method.name
+        else:
+            cls, _ = resolve_method(method)
+            preset = options.get("preset")
+            if cls.presets and preset is None:
+                preset = options["preset"] = choose_preset(cls, student)
+            if levels is None and preset in cls.preset_strides:
+                pairs = [p for p in pairs if p.stride in cls.preset_strides[preset]] or pairs
+            device = next(iter(student.parameters()), torch.empty(0)).device
+            with contextlib.ExitStack() as stack:
+                if isolate_rng:
+                    stack.enter_context(torch.random.fork_rng(
+                        devices=[device] if device.type == "cuda" else []))
+                built = build_method(method, [p.level for p in pairs], **options).to(device)
+            name = method
+    except BaseException:
+        tap.close()
+        if source is not None:
+            source.close()
+        raise
+    return Wiring(tap, s_root, s_layers, source, pairs, unpaired, built, name, dict(options))
+
