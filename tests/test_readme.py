@@ -1,6 +1,8 @@
-"""The README's examples run as written, with only what a test must change: tiny sizes and
-schedules, ``weights_backbone=None`` (no downloads here), and a local weights file in an empty
-torch.hub cache for the COCO teacher."""
+"""The README's and the documentation site's examples (``docs/*.md``) run as written, with only
+what a test must change: tiny sizes and schedules, ``weights_backbone=None`` (no downloads here),
+and a local weights file in an empty torch.hub cache for the COCO teacher. Blocks are found by
+their section's heading (``_block``); ``tests/test_docs.py`` checks that every block has a test.
+"""
 
 from __future__ import annotations
 
@@ -16,36 +18,76 @@ import structkd
 from kdtest import cli_subprocess, tiny_overrides
 from structkd.methods import METHODS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```[ \t]*$", flags=re.S | re.M)
+
+
+def pages() -> list[Path]:
+    """The README and the site's pages (the API reference pages hold no code)."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def sections(path: Path) -> dict[str, str]:
+    """``{heading: text}`` of a page's ``#`` and ``##`` sections (headings inside code blocks
+    are code, not headings); a ``###`` heading stays inside its ``##`` section."""
+    out: dict[str, list[str]] = {}
+    current, fenced = None, False
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"#{1,2} (.+)\n?$", line)
+        if m:
+            current = m.group(1).strip()
+            assert current not in out, f"{path.name}: two sections named {current!r}"
+            out[current] = []
+        elif current is not None:
+            out[current].append(line)
+    return {h: "".join(lines) for h, lines in out.items()}
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+    """The fenced code blocks of ``text``: ``[(lang, code), ...]``."""
+    return FENCE.findall(text)
+
+
+def _page_of(heading: str) -> Path:
+    found = [p for p in pages() if heading in sections(p)]
+    assert len(found) == 1, f"section {heading!r} found in {[p.name for p in found]}"
+    return found[0]
 
 
 def _block(heading: str, lang: str = "python", index: int = 0) -> str:
-    """The ``index``-th fenced ``lang`` block under the ``## heading`` section."""
-    text = README.read_text()
-    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
-    return blocks[index]
+    """The ``index``-th fenced ``lang`` block under the section ``heading`` of the README or of
+    a page of ``docs/`` (the heading names one section of them all)."""
+    section = sections(_page_of(heading))[heading]
+    return [code for tag, code in blocks(section) if tag == lang][index]
 
 
 def _sub(code: str, old: str, new: str) -> str:
-    assert old in code, f"the README example no longer contains {old!r}"
+    assert old in code, f"the documented example no longer contains {old!r}"
     return code.replace(old, new)
 
 
 def _tiny_fit(heading: str) -> str:
-    """A README ``fit`` example at test size: 8 + 4 generated images of 64 px, one step."""
+    """A documented ``fit`` example at test size: 8 + 4 generated images of 64 px, one step."""
     code = _sub(_block(heading), "num_train=256, num_val=64, image_size=320",
                 "num_train=8, num_val=4, image_size=64")
     return code.replace("epochs=12", "epochs=1, max_steps=1, progress=False, num_workers=0, "
                         "batch_size=2, threads=1")
 
 
-def _run(code: str, where: Path, monkeypatch) -> dict:
-    """Execute a README example in the folder ``where``; its variables."""
-    monkeypatch.chdir(where)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+def _exec(code: str, scope: dict) -> dict:
+    """Execute a documented example in ``scope``; its variables."""
+    exec(compile(code, "<documented example>", "exec"), scope)
     return scope
+
+
+def _run(code: str, where: Path, monkeypatch) -> dict:
+    """Execute a documented example in the folder ``where``; its variables."""
+    monkeypatch.chdir(where)
+    return _exec(code, {})
 
 
 def test_distil_your_own_torchvision_model(tmp_path, monkeypatch) -> None:
@@ -76,14 +118,13 @@ def coco_teacher_file(tmp_path, monkeypatch) -> Path:
 
 def test_torchvision_coco_teacher_python(coco_teacher_file) -> None:
     scope = {"structkd": structkd}
-    exec(compile(_block("Use a torchvision COCO detector as the teacher"), "README.md", "exec"),
-         scope)
+    _exec(_block("A torchvision COCO detector as the teacher"), scope)
     assert scope["info"].class_names[1:4] == ["person", "bicycle", "car"]
     assert len(scope["info"].class_names) == 91
 
 
 def test_torchvision_coco_teacher_cli(coco_teacher_file, coco_data, tmp_path) -> None:
-    cmd = _block("Use a torchvision COCO detector as the teacher", "bash").replace("\\\n", " ")
+    cmd = _block("A torchvision COCO detector as the teacher", "bash").replace("\\\n", " ")
     args = shlex.split(cmd)
     assert args[:2] == ["structkd", "distill"]
     (tmp_path / "my_student.yaml").write_text("model: {arch: fcos}\n")
@@ -100,7 +141,7 @@ def test_add_your_own_method() -> None:
 
     try:
         scope: dict = {}
-        exec(compile(_block("Add your own method"), "README.md", "exec"), scope)
+        _exec(_block("Add your own method"), scope)
         assert "cosine" in [m.name for m in describe_methods()]
         levels = [Level("s8", 8, 4, 6), Level("s16", 16, 4, 6)]
         method = build_method("cosine", levels, weight=0.5)
@@ -127,7 +168,7 @@ def test_in_your_own_training_loop() -> None:
                {"boxes": torch.tensor([[10.0, 8.0, 60.0, 40.0]]), "labels": torch.tensor([2])}]
     scope = {"torch": torch, "student": student, "teacher": teacher,
              "loader": [(images, targets)]}
-    exec(compile(_block("In your own training loop"), "README.md", "exec"), scope)
+    _exec(_block("In your own training loop"), scope)
     assert set(scope["per_level"]) == {"level/s8", "level/s16", "level/s32", "level/s64",
                                        "level/s128"}
     assert torch.isfinite(sum(scope["losses"].values()))
@@ -151,7 +192,7 @@ def test_with_your_own_lightning_trainer(coco_data, tmp_path, monkeypatch) -> No
     val = CocoDetection(coco_data.val_ann, coco_data.val_images, build_transforms(False))
     monkeypatch.chdir(tmp_path)
     scope = {"student": student, "teacher": teacher, "train": train, "val": val}
-    exec(compile(code, "README.md", "exec"), scope)
+    _exec(code, scope)
     module = scope["module"]
     assert scope["trainer"].global_step == 2 and len(module.step_times) == 2
     assert 0 <= module.last_metrics["AP"] <= 100 and "per_class" in module.last_metrics
@@ -161,9 +202,49 @@ def test_with_your_own_lightning_trainer(coco_data, tmp_path, monkeypatch) -> No
     assert evaluate(student, val)["AP"] == module.last_metrics["AP"]
 
 
-def test_your_data_on_the_command_line(coco_data, tmp_path, monkeypatch) -> None:
-    """Every command of the block, in order, on the tiny data; and the YAML example loads."""
+CLI_OUTS = {"train": "runs/teacher", "distill": "runs/student", "compare": "runs/unused",
+            "cache-teacher": "runs/unused"}
+
+
+def _compare_sets(coco_data) -> list[str]:
+    """The overrides of the documented ``structkd compare`` at test size: one step per run."""
+    return [*tiny_overrides(coco_data, CLI_OUTS["compare"]), "schedule.max_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def cli_page(coco_data, tmp_path_factory):
+    """Every command of "Your data on the command line", in order, on the tiny data, in one
+    folder: ``(folder, [(args, result), ...])``. Stops at the first command that fails."""
     from kdtest import cli_inprocess
+
+    where = tmp_path_factory.mktemp("cli_page")
+    (where / "my_teacher.yaml").write_text("model: {arch: retinanet, fpn_channels: 32}\n")
+    (where / "my_student.yaml").write_text("model: {arch: retinanet, fpn_channels: 16}\n")
+    lines = [ln.split("#")[0].split() for ln in
+             _block("Your data on the command line", "bash").splitlines() if ln.strip()]
+    done = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(where)
+        for words in lines:
+            assert words[0] == "structkd"
+            args = words[1:]
+            if args[0] == "compare":  # one seed, one step per run: the command, not the study
+                args += ["--seeds", "1", *[x for o in _compare_sets(coco_data)
+                                             for x in ("--set", o)]]
+            elif args[0] in CLI_OUTS or args[0] == "eval":
+                out = CLI_OUTS.get(args[0], "runs/eval")
+                args += [a for o in tiny_overrides(coco_data, out) for a in ("--set", o)]
+            if args[0] == "export":
+                args = [*args, "--size", "64"]
+            proc = cli_inprocess(args)
+            done.append((args, proc))
+            if proc.returncode != 0:
+                break
+    return where, done
+
+
+def test_your_data_on_the_command_line(cli_page, tmp_path) -> None:
+    """Every command of the block, in order, on the tiny data; and the YAML example loads."""
     from structkd.engine import load_config
 
     yaml_text = _block("Your data on the command line", "yaml")
@@ -172,37 +253,56 @@ def test_your_data_on_the_command_line(coco_data, tmp_path, monkeypatch) -> None
     assert (cfg.model.backbone, cfg.distill.method, cfg.distill.weight) == ("resnet50", "ssim", 2)
     assert (cfg.schedule.epochs, cfg.trainer.devices, cfg.data.batch_size) == (12, 8, 2)
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "my_teacher.yaml").write_text("model: {arch: retinanet, fpn_channels: 32}\n")
-    (tmp_path / "my_student.yaml").write_text("model: {arch: retinanet, fpn_channels: 16}\n")
-    lines = [ln.split("#")[0].split() for ln in
-             _block("Your data on the command line", "bash").splitlines() if ln.strip()]
-    outs = {"train": "runs/teacher", "distill": "runs/student", "compare": "runs/unused",
-            "cache-teacher": "runs/unused"}
-    for words in lines:
-        assert words[0] == "structkd"
-        args = words[1:]
-        if args[0] in outs or args[0] == "eval":
-            out = outs.get(args[0], "runs/eval")
-            args += [a for o in tiny_overrides(coco_data, out) for a in ("--set", o)]
-        if args[0] == "compare":  # one seed, one step per run: the command, not the study
-            args += ["--seeds", "1", "--set", "schedule.max_steps=1"]
-        if args[0] == "export":
-            args = [*args, "--size", "64"]
-        proc = cli_inprocess(args)
+    where, done = cli_page
+    commands = [ln.split("#")[0].split()[1] for ln in
+                _block("Your data on the command line", "bash").splitlines() if ln.strip()]
+    assert [args[0] for args, _ in done] == commands
+    for args, proc in done:
         assert proc.returncode == 0, (args, proc.stderr[-2000:])
         if args[0] == "distill":
             assert "distillation: fgd" in proc.stderr
         if args[0] == "compare":
             assert "| mgd_auto | auto (" in proc.stdout
-    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "student.onnx").is_file()
-    assert (tmp_path / "levels" / "manifest.json").is_file()
-    assert (tmp_path / "structkd_compare" / "report.md").is_file()
+    assert (where / "metrics.json").is_file() and (where / "student.onnx").is_file()
+    assert (where / "levels" / "manifest.json").is_file()
+    assert (where / "structkd_compare" / "report.md").is_file()
+
+
+def test_does_it_help_on_my_data(cli_page, coco_data, monkeypatch) -> None:
+    """The comparison's command and its Python twin, at one seed, into the folder the CLI
+    page's ``structkd compare`` (the same rows) wrote: every run is reused, none trained."""
+    import json
+
+    from kdtest import cli_inprocess
+
+    where, done = cli_page
+    assert all(proc.returncode == 0 for _, proc in done)
+    monkeypatch.chdir(where)
+    out = "structkd_compare"
+    args = shlex.split(_block("Does it help on my data?", "bash").replace("\\\n", " "),
+                       comments=True)
+    assert args[:2] == ["structkd", "compare"]
+    args = " ".join(args[1:])
+    args = _sub(args, "--seeds 3", "--seeds 1")
+    args = _sub(args, "--out cmp", f"--out {out}").split()
+    proc = cli_inprocess([*args, *[x for o in _compare_sets(coco_data) for x in ("--set", o)]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((where / out / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["none", "ssim", "mgd_auto"]
+    assert all(r["how"] == ["reused"] for r in rows), rows
+
+    code = _block("Does it help on my data?")
+    code = _sub(code, 'seeds=3, out="cmp",', f"seeds=1, out={out!r}, overrides=OVERRIDES,")
+    scope = _exec(code, {"OVERRIDES": _compare_sets(coco_data)})
+    c = scope["c"]
+    assert c.out == Path(out) and c.how == {r: ["reused"] for r in ("none", "ssim", "mgd_auto")}
+    assert c.gain("mgd_auto").sentence().endswith("run at least 2 seeds (3 or more for a useful "
+                                                  "interval)")
 
 
 def test_other_families_transformers(tmp_path, monkeypatch) -> None:
     pytest.importorskip("transformers")
-    code = _tiny_fit("Other detector families: the DETR family of transformers")
+    code = _tiny_fit("The DETR family of transformers")
     code = _sub(code, 'backbone="resnet50", min_size=320, max_size=320',
                 'backbone="resnet18", fpn_channels=16, min_size=64, max_size=64')
     code = _sub(code, 'size="small",\n                                min_size=320, max_size=320',
@@ -216,15 +316,15 @@ def test_other_families_transformers(tmp_path, monkeypatch) -> None:
 @pytest.mark.slow  # tests/cli runs the same config path (and more) in CI
 def test_other_families_transformers_cli(coco_data, teacher_run, tmp_path) -> None:
     pytest.importorskip("transformers")
-    args = shlex.split(_block("Other detector families: the DETR family of transformers",
-                              "bash").replace("\\\n", " "))
+    args = shlex.split(_block("The DETR family of transformers", "bash").replace("\\\n", " "))
     assert args[:2] == ["structkd", "distill"]
     args = [str(teacher_run.export_prefix) if a == "runs/teacher/student" else a
             for a in args[1:]]
     args = [a.replace("model.size=small", "model.size=tiny") for a in args]
     out = tmp_path / "rtdetr"
-    sets = [x for o in tiny_overrides(coco_data, out, "model.options={num_queries: 50}")
-            for x in ("--set", o)]
+    sets = [x for o in tiny_overrides(coco_data, out, "model.family=transformers",
+                                      "model.options={num_queries: 50}")
+            for x in ("--set", o)]  # the family named here too: no torchvision keys
     proc = cli_subprocess([*args, *sets], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "student_native" / "config.json").is_file()
@@ -232,7 +332,7 @@ def test_other_families_transformers_cli(coco_data, teacher_run, tmp_path) -> No
 
 def test_other_families_ultralytics(tmp_path, monkeypatch) -> None:
     pytest.importorskip("ultralytics")
-    code = _tiny_fit("Other detector families: YOLO (Ultralytics)")
+    code = _tiny_fit("YOLO (Ultralytics)")
     code = code.replace("min_size=320, max_size=320", "min_size=64, max_size=64")
     scope = _run(code, tmp_path, monkeypatch)
     assert 0 <= scope["result"].metrics["AP"] <= 100
