@@ -305,8 +305,8 @@ def test_other_families_transformers(tmp_path, monkeypatch) -> None:
     code = _tiny_fit("The DETR family of transformers")
     code = _sub(code, 'backbone="resnet50", min_size=320, max_size=320',
                 'backbone="resnet18", fpn_channels=16, min_size=64, max_size=64')
-    code = _sub(code, 'size="small",\n                                min_size=320, max_size=320',
-                'size="tiny", num_queries=50,\n                                min_size=64, '
+    code = _sub(code, 'size="small",\n                           min_size=320, max_size=320',
+                'size="tiny", num_queries=50,\n                           min_size=64, '
                 'max_size=64')
     scope = _run(code, tmp_path, monkeypatch)
     assert 0 <= scope["result"].metrics["AP"] <= 100

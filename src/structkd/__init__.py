@@ -2,7 +2,8 @@
 
 The public API, in the order of the data flow::
 
-    build_detector / torchvision_detector / load_detector   the detectors
+    detector(name | path, num_classes)                      a detector of any family
+    build_detector / torchvision_detector / load_detector   the detectors, by kind
     Distiller(student, teacher, method="ssim")              one training step's losses
     build_method, register_method, DistillMethod            distillation methods as plugins
     fit(student, train, val, teacher=..., method=...)       a whole run on Lightning (objects)
@@ -40,6 +41,7 @@ from .methods import (
 from .models import (
     DetectorSpec,
     build_detector,
+    detector,
     export_student,
     load_detector,
     torchvision_detector,
@@ -66,6 +68,7 @@ __all__ = [
     "calibrate_weight",
     "compare",
     "describe_methods",
+    "detector",
     "evaluate",
     "export_student",
     "fit",

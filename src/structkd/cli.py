@@ -95,20 +95,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _teacher_key(name: str) -> str:
-    """"torchvision" for a detection builder's name, "checkpoint" for a saved detector,
-    "ultralytics" for a local ``.pt``, "transformers" for a ``save_pretrained`` folder; a name
-    that is none of them (a builder's name with a typo) is an error naming the close builders."""
+    """"torchvision" for a detection builder's name, the family whose builder claims the name
+    (an Ultralytics ``.pt`` or YAML, a ``save_pretrained`` folder, a model type), else
+    "checkpoint" for a saved detector; a name that is none of them (a builder's name with a
+    typo) is an error naming the close builders."""
+    from .detectors import claiming_family
     from .models.load import close_names, torchvision_builders
 
     builders = torchvision_builders()
     if name in builders:
         return "torchvision"
+    try:
+        family = claiming_family(name)
+    except ValueError as e:  # a .pt that no torch archive reader can open
+        raise ValueError(f"--teacher {e}") from None
+    if family is not None:
+        return family
     path = Path(name).expanduser()
-    if path.suffix == ".pt" and path.is_file() and _pickles_ultralytics(path):
-        return "ultralytics"  # an Ultralytics checkpoint (structkd's own saves are safetensors)
-    if path.is_dir() and (path / "config.json").is_file() and not (
-            path / "student.json").is_file():
-        return "transformers"  # a save_pretrained folder
     saved = [path, *(path.with_name(path.name + s) for s in (".json", ".safetensors"))]
     if any(p.exists() for p in saved) or "/" in name or path.suffix in (".ckpt", ".safetensors"):
         return "checkpoint"
@@ -118,30 +121,14 @@ def _teacher_key(name: str) -> str:
                      "'retinanet_resnet50_fpn_v2' or the path of a structkd export")
 
 
-def _pickles_ultralytics(path: Path) -> bool:
-    """Whether a torch ``.pt`` file's pickle names Ultralytics' model classes (read as bytes,
-    never unpickled); a file that is no readable torch archive is refused here, naming it."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            pickles = [n for n in z.namelist() if n.endswith("data.pkl")]
-            return any(b"ultralytics.nn" in z.read(n) for n in pickles)
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"--teacher {path}: not a readable PyTorch checkpoint (an Ultralytics "
-                         ".pt or a state dict written by torch.save is a zip archive; this one "
-                         f"is truncated or corrupt: {type(e).__name__}: {e})") from None
-
-
 def _teacher_overrides(args: argparse.Namespace) -> list[str]:
     """The ``teacher.*`` overrides of ``--teacher`` (and ``--teacher-weights`` where the
     command has it)."""
     extra = []
     if args.teacher:
         key = _teacher_key(args.teacher)
-        extra = ([f"teacher.family={key}", f"teacher.name={args.teacher}"]
-                 if key in ("ultralytics", "transformers")
-                 else [f"teacher.{key}={args.teacher}"])
+        extra = ([f"teacher.{key}={args.teacher}"] if key in ("torchvision", "checkpoint")
+                 else [f"teacher.family={key}", f"teacher.name={args.teacher}"])
     if getattr(args, "teacher_weights", None):
         extra.append(f"teacher.weights={args.teacher_weights}")
     return extra

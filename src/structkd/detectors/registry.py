@@ -14,8 +14,9 @@ from torch import nn
 from .protocol import Detector, WrappedDetector, unwrap
 
 __all__ = ["Adapter", "DetectorFamily", "FamilyInfo", "adapters", "as_detector",
-           "builds_random_weights", "class_count", "describe_families", "detector_family",
-           "family_defaults", "family_detector", "protocol_of", "register_adapter"]
+           "builds_random_weights", "claiming_family", "class_count", "describe_families",
+           "detector_family", "family_defaults", "family_detector", "protocol_of",
+           "register_adapter"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class Adapter:
     a wrapper). ``build(name, num_classes, **options)`` makes a detector by name and
     ``names()`` lists what it takes (ImportError without the family's package);
     ``random_weights(name)`` says whether ``build`` gives random weights (a model type or
-    YAML); ``install`` is what to install where the family's package is missing. A
+    YAML); ``claims(name)`` whether a name or path is this family's (read without importing
+    the family's package or unpickling anything), so that ``structkd.detector(name)`` finds
+    the builder; ``install`` is what to install where the family's package is missing. A
     ``fallback`` adapter is asked last (torchvision's: any model in its calling convention).
     """
 
@@ -40,6 +43,7 @@ class Adapter:
     build: Callable[..., nn.Module] | None = None
     names: Callable[[], list[str]] | None = None
     random_weights: Callable[[str], bool] | None = None
+    claims: Callable[[str], bool] | None = None
     fallback: bool = False
 
 
@@ -159,6 +163,12 @@ def family_detector(family: str, name: str, num_classes: int, *, options_key: st
             raise
         raise ValueError(f"{options_key}.{unknown.group(1)}: not an option of the {family} "
                          f"builder for {name!r} ({e})") from None
+
+
+def claiming_family(name: str) -> str | None:
+    """The family whose builder takes ``name`` (its ``claims``), or None."""
+    return next((a.name for a in adapters() if a.claims is not None and a.build is not None
+                 and a.claims(name)), None)
 
 
 def builds_random_weights(family: str, name: str) -> bool:

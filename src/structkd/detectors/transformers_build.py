@@ -189,7 +189,22 @@ def _names() -> list[str]:
     return [*TRANSFORMERS_TYPES, "<hub name, e.g. PekingU/rtdetr_r18vd>"]
 
 
+def _claims(name: str) -> bool:
+    """A model type, a save_pretrained folder (not a structkd run folder), or a hub name
+    (``org/model`` where no local folder ``org`` exists: a path to a missing file stays a
+    path)."""
+    path = Path(name).expanduser()
+    if name in TRANSFORMERS_TYPES:
+        return True
+    if path.is_dir():
+        return (path / "config.json").is_file() and not (path / "student.json").is_file()
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not path.suffix
+            and not name.startswith((".", "/", "~")) and not path.parent.exists())
+
+
 register_adapter(Adapter(
     "transformers", is_transformers_detector, TransformersDetector,
     install="pip install 'structkd[transformers]'", build=transformers_detector, names=_names,
-    random_weights=lambda name: str(name) in TRANSFORMERS_TYPES))  # folders and hub names load
+    random_weights=lambda name: str(name) in TRANSFORMERS_TYPES,  # folders and hub names load
+    claims=_claims))

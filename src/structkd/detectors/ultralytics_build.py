@@ -32,7 +32,7 @@ from .ultralytics import (
     is_ultralytics_detector,
 )
 
-__all__ = ["TRUST_HINT", "load_checkpoint", "yolo_detector"]
+__all__ = ["TRUST_HINT", "load_checkpoint", "pickles_ultralytics", "yolo_detector"]
 
 logger = logging.getLogger("structkd.detectors")
 
@@ -253,7 +253,31 @@ def _names() -> list[str]:
     return names
 
 
+def pickles_ultralytics(path: str | os.PathLike) -> bool:
+    """Whether a torch ``.pt`` file's pickle names Ultralytics' model classes (read as bytes,
+    never unpickled); a file that is no readable torch archive is refused, naming it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickles = [n for n in z.namelist() if n.endswith("data.pkl")]
+            return any(b"ultralytics.nn" in z.read(n) for n in pickles)
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (an Ultralytics .pt or a "
+                         "state dict written by torch.save is a zip archive; this one is "
+                         f"truncated or corrupt: {type(e).__name__}: {e})") from None
+
+
+def _claims(name: str) -> bool:
+    """A model YAML, or a local ``.pt`` whose pickle names Ultralytics' classes."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return True
+    return path.suffix == ".pt" and path.is_file() and pickles_ultralytics(path)
+
+
 register_adapter(Adapter(
     "ultralytics", is_ultralytics_detector, UltralyticsDetector, install=INSTALL,
     build=yolo_detector, names=_names,
-    random_weights=lambda name: Path(str(name)).suffix.lower() in (".yaml", ".yml")))
+    random_weights=lambda name: Path(str(name)).suffix.lower() in (".yaml", ".yml"),
+    claims=_claims))

@@ -1,6 +1,7 @@
 """Detectors: the spec that describes one, building it, weights, export and latency."""
 
 from .build import build_detector, count_parameters, neck_channels
+from .create import detector
 from .export import EXPORT_FORMAT, export_student
 from .latency import measure_latency, torch_runner
 from .load import DetectorInfo, load_detector, load_exported, torchvision_detector
@@ -26,6 +27,7 @@ __all__ = [
     "OnnxDetector",
     "build_detector",
     "count_parameters",
+    "detector",
     "export_onnx",
     "export_run",
     "export_student",

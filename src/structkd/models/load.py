@@ -207,7 +207,8 @@ def load_checkpoint_detector(path: Path) -> tuple[nn.Module, DetectorInfo]:
 
 
 def torchvision_detector(builder: str, weights: str | None = None, *,
-                         num_classes: int | None = None) -> tuple[nn.Module, DetectorInfo]:
+                         num_classes: int | None = None, **builder_options: Any
+                         ) -> tuple[nn.Module, DetectorInfo]:
     """A detector from a torchvision builder (``"retinanet_resnet50_fpn_v2"``) and its weights.
 
     ``weights`` is the weights enum (``"RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1"``, read from
@@ -215,6 +216,7 @@ def torchvision_detector(builder: str, weights: str | None = None, *,
     the file), or the path of a local file holding that builder's state dict. The label map of
     the enum's categories comes with it (COCO: ids 0-90 with "N/A" gaps, as torchvision numbers
     them). Without weights the model is randomly initialised (``num_classes`` required).
+    ``builder_options`` go to the builder (``min_size``, ``max_size``, ...).
     """
     known = torchvision_builders()
     if builder not in known:
@@ -246,7 +248,8 @@ def torchvision_detector(builder: str, weights: str | None = None, *,
         state = load_torchvision_weights(weights)
     if state is not None and num_classes is None:
         num_classes = _classes_in_state(state) or (len(names) or None)
-    model = fn(weights=None, weights_backbone=None, num_classes=num_classes)
+    model = fn(**{"weights_backbone": None, **builder_options, "weights": None,
+                  "num_classes": num_classes})
     source = f"torchvision {builder}" + (f" with {weights}" if weights else "")
     if state is not None:
         load_state_into(model, state, source)
