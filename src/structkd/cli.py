@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from ._version import __version__
+from .defaults import DEFAULT_METHOD
 
 log = logging.getLogger("structkd")
 
@@ -145,7 +146,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise ValueError("structkd distill with distill.method=none trains no student from a "
                          "teacher; use structkd train, or name a method (--method)")
     if cfg.distill.method is None:
-        cfg.distill.method = "ssim"
+        cfg.distill.method = DEFAULT_METHOD
     print("# resolved config\n" + cfg.to_yaml(), flush=True)
     r = run_config(cfg)
     _print_metrics(str(r.out_dir), r.metrics)
@@ -446,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = _command(sub, "compare", help="does distillation help on this config? methods x "
                   "paired seeds, a confidence interval and a verdict")
     with_config(sp)
-    sp.add_argument("--methods", nargs="+", default=["none", "ssim"], metavar="ROW",
+    sp.add_argument("--methods", nargs="+", default=["none", DEFAULT_METHOD], metavar="ROW",
                     help="rows: a method name, NAME:WEIGHT, NAME:auto or NAME:default (the "
                     "method's own weight); a row of the config's method inherits its "
                     "distill.weight and distill.options; 'none' (the baseline) is added when "

@@ -42,7 +42,7 @@ from ..engine import (
 )
 from ..engine.from_config import evaluate_checkpoint, resolve_data
 from ..evaluation import TABLE_KEYS
-from ..methods import check_method, resolve_method
+from ..methods import DEFAULT_METHOD, check_method, resolve_method
 from .stats import PairedGain, paired_gain
 
 logger = logging.getLogger("structkd.compare")
@@ -138,7 +138,7 @@ def resolve_row(base: Config, row: Row) -> Row:
     if method == BASELINE:
         return Row(row.name, {**d, "weight": None, "options": {}})
     cfg = base.distill
-    cfg_method = cfg.method or "ssim"  # null: ssim with a teacher
+    cfg_method = cfg.method or DEFAULT_METHOD  # null: the default with a teacher
     options = dict(cfg.options)
     same = _same_method(cfg_method, options, method)
     if "weight" not in d:
@@ -515,7 +515,7 @@ def _layout(base: Config, rows: list[Row], seeds: int, out: Path, teacher_run: C
 
 
 def compare(config: Config | str | os.PathLike, methods: Sequence[str | Mapping[str, Any]]
-            | Mapping[str, Mapping[str, Any]] = ("none", "ssim"), *, seeds: int = 3,
+            | Mapping[str, Mapping[str, Any]] = (BASELINE, DEFAULT_METHOD), *, seeds: int = 3,
             out: str | os.PathLike = "structkd_compare", teacher: str | None = None,
             teacher_config: Config | str | os.PathLike | None = None,
             budget: float | None = None, overrides: Sequence[str] = (),

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..detectors import as_detector, detector_family
-from ..methods import DistillContext, DistillMethod
+from ..methods import DEFAULT_METHOD, DistillContext, DistillMethod
 from .pairing import LevelPair
 from .taps import FeatureTap
 from .teacher import FrozenTeacher, TeacherDtype
@@ -77,7 +77,7 @@ class Distiller(nn.Module):
 
     def __init__(
         self, student: nn.Module, teacher: nn.Module | TeacherCache,
-        method: str | DistillMethod = "ssim", *,
+        method: str | DistillMethod = DEFAULT_METHOD, *,
         weight: float | Literal["auto"] | None = None, levels: list[str] | None = None,
         student_layers: str | list[str] | None = None,
         teacher_layers: str | list[str] | None = None, teacher_root: str | None = None,

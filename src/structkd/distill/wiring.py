@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..detectors import detector_family, family_defaults, protocol_of
-from ..methods import DistillMethod, build_method, resolve_method
+from ..methods import DEFAULT_METHOD, DistillMethod, build_method, resolve_method
 from .pairing import LevelInfo, LevelPair, measure_levels, pair_levels, paired_maps
 from .taps import FeatureTap, find_module, unwrap
 from .teacher import FrozenTeacher, TeacherDtype
@@ -169,7 +169,7 @@ def _same_model(a: nn.Module, b: nn.Module) -> bool:
 
 
 def wire(student: nn.Module, teacher: nn.Module | TeacherCache,
-         method: str | DistillMethod = "ssim", *, levels: list[str] | None = None,
+         method: str | DistillMethod = DEFAULT_METHOD, *, levels: list[str] | None = None,
          student_layers: str | list[str] | None = None,
          teacher_layers: str | list[str] | None = None, teacher_root: str | None = None,
          teacher_dtype: TeacherDtype | torch.dtype | None = None,

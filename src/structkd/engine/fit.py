@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, Subset
 from ..config import part
 from ..detectors import as_detector, class_count, protocol_of
 from ..distill import DetectorLosses, Distiller, TeacherCache, unwrap
-from ..methods import DistillMethod
+from ..methods import DEFAULT_METHOD, DistillMethod
 from ..models import DetectorSpec, count_parameters, export_student
 from .datamodule import DetectionDataModule
 from .distill_start import DistillStart
@@ -117,8 +117,9 @@ def fit(
         train, val: datasets of ``(image, target)`` as torchvision's detection references use
             (``target``: ``boxes`` XYXY, ``labels`` 1..K, ``image_id``). Augment inside them.
         method: a method name or alias, a built ``DistillMethod``, or "none"; default: the
-            config's, else "ssim" with a teacher and "none" without. A method other than
-            "none" needs a teacher. ``method_options``: the method's own options.
+            config's, else ``DEFAULT_METHOD`` ("ssim") with a teacher and "none" without. A
+            method other than "none" needs a teacher. ``method_options``: the method's own
+            options.
         config: a ``Config`` (``structkd.engine.load_config``); every value the call does not
             name is taken from it (its optim, schedule, trainer, loader and distill sections).
         class_names: names by label (index 0 = background) for the per-class table; a
@@ -145,7 +146,7 @@ def fit(
     d = cfg.distill
     chosen = method if method is not None else d.method
     if chosen is None:
-        chosen = "ssim" if teacher is not None else "none"
+        chosen = DEFAULT_METHOD if teacher is not None else "none"
     name = chosen.name if isinstance(chosen, DistillMethod) else chosen
     if name != "none" and teacher is None:
         raise ValueError(f"method={name!r} needs a teacher: pass teacher=... (or method='none' "

@@ -43,7 +43,7 @@ from ..data.synthetic import make_synthetic_coco, synthetic_params
 from ..data.transforms import build_transforms
 from ..detectors import DetectorFamily
 from ..distill import Distiller
-from ..methods import check_method
+from ..methods import DEFAULT_METHOD, check_method
 from ..models import DetectorSpec
 from ..models.load import close_names, torchvision_builders
 from .options import Balance, Loader, Optim, Schedule, TrainerOptions
@@ -301,7 +301,7 @@ def check_distill(cfg: Config) -> None:
         raise ConfigError("distill.options.weight: set distill.weight instead")
     if d.method == "none":
         return
-    method = d.method or "ssim"  # null: ssim when there is a teacher
+    method = d.method or DEFAULT_METHOD  # null: the default when there is a teacher
     options = dict(d.options)
     if d.weight is not None and d.weight != "auto":
         options["weight"] = d.weight

@@ -72,7 +72,7 @@ from ..distill.pairing import LevelPair
 from ..distill.taps import FeatureTap, find_module
 from ..distill.teacher import FrozenTeacher, TeacherDtype
 from ..distill.wiring import wire
-from ..methods import DistillContext, DistillMethod, check_method
+from ..methods import DEFAULT_METHOD, DistillContext, DistillMethod, check_method
 
 __all__ = ["DISTILL_KEY", "DistillCriterion", "DistillSpec", "UltralyticsDistillation",
            "distill_trainer", "load_teacher", "strip_structkd"]
@@ -494,7 +494,7 @@ class _DistillTrainerMixin:
                 self.distillation.detach()
 
 
-def distill_trainer(teacher: nn.Module | str | os.PathLike, method: str = "ssim", *,
+def distill_trainer(teacher: nn.Module | str | os.PathLike, method: str = DEFAULT_METHOD, *,
                     weight: float | None = None, levels: list[str] | None = None,
                     student_layers: str | list[str] | None = None,
                     teacher_layers: str | list[str] | None = None,

@@ -19,6 +19,7 @@ from .mgd import MGD
 from .pkd import PKD
 from .registry import (
     ALIASES,
+    DEFAULT_METHOD,
     METHODS,
     MethodInfo,
     build_method,
@@ -34,6 +35,7 @@ __all__ = [
     "ADAPTERS",
     "ALIASES",
     "CWD",
+    "DEFAULT_METHOD",
     "FGD",
     "METHODS",
     "MGD",

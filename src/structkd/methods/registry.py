@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from ..defaults import DEFAULT_METHOD
 from .base import DistillMethod
 from .context import Level
 
 __all__ = [
     "ALIASES",
+    "DEFAULT_METHOD",
     "METHODS",
     "MethodInfo",
     "build_method",
