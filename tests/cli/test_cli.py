@@ -1,12 +1,14 @@
-"""The ``structkd`` command line end to end, each command in a fresh interpreter.
+"""The ``structkd`` command line end to end: each command through ``structkd.cli.main`` in
+this interpreter (``kdtest.cli_inprocess``), and in fresh interpreters where a run needs them
+(DDP with two CPU processes).
 
-train -> distill -> eval on the tiny generated COCO dataset, the shipped configs, DDP with two CPU
-processes, the demo's smoke run, and the error path (exit code 2 with a one-line message).
+train -> distill -> eval on the tiny generated COCO dataset, other families through the config,
+the shipped configs, DDP with two CPU processes, and the error path (exit code 2 with a one-line
+message). The demo and the seed study: ``tests/apps``.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -29,7 +31,7 @@ def _ok(proc) -> str:
 
 def test_train_distill_eval(coco_data, tmp_path: Path) -> None:
     teacher = tmp_path / "teacher"
-    out = _ok(cli_subprocess(["train", *_sets(tiny_overrides(
+    out = _ok(cli_inprocess(["train", *_sets(tiny_overrides(
         coco_data, teacher, "model.fpn_channels=32"))]))
     assert out.startswith("# resolved config\n")
     assert "| model | AP | AP50 | AP75 | APs | APm | APl |" in out
@@ -38,8 +40,8 @@ def test_train_distill_eval(coco_data, tmp_path: Path) -> None:
     assert yaml.safe_load((teacher / "config.yaml").read_text())["model"]["fpn_channels"] == 32
 
     student = tmp_path / "ssim"
-    out = _ok(cli_subprocess(["distill", "--teacher", str(teacher / "student"), "--method",
-                              "ssim", *_sets(tiny_overrides(coco_data, student))]))
+    out = _ok(cli_inprocess(["distill", "--teacher", str(teacher / "student"), "--method",
+                             "ssim", *_sets(tiny_overrides(coco_data, student))]))
     resolved = load_config(student / "config.yaml")
     assert resolved.distill.method == "ssim"
     assert resolved.teacher.checkpoint == str(teacher / "student")
@@ -48,8 +50,8 @@ def test_train_distill_eval(coco_data, tmp_path: Path) -> None:
 
     metrics_json = tmp_path / "eval.json"
     eval_sets = _sets(tiny_overrides(coco_data, tmp_path / "e"))
-    out = _ok(cli_subprocess(["eval", str(student / "student.safetensors"), "--out",
-                              str(metrics_json), *eval_sets]))
+    out = _ok(cli_inprocess(["eval", str(student / "student.safetensors"), "--out",
+                             str(metrics_json), *eval_sets]))
     metrics = json.loads(metrics_json.read_text())
     saved = json.loads((student / "results.json").read_text())["metrics"]
     assert metrics["AP"] == pytest.approx(saved["AP"], abs=1e-9)
@@ -57,7 +59,7 @@ def test_train_distill_eval(coco_data, tmp_path: Path) -> None:
 
 
 def test_configs_lists_the_paper_recipes() -> None:
-    out = _ok(cli_subprocess(["configs"]))
+    out = _ok(cli_inprocess(["configs"]))
     for name in ("coco_retinanet_r101_teacher", "coco_retinanet_r50_ssim", "coco_retinanet_r50_l1",
                  "coco_retinanet_r50_l2", "coco_faster_rcnn_r101_teacher",
                  "coco_faster_rcnn_r50_ssim"):
@@ -145,7 +147,7 @@ def test_config_prints_every_key(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_distill_without_teacher_is_a_clear_error(coco_data, tmp_path: Path) -> None:
-    proc = cli_subprocess(["distill", *_sets(tiny_overrides(coco_data, tmp_path / "x"))])
+    proc = cli_inprocess(["distill", *_sets(tiny_overrides(coco_data, tmp_path / "x"))])
     assert proc.returncode == 2
     assert "teacher.checkpoint" in proc.stderr
 
@@ -172,60 +174,6 @@ def test_ddp_two_cpu_processes(coco_data, teacher_run, tmp_path: Path) -> None:
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_demo_quick(tmp_path: Path) -> None:
-    """The demo's smoke run: teacher, three students, table, report, JSON and plots."""
-    out, cache = tmp_path / "demo", tmp_path / "cache"
-    proc = cli_subprocess(["demo", "--quick", "--out", str(out), "--cache", str(cache)],
-                          timeout=900)
-    stdout = _ok(proc)
-    for name in ("teacher", "student-none", "student-mse", "student-ssim"):
-        assert f"| {name} |" in stdout
-    rows = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in rows] == ["teacher", "student-none", "student-mse",
-                                         "student-ssim"]
-    keys = {"name", "method", "AP", "AP50", "AP75", "APs", "APm", "APl", "params", "latency_ms",
-            "onnx_ms"}
-    assert all(keys <= set(r) for r in rows)
-    assert all(r["latency_ms"] > 0 and r["onnx_ms"] > 0 for r in rows)
-    for png in ("ap_per_method.png", "curves.png", "detections.png"):
-        assert (out / png).stat().st_size > 1000
-    report = (out / "report.md").read_text()
-    assert report.startswith("# structkd demo") and "![detections](detections.png)" in report
-    assert "Size gap: student" in stdout
-    assert (out / "student.onnx").is_file() and (out / "teacher.onnx").is_file()
-    # The table and the paths of the report and figures are the last lines printed.
-    lines = stdout.strip().splitlines()
-    at = lines.index(f"report: {out / 'report.md'}")
-    figures = [Path(line.removeprefix("figure: ")) for line in lines[at + 1:]]
-    assert all(line.startswith("figure: ") for line in lines[at + 1:]) and len(figures) >= 3
-    assert all(f.is_file() for f in figures)
-    # A clean console: no Lightning advert, no log message printed twice in a row, no
-    # Lightning information lines or known harmless warnings between the demo's own lines.
-    log = [ln for ln in proc.stderr.splitlines() if ln.startswith(("INFO", "WARNING"))]
-    assert "litlogger" not in proc.stderr.lower() and "Tip:" not in proc.stderr
-    assert not [a for a, b in itertools.pairwise(log) if a == b]
-    assert "LeafSpec" not in proc.stderr and "exists and is not empty" not in proc.stderr
-    assert not [ln for ln in log if "lightning" in ln]
-    # A second demo into the same folder reuses the cached teacher, keeps the first demo and
-    # reports its own students (another seed), read from the folder it wrote them to.
-    first = (out / "results.json").read_bytes()
-    proc = cli_subprocess(["demo", "--quick", "--out", str(out), "--cache", str(cache),
-                           "--seed", "1"], timeout=900)
-    _ok(proc)
-    assert "reusing the cached teacher" in proc.stderr
-    assert len(list((cache / "teachers").iterdir())) == 1
-    second = tmp_path / "demo-2"
-    assert f"this one goes to {second}" in proc.stderr
-    assert (out / "results.json").read_bytes() == first
-    rows2 = json.loads((second / "results.json").read_text())
-    for r in rows2[1:]:
-        run = json.loads((second / r["method"] / "results.json").read_text())
-        assert r["AP"] == run["metrics"]["AP"] and r["params"] == run["params"]
-        assert run["out_dir"] == str(second / r["method"])
-    assert f"report: {second / 'report.md'}" in proc.stdout
-    assert not list(out.glob("*-2"))  # no run of the second demo went into the first
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("teacher_arch", "student_arch"), [
     ("fcos", "retinanet"), ("retinanet", "fcos"), ("fcos", "fasterrcnn")])
@@ -249,42 +197,6 @@ def test_slow_pairs_of_detectors_under_ddp(teacher_arch, student_arch, coco_data
     assert results["steps"] == 4 and results["mode"] == "distill"
 
 
-def test_benchmark_quick_writes_results_and_resumes(tmp_path: Path) -> None:
-    """The seed study's smoke run: RESULTS.md with the command, the table and the verdict;
-    run again, it reuses every finished run instead of training it again."""
-    args = ["benchmark", "--quick", "--seeds", "2", "--methods", "none", "ssim", "--out",
-            str(tmp_path / "study"), "--cache", str(tmp_path / "cache"), "--results-md",
-            str(tmp_path / "RESULTS.md")]
-    _ok(cli_subprocess(args, timeout=900))
-    text = (tmp_path / "RESULTS.md").read_text()
-    assert text.startswith("# Seed study on the built-in dataset")
-    assert "Command: `structkd benchmark --seeds 2 --quick`" in text
-    assert "| none | - | 2 |" in text and "| ssim | 2 | 2 |" in text
-    assert "SSIM - none:" in text and "| teacher |" in text
-    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
-    assert summary["rows"]["ssim"]["n"] == 2 and len(summary["rows"]["ssim"]["AP_runs"]) == 2
-    # Interrupt one student run and the teacher's training (as a kill would leave them): run
-    # again, the study reuses the three finished runs, resumes the student from its last
-    # checkpoint and trains the teacher again in place, to the same numbers as the
-    # uninterrupted first invocation.
-    for d in (tmp_path / "study" / "seed1" / "ssim", *(tmp_path / "cache" / "teachers").iterdir()):
-        (d / "results.json").unlink()
-        (d / "student.safetensors").unlink()
-    again = cli_subprocess(args, timeout=900)
-    _ok(again)
-    assert again.stderr.count("reusing the finished run") == 3
-    assert "resuming the interrupted run in" in again.stderr
-    assert "holds an interrupted training of this teacher" in again.stderr
-    assert "3 of the 4 student runs were reused" in (tmp_path / "RESULTS.md").read_text()
-    assert "were reused" not in text  # the first invocation trained every run
-    assert sorted(p.name for p in (tmp_path / "study" / "seed1").iterdir()) == ["none", "ssim"]
-    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
-    resumed = json.loads((tmp_path / "study" / "summary.json").read_text())
-    for m in ("none", "ssim"):
-        assert resumed["rows"][m]["AP_runs"] == summary["rows"][m]["AP_runs"]
-    assert resumed["teacher"]["metrics"] == summary["teacher"]["metrics"]
-
-
 def test_distill_a_torchvision_teacher_into_a_transformers_student(coco_data, teacher_run,
                                                                     tmp_path: Path) -> None:
     """The config path of another family: model.family=transformers builds an RT-DETR student,
@@ -292,13 +204,12 @@ def test_distill_a_torchvision_teacher_into_a_transformers_student(coco_data, te
     (structkd's safetensors and transformers' save_pretrained folder)."""
     pytest.importorskip("transformers")
     out = tmp_path / "rtdetr"
-    proc = cli_subprocess(["distill", "--teacher", str(teacher_run.export_prefix), "--method",
-                           "cwd", *_sets(tiny_overrides(
-                               coco_data, out, "model.family=transformers",
-                               "model.name=rt_detr", "model.size=tiny",
-                               "model.options={num_queries: 50}",
-                               "distill.options={}", "optim.name=adamw", "optim.lr=0.0001"))],
-                          timeout=600)
+    proc = cli_inprocess(["distill", "--teacher", str(teacher_run.export_prefix), "--method",
+                          "cwd", *_sets(tiny_overrides(
+                              coco_data, out, "model.family=transformers",
+                              "model.name=rt_detr", "model.size=tiny",
+                              "model.options={num_queries: 50}",
+                              "distill.options={}", "optim.name=adamw", "optim.lr=0.0001"))])
     printed = _ok(proc)
     assert f"| {out} | " in printed
     results = json.loads((out / "results.json").read_text())
@@ -308,13 +219,13 @@ def test_distill_a_torchvision_teacher_into_a_transformers_student(coco_data, te
     # the export is rebuilt from its native save: eval gives the run's AP, and it teaches a
     # torchvision student in turn (a transformers teacher, stopped after its encoder)
     metrics_json = tmp_path / "eval.json"
-    _ok(cli_subprocess(["eval", str(out / "student.safetensors"), "--out", str(metrics_json),
-                        *_sets(tiny_overrides(coco_data, tmp_path / "e"))]))
+    _ok(cli_inprocess(["eval", str(out / "student.safetensors"), "--out", str(metrics_json),
+                       *_sets(tiny_overrides(coco_data, tmp_path / "e"))]))
     assert json.loads(metrics_json.read_text())["AP"] == pytest.approx(
         results["metrics"]["AP"], abs=1e-9)
     back = tmp_path / "retina_from_rtdetr"
-    _ok(cli_subprocess(["distill", "--teacher", str(out / "student"), "--method", "ssim",
-                        *_sets(tiny_overrides(coco_data, back))], timeout=600))
+    _ok(cli_inprocess(["distill", "--teacher", str(out / "student"), "--method", "ssim",
+                       *_sets(tiny_overrides(coco_data, back))]))
     assert json.loads((back / "results.json").read_text())["mode"] == "distill"
 
 
@@ -324,8 +235,8 @@ def test_ddp_two_cpu_processes_from_a_teacher_cache(coco_data, teacher_run,
     without the teacher and ends like a single-process run would (2 steps, an export)."""
     cache = tmp_path / "cache"
     base = ["data.hflip_prob=0.5"]
-    _ok(cli_subprocess(["cache-teacher", "--teacher", str(teacher_run.export_prefix), "--out",
-                        str(cache), *_sets(tiny_overrides(coco_data, tmp_path / "x", *base))]))
+    _ok(cli_inprocess(["cache-teacher", "--teacher", str(teacher_run.export_prefix), "--out",
+                       str(cache), *_sets(tiny_overrides(coco_data, tmp_path / "x", *base))]))
     out = tmp_path / "ddp"
     proc = cli_subprocess(["distill", *_sets(tiny_overrides(
         coco_data, out, *base, f"teacher.cache={cache}", "trainer.strategy=ddp",
@@ -346,21 +257,19 @@ def test_distill_a_yolo_teacher_into_a_yolo_student_of_another_generation(
     pytest.importorskip("ultralytics")
     yolo = ["model.family=ultralytics", "optim.name=adamw", "optim.lr=0.001"]
     teacher = tmp_path / "yolo11"
-    _ok(cli_subprocess(["train", *_sets(tiny_overrides(coco_data, teacher, *yolo,
-                                                       "model.name=yolo11n.yaml"))],
-                       timeout=600))
+    _ok(cli_inprocess(["train", *_sets(tiny_overrides(coco_data, teacher, *yolo,
+                                                      "model.name=yolo11n.yaml"))]))
     assert (teacher / "student_native.pt").is_file()
     assert (teacher / "student_native.yaml").is_file()
     out = tmp_path / "yolo26"
-    printed = _ok(cli_subprocess(["distill", "--teacher", str(teacher / "student"), "--method",
-                                  "mgd", *_sets(tiny_overrides(coco_data, out, *yolo,
-                                                               "model.name=yolo26n.yaml"))],
-                                 timeout=600))
+    printed = _ok(cli_inprocess(["distill", "--teacher", str(teacher / "student"), "--method",
+                                 "mgd", *_sets(tiny_overrides(coco_data, out, *yolo,
+                                                              "model.name=yolo26n.yaml"))]))
     assert f"| {out} | " in printed
     results = json.loads((out / "results.json").read_text())
     assert results["mode"] == "distill" and results["method"]["name"] == "mgd"
     metrics_json = tmp_path / "eval.json"
-    _ok(cli_subprocess(["eval", str(out / "student.safetensors"), "--out", str(metrics_json),
-                        *_sets(tiny_overrides(coco_data, tmp_path / "e"))]))
+    _ok(cli_inprocess(["eval", str(out / "student.safetensors"), "--out", str(metrics_json),
+                       *_sets(tiny_overrides(coco_data, tmp_path / "e"))]))
     assert json.loads(metrics_json.read_text())["AP"] == pytest.approx(
         results["metrics"]["AP"], abs=1e-9)

@@ -47,42 +47,47 @@ def _sets(overrides: list[str]) -> list[str]:
 def _kill_mid_run_and_resume(coco_data, tmp_path: Path, arch: str, sig: int) -> None:
     """Train 3 epochs uninterrupted; train again, kill the process right after the first
     checkpoint is written (so inside epoch 2), resume with trainer.resume=last: every tensor of
-    the final weights equals the uninterrupted run's. Default loader workers (2)."""
+    the final weights equals the uninterrupted run's. Default loader workers (2). The
+    uninterrupted run and the one to kill run at the same time (two processes, two folders)."""
     common = ["data.num_workers=2", f"model.arch={arch}", "schedule.max_steps=null",
               "schedule.epochs=3", "data.batch_size=1", "schedule.warmup_iters=2",
               "trainer.log_every=1"]
     full = tmp_path / "full"
-    proc = _cli(["train", *_sets(tiny_overrides(coco_data, full, *common))])
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
-    part = tmp_path / "part"
-    proc = _cli(["train", *_sets(tiny_overrides(coco_data, part, *common))])
-    ckpt = part / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 600
-    while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.5)  # into the next epoch (or its validation)
-    for _ in range(20):
-        # Python drops a KeyboardInterrupt that lands in a destructor (e.g. a DataLoader
-        # iterator's __del__: "Exception ignored in ..."), and the run goes on; like a user, press
-        # Ctrl+C again until the process stops.
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=1.0)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait(timeout=120)
-    assert not (part / "results.json").is_file(), "the run finished before it was interrupted"
-    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
-    assert 0 < step < 24
-    proc = _cli(["train", *_sets(tiny_overrides(coco_data, part, *common,
-                                                "trainer.resume=last"))])
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
-    assert json.loads((part / "results.json").read_text())["steps"] == 24
-    assert _same(_weights(full), _weights(part))
-    m_full = json.loads((full / "results.json").read_text())["metrics"]
-    m_part = json.loads((part / "results.json").read_text())["metrics"]
-    assert m_full["AP"] == m_part["AP"]
+    full_proc = _cli(["train", *_sets(tiny_overrides(coco_data, full, *common))])
+    try:
+        part = tmp_path / "part"
+        proc = _cli(["train", *_sets(tiny_overrides(coco_data, part, *common))])
+        ckpt = part / "checkpoints" / "last.ckpt"
+        deadline = time.time() + 600
+        while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # into the next epoch (or its validation)
+        for _ in range(20):
+            # Python drops a KeyboardInterrupt that lands in a destructor (e.g. a DataLoader
+            # iterator's __del__: "Exception ignored in ..."), and the run goes on; like a
+            # user, press Ctrl+C again until the process stops.
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        proc.wait(timeout=120)
+        assert not (part / "results.json").is_file(), "the run finished before it was interrupted"
+        step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+        assert 0 < step < 24
+        proc = _cli(["train", *_sets(tiny_overrides(coco_data, part, *common,
+                                                    "trainer.resume=last"))])
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+        assert full_proc.wait(timeout=600) == 0, full_proc.stderr.read()[-3000:]
+        assert json.loads((part / "results.json").read_text())["steps"] == 24
+        assert _same(_weights(full), _weights(part))
+        m_full = json.loads((full / "results.json").read_text())["metrics"]
+        m_part = json.loads((part / "results.json").read_text())["metrics"]
+        assert m_full["AP"] == m_part["AP"]
+    finally:
+        if full_proc.poll() is None:  # a failed check above: stop it
+            full_proc.kill()
 
 
 def test_resume_after_sigkill_is_exact_retinanet(coco_data, tmp_path) -> None:
@@ -185,15 +190,36 @@ def test_resume_without_changes_leaves_the_restored_optimiser_alone(coco_data, t
     assert probe_part.seen == probe_full.seen[2:]  # bit for bit, warm-up included
 
 
+@pytest.fixture(scope="module")
+def plain_run(coco_data, tmp_path_factory) -> Path:
+    """The default tiny run (2 steps), trained once for the checks below that start from a
+    finished run; each works on its own copy (:func:`_finished_run`)."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    threads = torch.get_num_threads()
+    try:
+        train(load_config(overrides=tiny_overrides(coco_data, out)))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _finished_run(plain_run: Path, tmp_path: Path) -> Path:
+    """``tmp_path / "run"`` holding a copy of ``plain_run``: what training the default tiny
+    config into it leaves (its config.yaml and results.json name the original folder)."""
+    import shutil
+
+    return Path(shutil.copytree(plain_run, tmp_path / "run"))
+
+
 @pytest.mark.parametrize(("change", "key"), [
     ("trainer.seed=5", "trainer.seed: checkpoint 0 vs now 5"),
     ("data.batch_size=2", "data.batch_size: checkpoint 4 vs now 2"),
     ("optim.name=adamw", 'optim.name: checkpoint "sgd" vs now "adamw"'),
     ("trainer.precision=64-true", 'trainer.precision: checkpoint "32-true" vs now "64-true"'),
 ])
-def test_resume_refuses_what_makes_another_run(coco_data, tmp_path, change, key) -> None:
-    out = tmp_path / "run"
-    train(load_config(overrides=tiny_overrides(coco_data, out)))
+def test_resume_refuses_what_makes_another_run(coco_data, plain_run, tmp_path, change,
+                                               key) -> None:
+    out = _finished_run(plain_run, tmp_path)
     with pytest.raises(ValueError, match=re.escape(key)):
         train(load_config(overrides=tiny_overrides(coco_data, out, "trainer.resume=last",
                                                    change)))
@@ -205,14 +231,13 @@ def _sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def test_resume_refuses_other_training_data(coco_data, tmp_path) -> None:
+def test_resume_refuses_other_training_data(coco_data, plain_run, tmp_path) -> None:
     """Another annotation file (one box moved by a pixel) or another image folder (a copy) is
     another run: refused naming ``data`` and both values. The same precision spelled another
     way (``32``, Lightning's old name of "32-true") is the same run."""
     import shutil
 
-    out = tmp_path / "run"
-    train(load_config(overrides=tiny_overrides(coco_data, out)))
+    out = _finished_run(plain_run, tmp_path)
     ann = json.loads(Path(coco_data.train_ann).read_text())
     ann["annotations"][0]["bbox"][0] += 1.0
     other_ann = tmp_path / "train_other.json"
@@ -236,12 +261,11 @@ def test_resume_refuses_other_training_data(coco_data, tmp_path) -> None:
     assert resumed.steps == 3
 
 
-def test_resume_of_an_earlier_checkpoint_warns_what_it_cannot_check(coco_data, tmp_path,
-                                                                   caplog) -> None:
+def test_resume_of_an_earlier_checkpoint_warns_what_it_cannot_check(coco_data, plain_run,
+                                                                   tmp_path, caplog) -> None:
     """A checkpoint of a structkd that recorded neither the data nor the precision resumes
     (what it records is still checked) with a warning naming both keys."""
-    out = tmp_path / "run"
-    train(load_config(overrides=tiny_overrides(coco_data, out)))
+    out = _finished_run(plain_run, tmp_path)
     path = out / "checkpoints" / "last.ckpt"
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     del ckpt["structkd"]["data"], ckpt["structkd"]["options"]["trainer.precision"]
@@ -291,11 +315,10 @@ def _steps(path: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
-def test_resume_refuses_a_pickle_payload(coco_data, tmp_path) -> None:
+def test_resume_refuses_a_pickle_payload(coco_data, plain_run, tmp_path) -> None:
     """A checkpoint carrying a pickled object is refused (loaded with weights_only=True) and
     its payload never runs."""
-    out = tmp_path / "run"
-    train(load_config(overrides=tiny_overrides(coco_data, out)))
+    out = _finished_run(plain_run, tmp_path)
     marker = tmp_path / "pwned"
     ckpt_path = out / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -328,9 +351,8 @@ def test_a_finished_run_is_never_overwritten(coco_data, tmp_path) -> None:
     assert third.out_dir == out and _same(_weights(out), _weights(tmp_path / "run-2"))
 
 
-def test_config_is_written_only_after_it_validates(coco_data, tmp_path) -> None:
-    out = tmp_path / "run"
-    train(load_config(overrides=tiny_overrides(coco_data, out)))
+def test_config_is_written_only_after_it_validates(coco_data, plain_run, tmp_path) -> None:
+    out = _finished_run(plain_run, tmp_path)
     saved = (out / "config.yaml").read_text()
     bad = tiny_overrides(coco_data, out, "trainer.resume=last", "distill.method=ssim",
                          f"teacher.checkpoint={tmp_path / 'missing'}")

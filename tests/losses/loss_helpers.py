@@ -16,7 +16,7 @@ GOLDEN_DIR = Path(__file__).parents[1] / "golden"
 
 
 def _load_reference():
-    name = "structkd_tests_make_golden"  # the name tests/test_methods.py loads it under too
+    name = "structkd_tests_make_golden"  # the name tests/methods/method_helpers.py uses too
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, GOLDEN_DIR / "make_golden.py")
         module = importlib.util.module_from_spec(spec)
