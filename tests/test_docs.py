@@ -179,9 +179,10 @@ def test_development_commands() -> None:
             elif words[0] == "lint-imports":
                 assert "lint-imports" in _ci_lines()
             elif words[:3] == ["python", "-m", "pytest"]:
-                assert words[3:] in ([], ["-q"], ["-m", "not slow", "-q"]), text
+                assert words[3:] in ([], ["-q"], ["-m", "not slow", "-n", "2", "--dist",
+                                                  "loadfile", "-q"]), text
                 if "not slow" in words:
-                    assert 'python -m pytest -m "not slow" -q' in ci
+                    assert 'python -m pytest -m "not slow" -n 2 --dist loadfile -q' in ci
             elif words[:2] == ["mkdocs", "build"]:
                 assert "mkdocs build --strict" in ci and "--strict" in words
             elif words[:2] == ["ruff", "check"]:

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import structkd
-from kdtest import cli_subprocess, tiny_overrides
+from kdtest import cli_inprocess, cli_subprocess, tiny_overrides
 from structkd.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,14 +123,16 @@ def test_torchvision_coco_teacher_python(coco_teacher_file) -> None:
     assert len(scope["info"].class_names) == 91
 
 
-def test_torchvision_coco_teacher_cli(coco_teacher_file, coco_data, tmp_path) -> None:
+def test_torchvision_coco_teacher_cli(coco_teacher_file, coco_data, tmp_path,
+                                     monkeypatch) -> None:
     cmd = _block("A torchvision COCO detector as the teacher", "bash").replace("\\\n", " ")
     args = shlex.split(cmd)
     assert args[:2] == ["structkd", "distill"]
     (tmp_path / "my_student.yaml").write_text("model: {arch: fcos}\n")
     out = tmp_path / "run"
     sets = [a for o in tiny_overrides(coco_data, out) for a in ("--set", o)]
-    proc = cli_subprocess([*args[1:], *sets], cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    proc = cli_inprocess([*args[1:], *sets])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "results.json").is_file()
     assert "distillation: ssim" in proc.stderr

@@ -89,8 +89,8 @@ def test_truncated_safetensors_teacher(export, make_overrides, tmp_path: Path) -
     teacher = _copy_export(export, tmp_path, "teacher")
     weights = teacher.with_name("teacher.safetensors")
     weights.write_bytes(weights.read_bytes()[:5000])
-    proc = cli_subprocess(["distill", "--teacher", str(teacher),
-                           *_sets(make_overrides(tmp_path / "run"))])
+    proc = cli_inprocess(["distill", "--teacher", str(teacher),
+                          *_sets(make_overrides(tmp_path / "run"))])
     _fails(proc, str(weights), "truncated or corrupt")
 
 
