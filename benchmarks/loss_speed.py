@@ -25,7 +25,7 @@ dimension and structkd truncates the window (see ``structkd.losses.ssim``).
     python benchmarks/loss_speed.py --rounds 2 --methods structkd-ssim method-pkd method-fgd
     python benchmarks/loss_speed.py --ssim-compile     # SSIM's compiled kernels
 
-``--ssim-compile`` turns on ``structkd.losses.ssim.compiled.set_compile`` (float32 CPU): the timed
+``--ssim-compile`` turns on ``structkd.losses.ssim.set_compile`` (float32 CPU): the timed
 rounds are steady state (the untimed warm-up step compiles), and the warm-up time, compilation
 included, is printed under the table.
 """
@@ -271,7 +271,7 @@ def main() -> None:
                    help="compiled kernels for the SSIM rows (float32 CPU)")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.ssim_compile:  # read by structkd.losses.ssim.compiled, here and in the subprocesses
+    if args.ssim_compile:  # read by losses.ssim.compiled_kernels, here and in the subprocesses
         os.environ["STRUCTKD_SSIM_COMPILE"] = "1"
     if args.memory_of:
         print(json.dumps(peak_memory(args.memory_of, args.device)))

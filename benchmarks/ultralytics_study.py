@@ -16,7 +16,7 @@ and one cross-generation pair: the same YOLO11 teacher into a YOLO26 student
 no-distillation row. Metric: Ultralytics' validation mAP50-95 (and mAP50) of the run's
 ``best.pt``, as ``model.train`` reports it. The table gives mean +- sample std over seeds and the
 paired gain over the same student without distillation with its 95% CI (Student's t over the
-per-seed differences, :func:`structkd.compare.stats.paired_gain`).
+per-seed differences, :func:`structkd.comparison.stats.paired_gain`).
 
 Resumable: every run writes ``result.json`` in its directory under ``--out``; a run or the
 teacher whose result exists is reused, so an interrupted study continues where it stopped.
@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from structkd.compare.stats import paired_gain
+from structkd.comparison.stats import paired_gain
 from structkd.data import make_synthetic_coco
 from structkd.data.yolo_format import to_yolo
 

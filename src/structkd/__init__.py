@@ -14,7 +14,7 @@ The public API, in the order of the data flow::
 """
 
 from ._version import __version__
-from .compare import compare
+from .comparison import compare
 from .distill import Distiller, FeatureTap, calibrate_weight
 from .engine import (
     Config,

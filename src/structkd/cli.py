@@ -274,7 +274,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import shlex
 
-    from .compare import compare, write_report
+    from .comparison import compare, write_report
 
     cfg = _load(args, _teacher_overrides(args), show=False)
     c = compare(cfg, args.methods, seeds=args.seeds, out=args.out,

@@ -10,7 +10,7 @@ from pathlib import Path
 from kdtest import tiny_overrides, train
 from structkd.data import SyntheticPaths
 from structkd.engine import load_config
-from structkd.engine.module import DetectionModule
+from structkd.engine.training.module import DetectionModule
 
 original = DetectionModule.training_step
 

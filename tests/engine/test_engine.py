@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from kdtest import distill, train
 from structkd.engine import evaluate_checkpoint as evaluate
 from structkd.engine import load_config
-from structkd.engine.module import DetectionModule
+from structkd.engine.training.module import DetectionModule
 from structkd.models import load_detector, load_exported
 
 METRIC_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "per_class"}
@@ -288,7 +288,7 @@ def test_bf16_mixed_precision_distill(teacher_run, make_overrides, tmp_path) -> 
 
 
 def test_cpu_bf16_hazard_is_named_for_small_inputs_only(make_overrides, tmp_path) -> None:
-    from structkd.engine.hazards import cpu_bf16_hazard
+    from structkd.engine.monitor.hazards import cpu_bf16_hazard
     from structkd.models import DetectorSpec
 
     def hazard(precision: str, size: int, arch: str = "retinanet") -> str | None:

@@ -142,7 +142,7 @@ def test_a_malformed_dataset_is_named_before_any_work(train, problem, tmp_path) 
 
 
 def test_the_sample_check_leaves_the_random_state_alone(datasets) -> None:
-    from structkd.engine.samples import check_first_sample
+    from structkd.engine.first_sample import check_first_sample
 
     torch.manual_seed(3)
     before = torch.get_rng_state()

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Subset
 import structkd
 from kdtest import IMAGE_SIZE
 from structkd.data import CocoDetection, build_transforms
-from structkd.engine.resume import data_identity
+from structkd.engine.runs.resume import data_identity
 from structkd.models import build_detector
 
 TINY = {"batch_size": 4, "num_workers": 0, "progress": False, "threads": 1,

@@ -13,7 +13,7 @@ import pytest
 from filelock import FileLock
 
 from kdtest import SRC, tiny_overrides
-from structkd.engine.run_dir import LOCK_NAME, RUN_DIR_ENV, claim_out_dir
+from structkd.engine.runs.run_dir import LOCK_NAME, RUN_DIR_ENV, claim_out_dir
 
 
 def test_a_folder_held_by_a_live_run_is_never_shared(tmp_path: Path, caplog) -> None:

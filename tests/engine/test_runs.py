@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from kdtest import SRC, distill, tiny_overrides, train
 from structkd.engine import load_config
-from structkd.engine.callbacks import DivergenceGuard
-from structkd.engine.module import DetectionModule
+from structkd.engine.training.callbacks import DivergenceGuard
+from structkd.engine.training.module import DetectionModule
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from structkd.engine.sampling import make_loader
+from structkd.engine.training.data_order import make_loader
 
 
 class RandomAugmented(Dataset):
@@ -50,7 +50,7 @@ def test_order_is_the_seeded_permutation_shared_by_rank(n: int, replicas: int,
     replicas-th index from r (what the sampler did before it became a DistributedSampler)."""
     from torch.utils.data import DistributedSampler
 
-    from structkd.engine.sampling import EpochSampler, EpochSeeded
+    from structkd.engine.training.data_order import EpochSampler, EpochSeeded
 
     seed, epoch = 3, 5
     data = EpochSeeded(list(range(n)), seed)

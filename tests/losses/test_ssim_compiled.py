@@ -1,4 +1,4 @@
-"""The opt-in compiled kernels of the fused SSIM (``structkd.losses.ssim.compiled``,
+"""The opt-in compiled kernels of the fused SSIM (``structkd.losses.ssim.compiled_kernels``,
 ``set_compile``): value and gradients equal the eager kernels' to float32 rounding (the compiled
 loops may contract multiply-adds and sum in another order), the fused blur and its adjoint equal
 the dense blur matrix and its transpose, and any compiler failure falls back to the eager
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import structkd.losses.ssim.compiled as compiled_mod
+import structkd.losses.ssim.compiled_kernels as compiled_mod
 import structkd.losses.ssim.fused as fused_mod
 from structkd.losses import ssim_distance
 from structkd.losses.ssim.blur import GaussianBlur, blur_matrix

@@ -42,7 +42,7 @@ class Plan:
 # Study rows: a name -> the distill section. "matched" weights are set by the study's
 # calibration so that the term has SSIM's size at the start of training (see study.py);
 # "auto" weights by each run itself (gradient-norm ratio, structkd.distill.calibrate_weight).
-METHODS: dict[str, dict[str, Any]] = {
+ROWS: dict[str, dict[str, Any]] = {
     "none": {"method": "none"},
     "l1": {"method": "l1", "weight": 2.0},
     "mse": {"method": "mse", "weight": 2.0},
@@ -89,7 +89,7 @@ DEFAULT_PLAN = Plan(
              "schedule": {"epochs": 2, "milestones": [1.6], "warmup_iters": 100}},
     student={"model": _STUDENT_MODEL, "optim": _STUDENT_OPTIM, "data": {"limit_train": 2000},
              "schedule": {"epochs": 1, "milestones": [0.8], "warmup_iters": 100}},
-    methods=METHODS, study_methods=STUDY_METHODS,
+    methods=ROWS, study_methods=STUDY_METHODS,
     notes=["Teacher: FCOS ResNet-18 FPN-128 at 128 px, two passes over the 2600 generated "
            "training images; students: FCOS MobileNetV3-Large FPN-64, one pass over the first "
            "2000 (learning rate x0.1 for the last fifth of each), one seed. "
@@ -105,7 +105,7 @@ QUICK_PLAN = Plan(
              "schedule": {"epochs": 2, "milestones": [], "warmup_iters": 10}},
     student={"model": _TINY_STUDENT, "optim": _OPTIM,
              "schedule": {"epochs": 1, "milestones": [], "warmup_iters": 5}},
-    methods=METHODS, study_methods=STUDY_METHODS,
+    methods=ROWS, study_methods=STUDY_METHODS,
     notes=["--quick: a smoke run on 48 images; its numbers say nothing about the method."],
 )
 
@@ -202,7 +202,7 @@ def run_student(plan: Plan, distill: dict[str, Any], teacher: Path, cache: Path,
     """Train one student with the ``distill`` section (``out_dir``: where the run goes: the
     plan's runs replace what their folder holds, see :func:`section`; with
     ``trainer.overwrite=false`` set, a numbered ``<out_dir>-2``). The study reuses and resumes
-    its runs through ``structkd.compare.run_row``."""
+    its runs through ``structkd.comparison.run_row``."""
     return run_config(student_config(plan, distill, teacher, cache, out_dir, seed, overrides),
                       callbacks=callbacks)
 

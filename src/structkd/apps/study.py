@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..compare import Comparison, compare, write_report
-from ..compare.report import cell
+from ..comparison import Comparison, compare, write_report
+from ..comparison.report import cell
 from ..distill import Distiller
 from ..engine import DetectionDataModule, Loader, RunResult, build_run
 from ..evaluation import TABLE_KEYS

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..evaluation import evaluate_model
-from .evalinfo import EvalInfo, eval_info_for
-from .sampling import make_loader
+from .training.data_order import make_loader
+from .training.evalinfo import EvalInfo, eval_info_for
 
 __all__ = ["evaluate"]
 

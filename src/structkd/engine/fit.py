@@ -31,18 +31,18 @@ from ..detectors import as_detector, class_count, protocol_of
 from ..distill import DetectorLosses, Distiller, TeacherCache, unwrap
 from ..methods import DEFAULT_METHOD, DistillMethod
 from ..models import DetectorSpec, count_parameters, export_student
-from .datamodule import DetectionDataModule
-from .distill_start import DistillStart
-from .distill_watch import DistillWatch
-from .evalinfo import eval_info_for
-from .module import DetectionModule
+from .first_sample import check_first_sample
+from .monitor.distill_start import DistillStart
+from .monitor.distill_watch import DistillWatch
 from .options import Balance, Loader, Optim, Schedule, TrainerOptions
 from .recipe import Config
-from .results import RunResult, read_history
-from .resume import check_resume, data_identity, resume_path, run_meta, run_options
-from .run_dir import claim_out_dir
-from .samples import check_first_sample
-from .trainer import build_trainer
+from .runs.results import RunResult, read_history
+from .runs.resume import check_resume, data_identity, resume_path, run_meta, run_options
+from .runs.run_dir import claim_out_dir
+from .training.datamodule import DetectionDataModule
+from .training.evalinfo import eval_info_for
+from .training.module import DetectionModule
+from .training.trainer import build_trainer
 
 logger = logging.getLogger("structkd.engine")
 

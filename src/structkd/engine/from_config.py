@@ -27,21 +27,21 @@ from ..distill import TeacherCache, write_teacher_cache
 from ..distill.teacher_cache import check_writer_options, read_sources
 from ..labels import label_map
 from ..models import DetectorInfo, build_detector, load_detector, torchvision_detector
-from .evaluate import evaluate
-from .fit import fit
-from .hazards import cpu_bf16_hazard
-from .options import Loader
-from .recipe import Augment, Config
-from .results import RunResult
-from .run_dir import check_out_dir
-from .sampling import limit
-from .teacher_cache import (
+from .cache_config import (
     check_cacheable,
     expected_key,
     image_table,
     open_teacher_cache,
     teacher_taps,
 )
+from .evaluate import evaluate
+from .fit import fit
+from .monitor.hazards import cpu_bf16_hazard
+from .options import Loader
+from .recipe import Augment, Config
+from .runs.results import RunResult
+from .runs.run_dir import check_out_dir
+from .training.data_order import limit
 
 logger = logging.getLogger("structkd.engine")
 

@@ -1,7 +1,7 @@
 """The public SSIM distance: ``ssim_distance`` and ``SSIMLoss``, mean((1 - SSIM) / 2).
 
 Standard SSIM and contrast x structure run on the fused kernel (``fused``); other exponents on
-the reference formula (``reference``) with plain autograd.
+the reference formula (``autograd``) with plain autograd.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from ...precision import compute_dtype, no_autocast
 from .._checks import check_pair
 from ..normalize import MinMaxStats, minmax_normalize
+from .autograd import ssim_formula
 from .fused import FusedSSIMDistance, fused_ssim
 from .options import SSIMOptions
-from .reference import ssim_formula
 
 
 @SSIMOptions.takes_options("student", "teacher")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..normalize import MinMaxStats
-from .compiled import kernels_for
+from .compiled_kernels import kernels_for
 from .options import SSIMOptions
 
 # Elements of one quantity per chunk: on CPU, small enough to keep the ~16 live chunk tensors
@@ -74,7 +74,7 @@ def fused_ssim(
     # one workspace, kept between calls on CPU (``_workspace``): fresh multi-MiB blocks are
     # returned to the OS when freed and page-faulted back in, which costs as much as the
     # arithmetic on CPU. (The compiled kernels' fused blur returns new maps instead: written
-    # into slices of these buffers they cost an extra loop; see ``compiled``.)
+    # into slices of these buffers they cost an extra loop; see ``compiled_kernels``.)
     n_maps = 2 + need_gx + need_gy
     m_in, m_out = b * min(c, step) * h * w, b * min(c, step) * oh * ow
     ws = _workspace(x, 12 * m_in + (n_maps * m_out if need_grad else 0))

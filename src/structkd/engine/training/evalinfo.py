@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..data import CocoDetection
-from ..labels import default_class_names
+from ...data import CocoDetection
+from ...labels import default_class_names
 
 logger = logging.getLogger("structkd.engine")
 

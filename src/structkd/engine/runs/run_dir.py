@@ -18,7 +18,7 @@ from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from ..checks import writable_dir
+from ...checks import writable_dir
 
 logger = logging.getLogger("structkd.engine")
 

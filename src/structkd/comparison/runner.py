@@ -1,4 +1,4 @@
-"""``structkd.compare``: does distillation help on *this* config? Methods x seeds, paired.
+"""``structkd.comparison``: does distillation help on *this* config? Methods x seeds, paired.
 
 Every row of a comparison is the config's student trained with one distillation setting (or
 none); per seed every row shares the initial student weights and the data order (both follow
@@ -8,7 +8,7 @@ the digests of its teacher's files: a finished run of the same config and teache
 an interrupted one resumed from its last checkpoint; a folder that holds another comparison is
 never overwritten (this one goes to ``<out>-2``, ...). The result holds,
 per row, mean +- std of the COCO metrics, the paired gain over no distillation with a
-confidence interval and a verdict; :mod:`structkd.compare.report` writes it out.
+confidence interval and a verdict; :mod:`structkd.comparison.report` writes it out.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ..evaluation import TABLE_KEYS
 from ..methods import DEFAULT_METHOD, check_method, resolve_method
 from .stats import PairedGain, paired_gain
 
-logger = logging.getLogger("structkd.compare")
+logger = logging.getLogger("structkd.comparison")
 
 __all__ = ["Comparison", "Row", "compare", "metric_stats", "parse_rows", "resolve_row",
            "row_config", "run_row", "teacher_fingerprint"]

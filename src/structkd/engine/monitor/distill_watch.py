@@ -23,14 +23,14 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..distill import (
+from ...distill import (
     Distiller,
     grad_norms,
     preserved_state,
     split_losses,
     student_parameters,
 )
-from .options import Balance
+from ..options import Balance
 
 logger = logging.getLogger("structkd.engine")
 

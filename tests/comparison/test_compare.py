@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from kdtest import cli_inprocess
-from structkd.compare import Comparison, compare, markdown, parse_rows
+from structkd.comparison import Comparison, compare, markdown, parse_rows
 from structkd.engine import RunResult, load_config
 
 

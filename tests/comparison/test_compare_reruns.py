@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdtest import cli_inprocess, tiny_overrides
-from structkd.compare import compare, parse_rows, resolve_row, row_config
+from structkd.comparison import compare, parse_rows, resolve_row, row_config
 from structkd.config import ConfigError
 from structkd.engine import load_config
 
@@ -115,7 +115,7 @@ def test_a_replaced_teacher_file_is_never_reused(coco_data, teacher_run, tmp_pat
     name = next(k for k, v in weights.items() if v.is_floating_point())
     weights[name] = weights[name] + 0.5  # another teacher, same path, same config
     save_file(weights, teacher.with_suffix(".safetensors"), metadata={"format": "pt"})
-    with caplog.at_level(logging.WARNING, logger="structkd.compare"):
+    with caplog.at_level(logging.WARNING, logger="structkd.comparison"):
         again = compare(cfg, ["ssim"], seeds=1, out=out)
     assert again.out == tmp_path / "c-2"
     assert again.how == {"none": ["trained"], "ssim": ["trained"]}
@@ -136,7 +136,7 @@ def test_a_changed_config_never_replaces_an_earlier_comparison(coco_data, tmp_pa
     changed = _tiny(coco_data, tmp_path, "optim.lr=0.001")
     assert compare(cfg, ["none"], seeds=1, out=out).how == {"none": ["trained"]}
     kept = _snapshot(out)
-    with caplog.at_level(logging.WARNING, logger="structkd.compare"):
+    with caplog.at_level(logging.WARNING, logger="structkd.comparison"):
         c = compare(changed, ["none"], seeds=1, out=out)
     assert (c.out, c.how) == (tmp_path / "c-2", {"none": ["trained"]})
     assert "seed0/none: its config differs: optim.lr 0.01 -> 0.001" in caplog.text

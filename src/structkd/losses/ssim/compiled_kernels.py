@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blur import GaussianBlur, blur_matrix
-from .eager import EagerKernels, adjoint_rows
+from .eager_kernels import EagerKernels, adjoint_rows
 
 COMPILE_ENV = "STRUCTKD_SSIM_COMPILE"
 # Chunks smaller than this stay eager: cheap anyway, and fewer shapes to compile for.

@@ -1,7 +1,8 @@
 """The steps of one chunk of the fused SSIM in eager PyTorch: the reference kernels.
 
 ``fused_ssim`` hands each chunk of channels to a kernel object: ``EagerKernels`` here, or the
-opt-in ``CompiledKernels`` (``compiled``), which must give the same values to float32 rounding.
+opt-in ``CompiledKernels`` (``compiled_kernels``), which must give the same values to float32
+rounding.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ shown as such, never averaged."""
 
 from __future__ import annotations
 
-from structkd.compare.report import cell as _cell
-from structkd.compare.runner import metric_stats as _metric_stats
+from structkd.comparison.report import cell as _cell
+from structkd.comparison.runner import metric_stats as _metric_stats
 
 
 def test_undefined_metric_is_a_dash_not_a_mean() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ..options import Optim, Schedule, TrainerOptions
+from ..runs.run_dir import csv_logger, open_csv_logger
 from .callbacks import DivergenceGuard, SafeCheckpoint
-from .options import Optim, Schedule, TrainerOptions
-from .run_dir import csv_logger, open_csv_logger
 
 __all__ = ["build_trainer"]
 
@@ -23,8 +23,8 @@ def build_trainer(out_dir: Path, options: TrainerOptions, schedule: Schedule, op
 
     It keeps one rolling checkpoint, ``checkpoints/last.ckpt``, written every
     ``checkpoint_every`` epochs as soon as the epoch's training ends, and stops a diverging run
-    (:class:`~structkd.engine.callbacks.DivergenceGuard`). ``resume_step``: the step of the
-    checkpoint a resumed run starts from (its CSV log drops the rows it redoes).
+    (:class:`~structkd.engine.training.callbacks.DivergenceGuard`). ``resume_step``: the step
+    of the checkpoint a resumed run starts from (its CSV log drops the rows it redoes).
     """
     t, s = options, schedule
     ckpt = SafeCheckpoint(dirpath=out_dir / "checkpoints", filename="last", save_top_k=1,

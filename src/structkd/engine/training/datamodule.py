@@ -13,9 +13,9 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from ..options import Loader
+from .data_order import limit, make_loader
 from .evalinfo import EvalInfo, eval_info_for
-from .options import Loader
-from .sampling import limit, make_loader
 
 __all__ = ["DetectionDataModule"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import lightning as L
 
-from ..distill import Distiller, calibrate_weight, check_distillation
-from .options import Balance
-from .resume import rng_states, set_rng_states
+from ...distill import Distiller, calibrate_weight, check_distillation
+from ..options import Balance
+from ..runs.resume import rng_states, set_rng_states
 
 logger = logging.getLogger("structkd.engine")
 

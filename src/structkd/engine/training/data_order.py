@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ..data import collate_fn
+from ...data import collate_fn
 
 __all__ = ["EpochSampler", "EpochSeeded", "limit", "make_loader"]
 

@@ -17,11 +17,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..distill import DetectorLosses, Distiller
-from ..evaluation import coco_metrics, predictions_to_coco
+from ...distill import DetectorLosses, Distiller
+from ...evaluation import coco_metrics, predictions_to_coco
+from ..options import Optim, Schedule
+from ..runs.resume import rng_states, set_rng_states
 from .evalinfo import EvalInfo
-from .options import Optim, Schedule
-from .resume import rng_states, set_rng_states
 
 __all__ = ["DetectionModule"]
 

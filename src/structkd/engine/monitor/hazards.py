@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models import DetectorSpec
-from .options import TrainerOptions
+from ...models import DetectorSpec
+from ..options import TrainerOptions
 
 
 def cpu_bf16_hazard(t: TrainerOptions, spec: DetectorSpec) -> str | None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from structkd.compare import detectable_gain, paired_gain, seeds_to_resolve
+from structkd.comparison import detectable_gain, paired_gain, seeds_to_resolve
 
 
 @pytest.mark.parametrize("seed, n", [(0, 2), (1, 3), (2, 5), (3, 10)])

@@ -19,16 +19,18 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .._version import __version__
-from ..distill import DetectorLosses, Distiller, file_digest
-from ..models import DetectorSpec
-from .evalinfo import EvalInfo
+from ..._version import __version__
+from ...distill import DetectorLosses, Distiller, file_digest
+from ...models import DetectorSpec
+
+if TYPE_CHECKING:  # annotations only: runs/ sits below the Lightning pieces
+    from ..training.evalinfo import EvalInfo
 
 __all__ = ["APPLIED_ON_RESUME", "FIXED_ON_RESUME", "IDENTITY_KEYS", "Resumed", "check_resume",
            "data_identity", "resume_path", "rng_states", "run_meta", "run_options",
