@@ -48,7 +48,8 @@ METHODS = {"ssim": {"weight": 2.0}, "mse": {"weight": 2.0}, "pkd": {}, "cwd": {}
 def ratios(cache: Path) -> list[dict]:
     from structkd.apps.plan import DEFAULT_PLAN as plan
     from structkd.apps.plan import cached_teacher, student_config
-    from structkd.engine import DetectionDataModule, Loader, build_run
+    from structkd.engine import DetectionDataModule, Loader
+    from structkd.recipes import build_run
 
     teacher_dir = cached_teacher(plan, cache, [])
     if teacher_dir is None:

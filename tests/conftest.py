@@ -52,7 +52,7 @@ def make_overrides(coco_data: SyntheticPaths) -> Callable[..., list[str]]:
 @pytest.fixture(scope="session")
 def teacher_run(coco_data: SyntheticPaths, tmp_path_factory: pytest.TempPathFactory):
     """A tiny RetinaNet (FPN 32) teacher trained for 2 steps; shared by engine and CLI tests."""
-    from structkd.engine import load_config, run_config
+    from structkd.recipes import load_config, run_config
 
     out = tmp_path_factory.mktemp("teacher") / "run"
     n = torch.get_num_threads()

@@ -65,7 +65,7 @@ def tiny_overrides(paths: SyntheticPaths, out_dir: str | Path, *extra: str) -> l
 def distill_config(paths: SyntheticPaths, teacher_run, out_dir: str | Path, *extra: str):
     """A tiny SSIM distillation config from ``teacher_run``'s export, writing into
     ``out_dir / "run"`` (the teacher-cache tests' setting)."""
-    from structkd.engine import load_config
+    from structkd.recipes import load_config
 
     return load_config(overrides=tiny_overrides(
         paths, Path(out_dir) / "run", f"teacher.checkpoint={teacher_run.export_prefix}",
@@ -108,7 +108,7 @@ def cli_inprocess(args: list[str]):
 
 def train(cfg):
     """What ``structkd train`` does with a config: a plain run (``distill.method=none``)."""
-    from structkd.engine import run_config
+    from structkd.recipes import run_config
 
     cfg.distill.method = "none"
     return run_config(cfg)
@@ -116,7 +116,7 @@ def train(cfg):
 
 def distill(cfg):
     """What ``structkd distill`` does with a config: distil (SSIM unless a method is named)."""
-    from structkd.engine import run_config
+    from structkd.recipes import run_config
 
     if cfg.distill.method is None:
         cfg.distill.method = "ssim"

@@ -247,7 +247,7 @@ def cli_page(coco_data, tmp_path_factory):
 
 def test_your_data_on_the_command_line(cli_page, tmp_path) -> None:
     """Every command of the block, in order, on the tiny data; and the YAML example loads."""
-    from structkd.engine import load_config
+    from structkd.recipes import load_config
 
     yaml_text = _block("Your data on the command line", "yaml")
     (tmp_path / "recipe.yaml").write_text(yaml_text)

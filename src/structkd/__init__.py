@@ -17,7 +17,6 @@ from ._version import __version__
 from .comparison import compare
 from .distill import Distiller, FeatureTap, calibrate_weight
 from .engine import (
-    Config,
     DetectionDataModule,
     DetectionModule,
     Loader,
@@ -27,8 +26,6 @@ from .engine import (
     TrainerOptions,
     evaluate,
     fit,
-    load_config,
-    run_config,
 )
 from .methods import (
     DistillContext,
@@ -46,6 +43,7 @@ from .models import (
     load_detector,
     torchvision_detector,
 )
+from .recipes import Config, load_config, run_config
 
 __all__ = [
     "Config",

@@ -53,7 +53,7 @@ def resolve_config_path(name: str | None) -> Path | None:
 
 
 def _load(args: argparse.Namespace, extra: list[str] | None = None, *, show: bool = True):
-    from .engine import load_config
+    from .recipes import load_config
 
     cfg = load_config(resolve_config_path(args.config), [*(extra or []), *args.set])
     if getattr(args, "trust_checkpoint", False):
@@ -87,7 +87,7 @@ def _run_flags(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import run_config
+    from .recipes import run_config
 
     r = run_config(_load(args, [*_run_flags(args), "distill.method=none"]))
     _print_metrics(str(r.out_dir), r.metrics)
@@ -136,7 +136,7 @@ def _teacher_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .engine import run_config
+    from .recipes import run_config
 
     extra = [*_run_flags(args), *_teacher_overrides(args)]
     if args.method:
@@ -217,7 +217,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checks import writable_file
-    from .engine import evaluate_checkpoint
+    from .recipes import evaluate_checkpoint
 
     out = writable_file(args.out, "--out") if args.out else None  # before the evaluation
     metrics = evaluate_checkpoint(args.checkpoint, _load(args), device=args.device)
@@ -287,7 +287,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from .engine import cache_teacher
+    from .recipes import cache_teacher
 
     extra = _teacher_overrides(args)
     extra += [f"teacher.cache_dtype={args.dtype}"] if args.dtype else []

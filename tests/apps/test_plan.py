@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from structkd.apps.plan import run_key
-from structkd.engine import load_config
+from structkd.recipes import load_config
 
 
 def test_a_teacher_family_enters_a_runs_key_only_when_set() -> None:

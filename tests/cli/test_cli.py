@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from kdtest import cli_inprocess, cli_subprocess, tiny_overrides
-from structkd.engine import load_config
+from structkd.recipes import load_config
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -136,7 +136,7 @@ def test_method_of_a_module_in_distill_imports(coco_data, teacher_run, tmp_path:
 def test_config_prints_every_key(tmp_path: Path, monkeypatch) -> None:
     import yaml
 
-    from structkd.engine import Config
+    from structkd.recipes import Config
 
     proc = cli_inprocess(["config", "--set", "optim.lr=0.02"])
     assert proc.returncode == 0, proc.stderr

@@ -14,7 +14,8 @@ from scipy import stats
 
 from kdtest import cli_inprocess
 from structkd.comparison import Comparison, compare, markdown, parse_rows
-from structkd.engine import RunResult, load_config
+from structkd.engine import RunResult
+from structkd.recipes import load_config
 
 
 @pytest.fixture(scope="module")

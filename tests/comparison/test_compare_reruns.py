@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from kdtest import cli_inprocess, tiny_overrides
 from structkd.comparison import compare, parse_rows, resolve_row, row_config
 from structkd.config import ConfigError
-from structkd.engine import load_config
+from structkd.recipes import load_config
 
 
 def _tiny(coco_data, tmp_path: Path, *extra: str):

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from torchvision.io import read_image
 
 from kdtest import NUM_CLASSES, assert_same_detections, tiny_overrides
-from structkd.engine import load_config, run_config
 from structkd.models import load_detector
 from structkd.models.onnx import OnnxDetector, export_run, read_onnx_metadata
+from structkd.recipes import load_config, run_config
 
 FAMILIES = [("transformers", "rt_detr", ["model.options={num_queries: 50}"]),
             ("ultralytics", "yolo26n.yaml", [])]
@@ -92,7 +92,7 @@ def test_a_teacher_of_another_family_named_in_the_config(family, coco_data, tmp_
     """teacher.family + teacher.name: a local .pt or save_pretrained folder is the teacher, with
     its saved weights, and a torchvision student distils from it."""
     pytest.importorskip(family)
-    from structkd.engine import build_run
+    from structkd.recipes import build_run
 
     name, weights = _saved_teacher(family, tmp_path)
     extra = ["teacher.options={num_queries: 50}"] if family == "transformers" else []
@@ -109,7 +109,7 @@ def test_a_teacher_of_another_family_named_in_the_config(family, coco_data, tmp_
 
 
 def test_a_teacher_family_in_the_config_is_checked_at_load() -> None:
-    from structkd.engine import TeacherSource
+    from structkd.recipes import TeacherSource
 
     with pytest.raises(ValueError, match=r"checkpoint='a' and family='ultralytics' are both "
                                          r"set; expected one of them"):

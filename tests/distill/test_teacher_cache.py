@@ -15,8 +15,8 @@ from kdtest import cli_inprocess, distill_config, tiny_overrides
 from structkd.data import CocoDetection, build_transforms
 from structkd.data.collate import collate_fn as collate
 from structkd.distill import Distiller, TeacherCache, write_teacher_cache
-from structkd.engine import build_run, cache_teacher, load_config, run_config
-from structkd.engine.from_config import load_teacher
+from structkd.recipes import build_run, cache_teacher, load_config, run_config
+from structkd.recipes.from_config import load_teacher
 
 METHODS = ["ssim", "l1", "mse", "pkd", "cwd", "mgd", "fgd"]
 # int8 storage: the loss within 0.2% of the live teacher's (measured on these levels: at most

@@ -25,9 +25,9 @@ import structkd.distill.teacher_cache as tc
 from kdtest import cli_inprocess, distill_config, tiny_overrides
 from structkd.data import CocoDetection, SyntheticPaths, build_transforms
 from structkd.distill import TeacherCache, write_teacher_cache
-from structkd.engine import build_run, cache_teacher, load_config
-from structkd.engine.cache_config import expected_key
-from structkd.engine.from_config import load_teacher
+from structkd.recipes import build_run, cache_teacher, load_config
+from structkd.recipes.cache_config import expected_key
+from structkd.recipes.from_config import load_teacher
 
 SHARD = 3  # images per shard here: the 8 training images in 3 shards
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from kdtest import tiny_overrides, train
 from structkd.data import SyntheticPaths
-from structkd.engine import load_config
 from structkd.engine.training.module import DetectionModule
+from structkd.recipes import load_config
 
 original = DetectionModule.training_step
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kdtest import cli_inprocess
-from structkd.engine import Balance, DistillWatch, RunResult, load_config, run_config
+from structkd.engine import Balance, DistillWatch, RunResult
+from structkd.recipes import load_config, run_config
 
 
 def _cfg(make_overrides, teacher_run, out, *extra):

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from kdtest import distill, train
-from structkd.engine import evaluate_checkpoint as evaluate
-from structkd.engine import load_config
 from structkd.engine.training.module import DetectionModule
 from structkd.models import load_detector, load_exported
+from structkd.recipes import evaluate_checkpoint as evaluate
+from structkd.recipes import load_config
 
 METRIC_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "per_class"}
 

@@ -1,4 +1,4 @@
-"""``structkd.fit`` on objects: options by name, a ``Config`` whose values survive unless named,
+"""``structkd.fit`` on objects: option objects and options by name (named ones win),
 a method that needs a teacher, and ``RunResult`` read back from the run folder."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import yaml
 import structkd
 from kdtest import IMAGE_SIZE
 from structkd.data import CocoDetection, build_transforms
-from structkd.engine import OPTIONS, Config, RunResult, load_config
+from structkd.engine import OPTIONS, Loader, Optim, RunResult
 from structkd.models import build_detector
+from structkd.recipes import load_config
 
 TINY = {"epochs": 1, "max_steps": 1, "batch_size": 4, "num_workers": 0, "progress": False,
         "threads": 1, "warmup_iters": 1}
@@ -30,15 +31,15 @@ def _pair():
     return build_detector(**kw, fpn_channels=16), build_detector(**kw, fpn_channels=32)
 
 
-def test_a_config_naming_pkd_runs_pkd_with_its_layers(datasets, tmp_path) -> None:
-    """Regression: fit(..., config=cfg) without method= ran SSIM and reset the config's tapped
-    layers to fit's defaults."""
+def test_objects_and_named_options_make_the_run_and_its_record(datasets, tmp_path) -> None:
+    """The run's option objects give every value the call does not name; named options win
+    over them; the run folder's config.yaml records what the run used; the caller's objects
+    are untouched."""
     student, teacher = _pair()
-    cfg = load_config(overrides=["distill.method=pkd", "distill.weight=3",
-                                 "distill.student_layers=[backbone.fpn]",
-                                 "distill.teacher_layers=[backbone.fpn]",
-                                 "optim.lr=0.005", "data.batch_size=2"])
-    result = structkd.fit(student, *datasets, teacher=teacher, config=cfg,
+    optim, loader = Optim(lr=0.005), Loader(batch_size=2)
+    result = structkd.fit(student, *datasets, teacher=teacher, method="pkd", weight=3,
+                          student_layers=["backbone.fpn"], teacher_layers=["backbone.fpn"],
+                          optim=optim, loader=loader, momentum=0.5,
                           out_dir=tmp_path / "run", **{k: v for k, v in TINY.items()
                                                        if k != "batch_size"})
     assert result.method["name"] == "pkd" and result.method["weight"] == 3.0
@@ -46,18 +47,22 @@ def test_a_config_naming_pkd_runs_pkd_with_its_layers(datasets, tmp_path) -> Non
     assert saved["distill"]["method"] == "pkd"
     assert saved["distill"]["student_layers"] == ["backbone.fpn"]
     assert saved["distill"]["teacher_layers"] == ["backbone.fpn"]
-    # values the call did not name come from the config, those it named win
     assert saved["optim"]["lr"] == 0.005 and saved["data"]["batch_size"] == 2
+    assert saved["optim"]["momentum"] == 0.5  # named: wins over the object's 0.9
     assert saved["trainer"]["out_dir"] == str(tmp_path / "run")
-    assert cfg.trainer.out_dir == Config().trainer.out_dir  # the caller's config is untouched
+    assert (optim.momentum, loader.num_workers) == (0.9, Loader().num_workers)
 
 
-def test_method_argument_wins_over_the_config(datasets, tmp_path) -> None:
-    student, teacher = _pair()
-    cfg = load_config(overrides=["distill.method=pkd"])
-    result = structkd.fit(student, *datasets, teacher=teacher, method="cwd", config=cfg,
-                          out_dir=tmp_path / "run", **TINY)
-    assert result.method["name"] == "cwd"
+def test_the_config_path_records_its_config(coco_data, tmp_path) -> None:
+    """A run from a config writes that config (its null method resolved) as config.yaml:
+    loading it back gives the same config."""
+    from kdtest import tiny_overrides
+    from structkd.recipes import run_config
+
+    cfg = load_config(overrides=tiny_overrides(coco_data, tmp_path / "run",
+                                               "distill.method=none", "optim.lr=0.005"))
+    run_config(cfg)
+    assert load_config(tmp_path / "run" / "config.yaml").to_dict() == cfg.to_dict()
 
 
 def test_a_method_without_a_teacher_is_an_error(datasets, tmp_path) -> None:
@@ -65,8 +70,8 @@ def test_a_method_without_a_teacher_is_an_error(datasets, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"method='ssim' needs a teacher"):
         structkd.fit(student, *datasets, method="ssim", out_dir=tmp_path / "run", **TINY)
     with pytest.raises(ValueError, match=r"method='pkd' needs a teacher"):
-        structkd.fit(student, *datasets, config=load_config(overrides=["distill.method=pkd"]),
-                     out_dir=tmp_path / "run", **TINY)
+        structkd.fit(student, *datasets, method="pkd", weight=3, out_dir=tmp_path / "run",
+                     **TINY)
     assert not (tmp_path / "run").exists()
 
 

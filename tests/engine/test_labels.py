@@ -13,9 +13,9 @@ from torch import nn
 
 import structkd
 from structkd.data import CocoDetection, build_transforms
-from structkd.engine import evaluate_checkpoint as evaluate
-from structkd.engine import load_config
 from structkd.models import DetectorInfo
+from structkd.recipes import evaluate_checkpoint as evaluate
+from structkd.recipes import load_config
 
 NAMES = ["disc", "square", "triangle", "ring", "cross", "star"]
 
@@ -89,7 +89,7 @@ def test_per_class_names_follow_category_ids(coco_data, tmp_path, ids, monkeypat
     meta = json.loads((tmp_path / "run" / "student.json").read_text())["meta"]
     info = DetectorInfo(None, meta["class_names"],
                         {int(k): v for k, v in meta["label_to_cat_id"].items()}, "oracle")
-    monkeypatch.setattr("structkd.engine.from_config.load_detector",
+    monkeypatch.setattr("structkd.recipes.from_config.load_detector",
                         lambda path: (oracle.eval(), info))
     cfg = load_config(overrides=[f"data.train_ann={train_ann}",
                                  f"data.train_images={coco_data.train_images}",

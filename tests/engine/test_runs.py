@@ -20,9 +20,9 @@ import yaml
 from safetensors.torch import load_file
 
 from kdtest import SRC, distill, tiny_overrides, train
-from structkd.engine import load_config
 from structkd.engine.training.callbacks import DivergenceGuard
 from structkd.engine.training.module import DetectionModule
+from structkd.recipes import load_config
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -154,7 +154,7 @@ class _RateProbe:
 def test_resume_applies_a_changed_rate_and_schedule(coco_data, tmp_path) -> None:
     """Resumed with a new optim.lr, optim.momentum and schedule.gamma: the optimiser runs at
     them from the resumed step on, as the schedule's formula (written out here) gives."""
-    from structkd.engine import run_config
+    from structkd.recipes import run_config
 
     common = ("schedule.max_steps=null", "schedule.epochs=2", "schedule.warmup_iters=0",
               "schedule.milestones=[1.5]", "optim.lr=0.01")
@@ -173,7 +173,7 @@ def test_resume_applies_a_changed_rate_and_schedule(coco_data, tmp_path) -> None
 
 
 def test_resume_without_changes_leaves_the_restored_optimiser_alone(coco_data, tmp_path) -> None:
-    from structkd.engine import run_config
+    from structkd.recipes import run_config
 
     common = ("schedule.max_steps=null", "schedule.epochs=2", "schedule.warmup_iters=3",
               "schedule.milestones=[1.5]")
@@ -463,7 +463,7 @@ def test_partial_data_paths_are_an_error(coco_data, tmp_path) -> None:
 
 
 def test_builtin_data_is_announced(tmp_path, caplog) -> None:
-    from structkd.engine.from_config import resolve_data
+    from structkd.recipes.from_config import resolve_data
 
     cfg = load_config(overrides=["data.synthetic.num_train=4", "data.synthetic.num_val=2",
                                  "data.synthetic.image_size=64",

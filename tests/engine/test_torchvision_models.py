@@ -21,9 +21,9 @@ from torchvision.models import detection as tvd
 import structkd
 from kdtest import distill
 from structkd.distill import Distiller, FeatureTap, LevelInfo, measure_levels
-from structkd.engine import load_config
 from structkd.models import torchvision_detector
 from structkd.models.weights import weights_file
+from structkd.recipes import load_config
 
 NUM_CLASSES = 7  # the synthetic dataset's 6 shapes + background
 SIZE = 64

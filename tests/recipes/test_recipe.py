@@ -1,4 +1,4 @@
-"""The experiment config (``structkd.engine.load_config``): defaults derived from the API, YAML
+"""The experiment config (``structkd.recipes.load_config``): defaults derived from the API, YAML
 + ``--set`` overrides, strict keys and types, value checks by the API types, presets, LR."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import yaml
 from torch import nn
 
 from structkd.config import ConfigError, parse_override
-from structkd.engine import Config, Loader, Schedule, load_config
+from structkd.engine import Loader, Schedule
 from structkd.engine.options import SCHEDULE_PRESETS
-from structkd.engine.recipe import DataSection
+from structkd.recipes import Config, load_config
+from structkd.recipes.schema import DataSection
 
 SECTIONS = ["data", "model", "teacher", "distill", "optim", "schedule", "trainer"]
 
@@ -330,7 +331,7 @@ def test_a_teacher_with_random_weights_is_refused_unless_allowed(coco_data) -> N
     """A teacher the config builds from a model YAML / type, or a torchvision builder without
     weights, has random weights: refused with the key that allows it; allowed, it builds."""
     from kdtest import data_overrides
-    from structkd.engine import load_teacher
+    from structkd.recipes import load_teacher
 
     cases = [("teacher.torchvision=retinanet_resnet50_fpn", "teacher.num_classes=7",
               r"teacher.torchvision='retinanet_resnet50_fpn' without teacher.weights has "

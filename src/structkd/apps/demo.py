@@ -189,7 +189,7 @@ def _teacher_levels(plan: Plan, teacher: Path, cache: Path, out: Path, seed: int
                     overrides: list[str]) -> list[str]:
     """Write (or reuse) the cache of the teacher's levels for the students' setting; the
     overrides that make the students read it."""
-    from ..engine import cache_teacher
+    from ..recipes import cache_teacher
 
     cfg = student_config(plan, {"method": "ssim"}, teacher, cache, out / "_levels", seed,
                          overrides)

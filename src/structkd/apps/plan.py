@@ -1,7 +1,7 @@
 """The built-in study's plan (data, teacher, student, methods) and its cached runs.
 
 A plan is plain data; ``ensure_teacher`` and ``run_student`` turn a part of it into a ``Config``
-and run it through the same API a user calls (``structkd.engine.run_config``), reusing a run
+and run it through the same API a user calls (``structkd.recipes.run_config``), reusing a run
 only when its saved config equals the planned one. How the plan was chosen (the candidates and
 their AP): ``docs/plan_candidates.md``.
 """
@@ -21,7 +21,8 @@ import lightning as L
 
 from .._version import __version__
 from ..data import SyntheticPaths
-from ..engine import Balance, Config, RunResult, holds_run, load_config, run_config
+from ..engine import Balance, RunResult, holds_run
+from ..recipes import Config, load_config, run_config
 
 logger = logging.getLogger("structkd.demo")
 

@@ -30,9 +30,10 @@ from .._version import __version__
 from ..comparison import Comparison, compare, write_report
 from ..comparison.report import cell
 from ..distill import Distiller
-from ..engine import DetectionDataModule, Loader, RunResult, build_run
+from ..engine import DetectionDataModule, Loader, RunResult
 from ..evaluation import TABLE_KEYS
 from ..models import load_exported, torch_runner
+from ..recipes import build_run
 from ..timing import interleaved
 from .plan import Plan, ensure_teacher, get_plan, student_config
 

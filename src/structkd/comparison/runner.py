@@ -30,19 +30,11 @@ import lightning as L
 from ..config import ConfigError
 from ..distill import file_digest, tensors_fingerprint
 from ..distill.teacher_cache import MANIFEST
-from ..engine import (
-    Config,
-    RunResult,
-    cache_teacher,
-    check_out_dir,
-    holds_run,
-    load_config,
-    next_free,
-    run_config,
-)
-from ..engine.from_config import evaluate_checkpoint, resolve_data
+from ..engine import RunResult, check_out_dir, holds_run, next_free
 from ..evaluation import TABLE_KEYS
 from ..methods import DEFAULT_METHOD, check_method, resolve_method
+from ..recipes import Config, cache_teacher, load_config, run_config
+from ..recipes.from_config import evaluate_checkpoint, resolve_data
 from .stats import PairedGain, paired_gain
 
 logger = logging.getLogger("structkd.comparison")

@@ -1,6 +1,6 @@
 """The config path of the teacher cache: the key a config's run needs, and opening the cache a
 config with ``teacher.cache`` trains from (the teacher is then never built); ``structkd
-cache-teacher`` writes it (:func:`structkd.engine.from_config.cache_teacher`).
+cache-teacher`` writes it (:func:`structkd.recipes.from_config.cache_teacher`).
 
 The cache's key is derived from the config: the teacher's weights, ``distill.teacher_layers`` /
 ``teacher_root`` / ``teacher_dtype``, the student's transform (``model.min_size``, ...), the
@@ -30,7 +30,7 @@ from ..data import CocoDetection
 from ..detectors import family_defaults
 from ..distill import TeacherCache, cache_key, file_digest
 from ..distill.teacher_cache import file_table, table_digest
-from .recipe import Config
+from .schema import Config
 
 logger = logging.getLogger("structkd.engine")
 

@@ -25,6 +25,14 @@ from ..data import CocoDetection, build_transforms, make_synthetic_coco
 from ..detectors import builds_random_weights, family_detector
 from ..distill import TeacherCache, write_teacher_cache
 from ..distill.teacher_cache import check_writer_options, read_sources
+from ..engine.evaluate import evaluate
+from ..engine.fit import DISTILLER_OPTIONS, fit
+from ..engine.monitor.hazards import cpu_bf16_hazard
+from ..engine.options import Balance, Loader
+from ..engine.runs.results import RunResult
+from ..engine.runs.resume import run_options
+from ..engine.runs.run_dir import check_out_dir
+from ..engine.training.data_order import limit
 from ..labels import label_map
 from ..models import DetectorInfo, build_detector, load_detector, torchvision_detector
 from .cache_config import (
@@ -34,14 +42,7 @@ from .cache_config import (
     open_teacher_cache,
     teacher_taps,
 )
-from .evaluate import evaluate
-from .fit import fit
-from .monitor.hazards import cpu_bf16_hazard
-from .options import Loader
-from .recipe import Augment, Config
-from .runs.results import RunResult
-from .runs.run_dir import check_out_dir
-from .training.data_order import limit
+from .schema import Augment, Config
 
 logger = logging.getLogger("structkd.engine")
 
@@ -214,8 +215,13 @@ def run_config(cfg: Config, *, callbacks: Sequence[L.Callback] = ()) -> RunResul
     """Train (``distill.method: none``) or distil, as the config says."""
     check_out_dir(cfg.trainer.out_dir)  # before the data is read and the models built
     run = build_run(cfg)
-    return fit(run.student, run.train, run.val, teacher=run.teacher, config=cfg,
-               spec=cfg.spec(run.train.num_classes), callbacks=callbacks)
+    d = cfg.distill
+    distiller = {n: getattr(d, n) for n in DISTILLER_OPTIONS}
+    return fit(run.student, run.train, run.val, teacher=run.teacher, method=d.method,
+               method_options=d.options, optim=cfg.optim, schedule=cfg.schedule,
+               loader=cfg.loader(), trainer=cfg.trainer, balance=part(d, Balance),
+               spec=cfg.spec(run.train.num_classes), callbacks=callbacks,
+               record=cfg.to_dict(), identity=run_options(cfg), **distiller)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, *,

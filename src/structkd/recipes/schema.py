@@ -43,10 +43,10 @@ from ..data.synthetic import make_synthetic_coco, synthetic_params
 from ..data.transforms import build_transforms
 from ..detectors import DetectorFamily
 from ..distill import Distiller
+from ..engine.options import Balance, Loader, Optim, Schedule, TrainerOptions
 from ..methods import DEFAULT_METHOD, check_method
 from ..models import DetectorSpec
 from ..models.load import close_names, torchvision_builders
-from .options import Balance, Loader, Optim, Schedule, TrainerOptions
 
 __all__ = ["RENAMED", "Config", "TeacherSource", "load_config"]
 

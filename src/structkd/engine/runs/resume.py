@@ -65,12 +65,19 @@ class Resumed:
     unchecked: tuple[str, ...] = ()  # keys the checkpoint (an earlier structkd's) lacks
 
 
-def run_options(cfg: Any) -> dict[str, Any]:
-    """The values of the options a resume compares (``section.key`` -> value)."""
+def run_options(sections: Any) -> dict[str, Any]:
+    """The values of the options a resume compares (``section.key`` -> value), read from
+    ``sections`` (section name -> option object, or a config with those sections as
+    attributes); an option no section holds is left out (a ``fit`` whose augmentation lives
+    in its dataset has no ``data.hflip_prob``)."""
     out = {}
     for key in (*APPLIED_ON_RESUME, *FIXED_ON_RESUME):
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        holder = sections.get(section) if isinstance(sections, Mapping) else getattr(
+            sections, section, None)
+        if not hasattr(holder, name):
+            continue
+        value = getattr(holder, name)
         if key == "trainer.precision":
             value = _PRECISION_ALIASES.get(str(value), str(value))
         out[key] = list(value) if isinstance(value, tuple | list) else value
