@@ -104,9 +104,19 @@ def _subcommands() -> dict[str, set[str]]:
 
 
 def _check_structkd_command(words: list[str], where: str) -> None:
+    """The command exists, knows each of its flags, and each config-key flag
+    (``--optim.lr 0.02``) is a key of the schema whose value fits its type."""
+    from structkd.cli import CONFIG_COMMANDS, split_key_flags
+    from structkd.config import parse_flags
+    from structkd.recipes.schema import Config
+
     commands = _subcommands()
     assert words[0] == "structkd" and len(words) > 1, where
     assert words[1] in commands, f"{where}: no command {words[1]!r} in `{shlex.join(words)}`"
+    words, keys = split_key_flags(words)
+    if keys:
+        assert words[1] in CONFIG_COMMANDS, f"{where}: {words[1]} takes no {keys[0]}"
+        parse_flags(Config, keys)
     for w in words[2:]:
         if w.startswith("-"):
             flag = w.split("=", 1)[0]

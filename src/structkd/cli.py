@@ -1,11 +1,15 @@
-"""``structkd`` command line: a thin layer over ``structkd.engine`` and ``structkd.data``.
+"""``structkd`` command line: a thin layer over the recipes, the apps and the engine.
 
-    structkd train   -c CONFIG [--set key=value ...] [--overwrite]
-    structkd distill -c CONFIG --teacher PATH|BUILDER [--teacher-weights W] [--method M] [--set ...]
+Every key of the config schema (:class:`structkd.recipes.Config`) is a flag of the commands that
+read a config (``--optim.lr 0.02``), parsed by the key's type; the commands' own flags
+(``--teacher``, ``--method``, ``--overwrite``) set config keys as values, never as text.
+
+    structkd train   -c CONFIG [--section.key VALUE ...] [--overwrite]
+    structkd distill -c CONFIG --teacher PATH|BUILDER [--teacher-weights W] [--method M] [...]
     structkd eval    CHECKPOINT -c CONFIG [--out metrics.json]
     structkd export  RUN --onnx PATH [--size N]   (the student as ONNX, with its label map)
     structkd methods            (the distillation methods, their options and papers)
-    structkd config  [-c CONFIG] [--set ...]   (print the resolved config: every key)
+    structkd config  [-c CONFIG] [--section.key VALUE ...]   (the resolved config: every key)
     structkd data make|show ...
     structkd demo [--quick]
     structkd compare -c CONFIG --methods none ssim mgd:auto [--seeds 3] [--teacher PATH]
@@ -18,62 +22,70 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import sys
-from importlib import resources
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 from .defaults import DEFAULT_METHOD
 
 log = logging.getLogger("structkd")
 
-
-def shipped_configs() -> dict[str, Path]:
-    """Configs shipped inside the package, by name (file stem)."""
-    root = resources.files("structkd") / "configs"
-    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+# Commands that read a config: every config key is also a flag of theirs (--optim.lr 0.02).
+CONFIG_COMMANDS = ("train", "distill", "config", "eval", "compare", "cache-teacher")
 
 
-def resolve_config_path(name: str | None) -> Path | None:
-    """A file path, or the name of a shipped config (``structkd configs`` lists them)."""
-    if name is None:
-        return None
-    p = Path(name)
-    if p.is_file():
-        return p
-    shipped = shipped_configs()
-    if name in shipped:
-        return shipped[name]
-    raise FileNotFoundError(
-        f"config {name!r} is neither a file nor a shipped config; shipped: {sorted(shipped)}"
-    )
+def split_key_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without its config-key flags, and those flags (``--section.key VALUE`` or
+    ``--section.key=VALUE``: a dotted name, which no other flag has)."""
+    rest: list[str] = []
+    keys: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if token.startswith("--") and "." in name and len(name) > 2:
+            keys.append(token)
+            if "=" not in token and i + 1 < len(argv):
+                keys.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(token)
+        i += 1
+    return rest, keys
 
 
-def _load(args: argparse.Namespace, extra: list[str] | None = None, *, show: bool = True):
-    from .recipes import load_config
+def _load(args: argparse.Namespace, command: Mapping[str, Any] | None = None, *,
+          show: bool = True):
+    """The run's config: the file, then the command's own flags (``--teacher``, ...), then
+    ``--set`` texts, then the config-key flags, later ones winning."""
+    from .config import parse_flags
+    from .recipes import load_config, resolve_config_path
+    from .recipes.schema import RENAMED, Config
 
-    cfg = load_config(resolve_config_path(args.config), [*(extra or []), *args.set])
+    keys = parse_flags(Config, args.key_flags, renamed=RENAMED) if args.key_flags else {}
+    layers = [*([command] if command else []), *args.set, *([keys] if keys else [])]
+    cfg = load_config(resolve_config_path(args.config), layers)
     if getattr(args, "trust_checkpoint", False):
-        _trust_checkpoints(cfg)
+        cfg.trust_checkpoints()
     if show:
         print("# resolved config\n" + cfg.to_yaml(), flush=True)
     return cfg
 
 
-def _trust_checkpoints(cfg) -> None:
-    """``--trust-checkpoint``: the builders of the run's detectors of other families may run
-    code from their files (``model.options`` / ``teacher.options.trust_checkpoint``)."""
-    sections = [s for s in (cfg.model, cfg.teacher) if s.family not in (None, "torchvision")]
-    if not sections:
-        raise ValueError("--trust-checkpoint applies to a model or teacher of another family "
-                         "(model.family / teacher.family with a name); torchvision weights and "
-                         "structkd's own files are read with weights_only=True or as "
-                         "safetensors and need no trust")
-    for section in sections:
-        section.options["trust_checkpoint"] = True
+def _merge(*parts: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested mappings of config keys, later ones winning."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = _merge(out[key], value)
+            else:
+                out[key] = value
+    return out
 
 
 def _print_metrics(name: str, metrics: dict) -> None:
@@ -82,66 +94,35 @@ def _print_metrics(name: str, metrics: dict) -> None:
     print(format_metrics_table({name: metrics}))
 
 
-def _run_flags(args: argparse.Namespace) -> list[str]:
-    return ["trainer.overwrite=true"] if args.overwrite else []
+def _run_keys(args: argparse.Namespace) -> dict[str, Any]:
+    return {"trainer": {"overwrite": True}} if args.overwrite else {}
+
+
+def _teacher_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``teacher`` keys of ``--teacher`` (and ``--teacher-weights`` where the command has
+    it)."""
+    from .recipes import teacher_fields
+
+    weights = getattr(args, "teacher_weights", None)
+    if args.teacher:
+        return {"teacher": teacher_fields(args.teacher, weights, flag="--teacher")}
+    return {"teacher": {"weights": weights}} if weights else {}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .recipes import run_config
 
-    r = run_config(_load(args, [*_run_flags(args), "distill.method=none"]))
+    r = run_config(_load(args, _merge(_run_keys(args), {"distill": {"method": "none"}})))
     _print_metrics(str(r.out_dir), r.metrics)
     print(f"student exported to {r.export_prefix}.safetensors")
     return 0
 
 
-def _teacher_key(name: str) -> str:
-    """"torchvision" for a detection builder's name, the family whose builder claims the name
-    (an Ultralytics ``.pt`` or YAML, a ``save_pretrained`` folder, a model type), else
-    "checkpoint" for a saved detector; a name that is none of them (a builder's name with a
-    typo) is an error naming the close builders."""
-    from .detectors import claiming_family
-    from .models.load import close_names, torchvision_builders
-
-    builders = torchvision_builders()
-    if name in builders:
-        return "torchvision"
-    try:
-        family = claiming_family(name)
-    except ValueError as e:  # a .pt that no torch archive reader can open
-        raise ValueError(f"--teacher {e}") from None
-    if family is not None:
-        return family
-    path = Path(name).expanduser()
-    saved = [path, *(path.with_name(path.name + s) for s in (".json", ".safetensors"))]
-    if any(p.exists() for p in saved) or "/" in name or path.suffix in (".ckpt", ".safetensors"):
-        return "checkpoint"
-    raise ValueError(f"--teacher {name!r} is neither a torchvision detection builder"
-                     f"{close_names(name, builders)} nor a saved detector (no {name}.json + "
-                     f"{name}.safetensors, .ckpt or run folder); expected a builder such as "
-                     "'retinanet_resnet50_fpn_v2' or the path of a structkd export")
-
-
-def _teacher_overrides(args: argparse.Namespace) -> list[str]:
-    """The ``teacher.*`` overrides of ``--teacher`` (and ``--teacher-weights`` where the
-    command has it)."""
-    extra = []
-    if args.teacher:
-        key = _teacher_key(args.teacher)
-        extra = ([f"teacher.{key}={args.teacher}"] if key in ("torchvision", "checkpoint")
-                 else [f"teacher.family={key}", f"teacher.name={args.teacher}"])
-    if getattr(args, "teacher_weights", None):
-        extra.append(f"teacher.weights={args.teacher_weights}")
-    return extra
-
-
 def cmd_distill(args: argparse.Namespace) -> int:
     from .recipes import run_config
 
-    extra = [*_run_flags(args), *_teacher_overrides(args)]
-    if args.method:
-        extra.append(f"distill.method={args.method}")
-    cfg = _load(args, extra, show=False)
+    method = {"distill": {"method": args.method}} if args.method else {}
+    cfg = _load(args, _merge(_run_keys(args), _teacher_keys(args), method), show=False)
     if cfg.distill.method == "none":
         raise ValueError("structkd distill with distill.method=none trains no student from a "
                          "teacher; use structkd train, or name a method (--method)")
@@ -169,44 +150,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .detectors import describe_families
-    from .models.spec import ARCHS, BACKBONES
+    from .apps.listing import models_text
 
-    print(f"torchvision (model.family=torchvision): model.arch one of {list(ARCHS)}, "
-          f"model.backbone one of {list(BACKBONES)}; a teacher may be any torchvision detection "
-          "builder (--teacher retinanet_resnet50_fpn_v2)")
-    for info in describe_families():
-        where = f"model.family={info.family} model.name=NAME"
-        if info.available:
-            print(f"{info.family} ({where}): {', '.join(info.names)} ({info.note})")
-        else:
-            print(f"{info.family} ({where}): not installed here: {info.note}")
+    print(models_text())
     return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import describe_methods
+    from .apps.listing import methods_text
 
-    for info in describe_methods():
-        print(f"{info.name}: {info.summary}")
-        print(f"    paper:   {info.paper}")
-        opts = ", ".join(f"{k}={v!r}" for k, v in info.options.items())
-        print(f"    options: {opts}")
-        for dist, extra in info.extra_options.items():
-            shown = {k: v for k, v in extra.items() if k != "check_finite"}
-            print(f"    options with distance={dist!r}: "
-                  + ", ".join(f"{k}={v!r}" for k, v in shown.items()))
-        for preset, values in info.presets.items():
-            strides = info.preset_strides.get(preset)
-            levels = (f"; levels of strides {list(strides)}" if strides else
-                      "; every shared level")
-            print(f"    preset {preset}: " + ", ".join(f"{k}={v:g}" for k, v in values.items())
-                  + levels)
-        if info.aliases:
-            print("    aliases: " + ", ".join(f"{a} = {info.name} {p}"
-                                            for a, p in info.aliases.items()))
-        if info.needs_boxes:
-            print("    needs the ground-truth boxes")
+    print(methods_text())
     return 0
 
 
@@ -257,9 +210,9 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    for name, path in sorted(shipped_configs().items()):
-        first = path.read_text().splitlines()[0].lstrip("# ").strip()
-        print(f"{name:<34} {first}")
+    from .apps.listing import configs_text
+
+    print(configs_text())
     return 0
 
 
@@ -275,8 +228,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import shlex
 
     from .comparison import compare, write_report
+    from .recipes import resolve_config_path
 
-    cfg = _load(args, _teacher_overrides(args), show=False)
+    cfg = _load(args, _teacher_keys(args), show=False)
     c = compare(cfg, args.methods, seeds=args.seeds, out=args.out,
                 teacher_config=resolve_config_path(args.teacher_config),
                 budget=args.budget, teacher_levels=args.teacher_cache, report=False)
@@ -289,14 +243,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from .recipes import cache_teacher
 
-    extra = _teacher_overrides(args)
-    extra += [f"teacher.cache_dtype={args.dtype}"] if args.dtype else []
-    cfg = _load(args, extra, show=False)
+    dtype = {"teacher": {"cache_dtype": args.dtype}} if args.dtype else {}
+    cfg = _load(args, _merge(_teacher_keys(args), dtype), show=False)
     cache = cache_teacher(cfg, args.out, batch_size=args.batch_size,
                           progress=cfg.trainer.progress)
     print(f"teacher cache written to {cache.root}: {len(cache.index)} images x "
           f"{len(cache.variants)} variant(s) ({', '.join(cache.variants)}); train from it with "
-          f"--set teacher.cache={cache.root}")
+          f"--teacher.cache {cache.root}")
     return 0
 
 
@@ -328,8 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-c", "--config", help="YAML file or shipped config name")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=0.02 (repeatable; "
-                        "`structkd config` prints every key with its value)")
+                        help="override a config key with a YAML text, e.g. --set "
+                        "optim.lr=0.02 (repeatable; the --section.key flags win over it)")
+        sp.epilog = ("Every config key is a flag: --section.key VALUE, e.g. --optim.lr 0.02 "
+                     "--schedule.epochs 12 --trainer.devices 2 --distill.options.window_size 7; "
+                     "its value is checked against the key's type. `structkd config` prints "
+                     "every key with its value.")
 
     def with_teacher(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--teacher", help="teacher: a structkd export prefix or .ckpt "
@@ -495,80 +452,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rejected_trainer_settings(e: BaseException) -> str | None:
-    """``trainer.*`` values that Lightning refused while setting up its accelerator (it raises
-    MisconfigurationException, TypeError or ValueError without naming our keys), else None."""
-    tb = e.__traceback__
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if code.co_name == "__init__" and code.co_filename.endswith("accelerator_connector.py") \
-                and "lightning" in code.co_filename:
-            values = tb.tb_frame.f_locals
-            shown = [f"trainer.{k}={values[k]!r}" for k in ("accelerator", "devices")
-                     if k in values]
-            shown += [f"trainer.{k}={values[k]!r}" for k, default in
-                      (("strategy", "auto"), ("precision", "32-true"), ("num_nodes", 1))
-                      if values.get(k, default) not in (default, None)]
-            return ", ".join(shown) or "trainer.*"
-        tb = tb.tb_next
-    return None
-
-
-# What the machine refuses, not a bug: one line naming the file (full disk, read-only,
-# permissions, a file where a folder is expected).
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                       errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
-
-
-def _error_message(e: BaseException) -> str | None:
-    """The one-line message of an error the user can fix; None for a bug (keep the traceback).
-
-    Lightning's refusals of trainer settings name the ``trainer.*`` values; an error raised in a
-    DataLoader worker (which torch re-raises with the worker's whole traceback as its message)
-    is reduced to the worker's original message.
-    """
-    import re
-
-    settings = _rejected_trainer_settings(e)
-    if settings is not None:
-        hint = "expected e.g. trainer.accelerator=auto|cpu|gpu, trainer.devices=auto|1|[0,1]"
-        if re.search(r"trainer\.accelerator='(gpu|cuda)", settings):
-            import torch
-
-            if not torch.cuda.is_available():
-                hint = ("no usable CUDA GPU on this machine, torch.cuda.is_available() is "
-                        "False: use trainer.accelerator=cpu or auto")
-        return (f"Lightning cannot set up the trainer with {settings}: {' '.join(str(e).split())} "
-                f"({hint})")
-    if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
-        where = f"{e.filename}: " if e.filename else ""
-        hint = "; free some space and resume (trainer.resume=last)" \
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        return f"{where}{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}){hint}"
-    lightning_misconfig = any(c.__name__ == "MisconfigurationException" and
-                              c.__module__.startswith("lightning") for c in type(e).__mro__)
-    if not lightning_misconfig and not isinstance(
-            e, (ValueError, FileNotFoundError, FloatingPointError, RuntimeError)):
-        return None
-    text = str(e)
-    wrapped = re.match(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback", text)
-    if wrapped:
-        # the worker's traceback ends with "[module.]Name: original message"
-        ends = [m.end() for m in re.finditer(rf"^(?:[\w.]+\.)?{wrapped.group(1)}: ", text, re.M)]
-        if ends:
-            text = text[ends[-1]:].strip()
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .console import setup_console
+    rest, key_flags = split_key_flags(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    if key_flags and args.command not in CONFIG_COMMANDS:
+        parser.error(f"{key_flags[0].split('=', 1)[0]}: structkd {args.command} takes no config "
+                     f"keys; the commands that read a config are {list(CONFIG_COMMANDS)}")
+    args.key_flags = key_flags
+    from .console import error_line, setup_console
 
     setup_console(args.verbose)
     try:
         return args.func(args)
     except Exception as e:
-        message = _error_message(e)
+        message = error_line(e)
         if message is None or args.verbose:
             raise
         print(f"structkd: error: {message}", file=sys.stderr)

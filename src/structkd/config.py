@@ -31,11 +31,14 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from .checks import type_text
+
 __all__ = [
     "ConfigError",
     "compose",
     "dump",
     "load",
+    "parse_flags",
     "parse_override",
     "part",
     "section_from_dataclass",
@@ -200,30 +203,6 @@ def _make(name: str, fields: list[tuple[str, Any, Any]], doc: str,
 
 
 # ---- loading ----------------------------------------------------------------------------------
-def type_text(tp: Any) -> str:
-    """A reader's name for an annotation: ``float``, ``list of str``, ``one of ['a', 'b']``."""
-    if tp is Any:
-        return "any value"
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type) and tp in _SCALARS:
-        return tp.__name__
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return f"one of {list(args)}"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_text(a) for a in args)
-    if origin is list:
-        return f"a list of {type_text(args[0])}" if args else "a list"
-    if origin is tuple:
-        return f"a list of {len(args)} values ({', '.join(type_text(a) for a in args)})"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
 def _fields(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -289,7 +268,8 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 def _parser(schema: type):
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(exit_on_error=False, default_env=False, env_prefix=False)
+    parser = ArgumentParser(exit_on_error=False, default_env=False, env_prefix=False,
+                            allow_abbrev=False)  # no silent prefix match of a renamed key
     parser.add_class_arguments(schema, fail_untyped=True, sub_configs=False)
     return parser
 
@@ -308,12 +288,60 @@ def _explain(e: Exception, schema: type, doc: Mapping[str, Any]) -> str:
     return f"{key}{shown}: expected {expected}"
 
 
+def parse_flags(schema: type, argv: Sequence[str], *,
+                renamed: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Command-line flags that are keys of ``schema`` (``--optim.lr 0.02``,
+    ``--trainer.devices=2``, ``--distill.options.window_size 7``) as a nested mapping of the
+    given keys only, each value parsed by its annotation (an ``int`` key takes ``2``, not
+    ``two``); a flag that is no key names the valid keys of its section."""
+    parser = _parser(schema)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return parser.parse_args(list(argv), defaults=False).as_dict()
+        except Exception as e:  # jsonargparse's ArgumentError
+            for token in argv:
+                key = token.split("=", 1)[0].removeprefix("--")
+                if token.startswith("--") and _annotation(schema, key) is None and \
+                        not _under_mapping(schema, key):
+                    try:
+                        _check_keys(schema, _nest(key, None), "", renamed or {})
+                    except ConfigError as unknown:
+                        raise ConfigError(f"{token.split('=', 1)[0]}: {unknown}") from None
+                    break
+                if not token.startswith("-") and token is argv[0]:
+                    raise ConfigError(f"unexpected argument {token!r}; expected config keys "
+                                      "as flags, e.g. --optim.lr 0.02") from None
+            flag = re.search(r'Parser key "([^"]+)"', str(e))
+            doc = {}
+            if flag is not None:  # the value given to that key, for the message
+                given = [t.split("=", 1)[1] if "=" in t else (argv[i + 1] if i + 1 < len(argv)
+                                                              else None)
+                         for i, t in enumerate(argv)
+                         if t.split("=", 1)[0] == f"--{flag.group(1)}"]
+                if given:
+                    doc = _nest(flag.group(1), given[-1])
+            raise ConfigError(f"--{_explain(e, schema, doc)}") from None
+
+
+def _under_mapping(schema: type, key: str) -> bool:
+    """Whether ``key`` lies inside a free mapping field (``distill.options.window_size``)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        tp = _annotation(schema, ".".join(parts[:i]))
+        if tp is not None and (typing.get_origin(tp) in (dict, abc.Mapping) or tp is dict):
+            return True
+    return False
+
+
 def load(
-    schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+    schema: type[T], path: str | os.PathLike | None = None,
+    overrides: Sequence[str | Mapping[str, Any]] = (), *,
     base: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None,
 ) -> T:
     """An instance of ``schema``: its defaults, then ``base``, then the YAML file at ``path``,
-    then ``overrides`` (``section.key=value``, later ones win)."""
+    then ``overrides``, later ones winning: each a ``section.key=value`` text (the value read
+    as YAML) or a nested mapping of values as they are (e.g. from :func:`parse_flags`)."""
     renamed = renamed or {}
     documents: list[tuple[str, dict[str, Any]]] = []
     if base:
@@ -327,9 +355,12 @@ def load(
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         documents.append((f"{path}: ", data))
-    for text in overrides:
-        key, value = parse_override(text)
-        documents.append(("", _nest(key, value)))
+    for item in overrides:
+        if isinstance(item, Mapping):
+            documents.append(("", dict(item)))
+        else:
+            key, value = parse_override(item)
+            documents.append(("", _nest(key, value)))
     parser = _parser(schema)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # jsonargparse's deprecation notices of its own API

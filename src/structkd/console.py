@@ -1,10 +1,13 @@
 """A clean console: each message once, no third-party advertisements, known harmless warnings
-filtered where they come from (by module and message, never wholesale)."""
+filtered where they come from (by module and message, never wholesale), and an error the user
+can fix said in one line (:func:`error_line`)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -58,3 +61,36 @@ def quieter(*names: str, level: int = logging.WARNING) -> Iterator[None]:
     finally:
         for lg, lv in zip(loggers, before, strict=True):
             lg.setLevel(lv)
+
+
+# What the machine refuses, not a bug: one line naming the file (full disk, read-only,
+# permissions, a file where a folder is expected).
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one-line message of an error the user can fix; None for a bug (keep its traceback).
+
+    Errors the machine raises (a full disk, a read-only folder) name the file; an error raised
+    in a DataLoader worker (which torch re-raises with the worker's whole traceback as its
+    message) is reduced to the worker's original message.
+    """
+    if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+        where = f"{e.filename}: " if e.filename else ""
+        hint = "; free some space and resume (trainer.resume=last)" \
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return f"{where}{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}){hint}"
+    lightning_misconfig = any(c.__name__ == "MisconfigurationException" and
+                              c.__module__.startswith("lightning") for c in type(e).__mro__)
+    if not lightning_misconfig and not isinstance(
+            e, (ValueError, FileNotFoundError, FloatingPointError, RuntimeError)):
+        return None
+    text = str(e)
+    wrapped = re.match(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback", text)
+    if wrapped:
+        # the worker's traceback ends with "[module.]Name: original message"
+        ends = [m.end() for m in re.finditer(rf"^(?:[\w.]+\.)?{wrapped.group(1)}: ", text, re.M)]
+        if ends:
+            text = text[ends[-1]:].strip()
+    return text

@@ -80,7 +80,7 @@ def test_models_lists_the_families_and_their_builders() -> None:
 @pytest.mark.parametrize("name", ["coco_retinanet_r50_ssim", "coco_faster_rcnn_r50_l2",
                                   "coco_retinanet_r101_teacher"])
 def test_shipped_configs_load(name: str) -> None:
-    from structkd.cli import resolve_config_path
+    from structkd.recipes import resolve_config_path
 
     cfg = load_config(resolve_config_path(name))
     assert cfg.model.min_size == 800 and cfg.schedule.epochs == 12

@@ -255,11 +255,11 @@ def test_export_size_outside_a_sane_range(export, tmp_path: Path, size: str) -> 
 
 @pytest.mark.parametrize(("args", "names"), [
     (["--set", "distill.options.sigma=wide"],
-     ["distill.options.sigma='wide' must be a number (method 'ssim')"]),
+     ["distill.options.sigma='wide'; expected float (distance 'ssim')"]),
     (["--set", "data.limit_train=0"], ["data.limit_train=0; expected an int >= 1"]),
     (["--set", "optim.grad_clip=-1"], ["optim.grad_clip=-1.0; expected a finite number > 0"]),
     (["--teacher", "retinanet_resnet50_fpn_v3"],
-     ["--teacher 'retinanet_resnet50_fpn_v3' is neither a torchvision detection builder",
+     ["--teacher: 'retinanet_resnet50_fpn_v3' is not a detector structkd can make",
       "did you mean 'retinanet_resnet50_fpn_v2'"]),
     (["--set", "teacher.torchvision=fcos_resnet_50_fpn"],
      ["teacher.torchvision='fcos_resnet_50_fpn' is not a torchvision detection builder",
@@ -330,12 +330,10 @@ def test_teacher_flag_names_a_family_for_its_own_saves(tmp_path: Path) -> None:
     """--teacher: an Ultralytics .pt and a save_pretrained folder become teacher.family +
     teacher.name; a .pt holding a plain state dict stays a checkpoint (and gets the
     --teacher-weights hint); a structkd run folder stays a checkpoint."""
-    import argparse
-
-    from structkd.cli import _teacher_overrides
+    from structkd.recipes import teacher_fields
 
     def overrides(name: str) -> list[str]:
-        return _teacher_overrides(argparse.Namespace(teacher=name))
+        return [f"teacher.{k}={v}" for k, v in teacher_fields(name).items()]
 
     state = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(1)}, state)
@@ -368,7 +366,7 @@ def test_a_truncated_pt_teacher_is_named_as_such(tmp_path: Path, make_overrides)
     pt.write_bytes(pt.read_bytes()[:300])
     proc = cli_inprocess(["distill", "--teacher", str(pt),
                           *_sets(make_overrides(tmp_path / "run"))])
-    _fails(proc, f"--teacher {pt}: not a readable PyTorch checkpoint", "truncated or corrupt")
+    _fails(proc, f"--teacher: {pt}: not a readable PyTorch checkpoint", "truncated or corrupt")
 
 
 def test_a_lock_that_is_a_folder(make_overrides, tmp_path: Path) -> None:

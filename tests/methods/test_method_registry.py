@@ -50,6 +50,25 @@ def test_unknown_option_lists_valid_ones(name, valid) -> None:
     assert valid in str(err.value)
 
 
+@pytest.mark.parametrize(("name", "options", "message"), [
+    ("mgd", {"mask_ratio": "half"}, "mask_ratio='half'; expected float or null (method 'mgd')"),
+    ("cwd", {"tau": True}, "tau=True; expected float (method 'cwd')"),
+    ("pkd", {"preset": 3}, "preset=3; expected str (method 'pkd')"),
+    ("ssim", {"window_size": 7.5}, "window_size=7.5; expected int (distance 'ssim')"),
+    ("ssim", {"window_size": True}, "window_size=True; expected int (distance 'ssim')"),
+    ("ssim", {"sigma": "wide"}, "sigma='wide'; expected float (distance 'ssim')"),
+])
+def test_an_option_of_another_type_names_its_annotation(name, options, message) -> None:
+    with pytest.raises(ValueError) as err:
+        build_method(name, LV, **options)
+    assert str(err.value) == message
+
+
+def test_an_int_is_a_float_option_and_the_types_need_no_build() -> None:
+    assert build_method("cwd", LV, tau=2).tau == 2  # YAML's 2 for a float option
+    assert build_method("ssim", LV, sigma=2, window_size=7) is not None
+
+
 def test_unknown_imitation_option_lists_distance_options() -> None:
     with pytest.raises(ValueError, match=r"option\(s\) \['tau'\] are not accepted by "
                        r"(method|distance) 'ssim'; expected some of \[.*'window_size'"):
@@ -66,7 +85,7 @@ BAD = [
     ("cwd", {"weight": -2}, r"weight=-2 is invalid"),
     ("ssim", {"weight": -0.5}, r"weight=-0\.5 is invalid"),
     ("fgd", {"weight": INF}, r"weight=inf is invalid"),
-    ("pkd", {"weight": True}, r"weight=True is invalid"),
+    ("pkd", {"weight": True}, r"weight=True; expected float or null \(method 'pkd'\)"),
     ("cwd", {"tau": 0}, r"tau=0 is invalid; expected a finite number > 0"),
     ("cwd", {"tau": NAN}, r"tau=nan is invalid"),
     ("cwd", {"weight": NAN}, r"weight=nan is invalid"),

@@ -179,7 +179,7 @@ def test_wrong_types_name_key_and_value(override: str, fragments: list[str]) -> 
     ("model.fpn_channels=0", "model.fpn_channels=0 is invalid"),
     ("data.synthetic.num_train=0", "data.synthetic.num_train=0; expected an integer"),
     ("distill.method=cosine", "distill.method='cosine': method='cosine' is unknown"),
-    ("distill.options.windw_size=3", "distill.method='ssim': option(s) ['windw_size']"),
+    ("distill.options.windw_size=3", "distill.options (method 'ssim'): option(s) ['windw_size']"),
     ("distill.options.weight=3", "distill.options.weight: set distill.weight instead"),
 ])
 def test_invalid_values(override: str, fragment: str) -> None:

@@ -7,10 +7,12 @@ checks option names and from which ``distance_options`` reads the defaults.
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 from torch import nn
 
+from ..checks import check_types
 from .l1 import L1Loss
 from .mse import MSELoss
 from .options import DistanceOptions
@@ -32,8 +34,11 @@ def _options_type(name: str) -> type[DistanceOptions]:
 
 def build_distance(name: str, **options: Any) -> nn.Module:
     """Build a registered distance by name; unknown option names raise a ``ValueError`` naming
-    them, the distance and the valid names (values are checked by the options dataclass)."""
-    _options_type(name).check_names(options, what=f"distance {name!r}")
+    them, the distance and the valid names, values of another type name their annotation
+    (ranges are checked by the options dataclass)."""
+    options_type = _options_type(name)
+    options_type.check_names(options, what=f"distance {name!r}")
+    check_types(options, typing.get_type_hints(options_type), f"distance {name!r}")
     return DISTANCES[name](**options)
 
 

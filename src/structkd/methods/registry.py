@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..checks import check_types
 from ..defaults import DEFAULT_METHOD
 from .base import DistillMethod
 from .context import Level
@@ -95,10 +97,11 @@ def build_method(
 ) -> DistillMethod:
     """Build a registered method (or alias) for ``levels``.
 
-    The one place a method's options are checked: names against the class's signature here
-    (unknown ones fail with the valid ones listed; methods that forward ``**options``, such as
-    the imitation method to its distance, check them where they forward them), values by the
-    class itself (``ValueError`` naming the option and the value).
+    The one place a method's options are checked: names and types against the class's
+    signature here (an unknown name fails with the valid ones listed, a value of another type
+    names its annotation; methods that forward ``**options``, such as the imitation method to
+    its distance, have them checked where they are forwarded, by the same two checks), values by
+    the class itself (``ValueError`` naming the option and the value).
     """
     cls, fixed = resolve_method(name)
     clash = {k: v for k, v in options.items() if k in fixed and fixed[k] != v}
@@ -109,7 +112,17 @@ def build_method(
     if unknown and not var_kw:
         raise ValueError(f"option(s) {unknown} are not accepted by method {cls.name!r}; expected "
                          f"some of {sorted(allowed)}")
+    check_types(options, _hints(cls), f"method {name!r}")
     return cls(levels, **{**fixed, **options})
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The annotations of ``cls.__init__`` (none where they cannot be resolved: a user's
+    class annotating with a name its module does not import)."""
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:
+        return {}
 
 
 def check_method(name: str, options: Mapping[str, Any]) -> None:

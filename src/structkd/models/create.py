@@ -16,7 +16,7 @@ from .build import build_detector
 from .load import close_names, load_detector, torchvision_builders, torchvision_detector
 from .spec import ARCHS, DetectorSpec
 
-__all__ = ["detector"]
+__all__ = ["detector", "source_kind"]
 
 
 def detector(name: str | os.PathLike, num_classes: int | None = None, **options: Any
@@ -42,35 +42,56 @@ def detector(name: str | os.PathLike, num_classes: int | None = None, **options:
     Returns the module that trains (a family's wrapper, or torchvision's model itself).
     """
     text = os.fspath(name)
-    if text in ARCHS:
+    kind = source_kind(text)
+    if kind == "build":
         return build_detector(DetectorSpec(arch=text, num_classes=_required(num_classes, text),
                                            **options))
-    if text in torchvision_builders():
+    if kind == "torchvision":
         model, _ = torchvision_detector(text, options.pop("weights", None),
                                         num_classes=num_classes, **options)
         return model.train()
-    family = claiming_family(text)
+    if kind != "saved":
+        return family_detector(kind, text, _required(num_classes, text), **options)
+    if options:
+        raise ValueError(f"{text!r} is a saved detector; options {sorted(options)} apply "
+                         "only when building one")
+    model, _ = load_detector(Path(text).expanduser())
+    have = class_count(model)
+    if num_classes is not None and have is not None and have != num_classes:
+        raise ValueError(f"{text!r} predicts {have - 1} classes (num_classes={have}); "
+                         f"num_classes={num_classes} was asked for")
+    return model.train()
+
+
+def source_kind(name: str | os.PathLike, *, saved_by_form: bool = False) -> str:
+    """What ``name`` names, asked in :func:`detector`'s order: ``"build"`` (structkd's
+    torchvision builds), ``"torchvision"`` (a detection builder), the name of the family whose
+    adapter claims it (an Ultralytics ``.pt`` / YAML, a transformers folder or model type; a
+    ``.pt`` is read as bytes here, never unpickled), or ``"saved"`` (a structkd export or run
+    checkpoint). ``saved_by_form``: also take a name that only looks like a path (a ``/``, a
+    ``.ckpt`` / ``.safetensors`` suffix) as saved, for a file a later step reads or reports
+    missing. Anything else is a ``ValueError`` naming the close names and what was expected.
+    """
+    text = os.fspath(name)
+    if text in ARCHS:
+        return "build"
+    if text in torchvision_builders():
+        return "torchvision"
+    family = claiming_family(text)  # ValueError for a .pt no torch archive reader can open
     if family is not None:
-        return family_detector(family, text, _required(num_classes, text), **options)
+        return family
     path = Path(text).expanduser()
     saved = [path, *(path.with_name(path.name + s) for s in (".json", ".safetensors"))]
-    if any(p.exists() for p in saved):
-        if options:
-            raise ValueError(f"{text!r} is a saved detector; options {sorted(options)} apply "
-                             "only when building one")
-        model, _ = load_detector(path)
-        have = class_count(model)
-        if num_classes is not None and have is not None and have != num_classes:
-            raise ValueError(f"{text!r} predicts {have - 1} classes (num_classes={have}); "
-                             f"num_classes={num_classes} was asked for")
-        return model.train()
+    if any(p.exists() for p in saved) or (saved_by_form and (
+            "/" in text or path.suffix in (".ckpt", ".safetensors"))):
+        return "saved"
     known = [*ARCHS, *torchvision_builders()]
     families = [a.name for a in adapters() if a.claims is not None]
     raise ValueError(f"{text!r} is not a detector structkd can make{close_names(text, known)}: "
                      f"expected one of {list(ARCHS)} (structkd's builds), a torchvision "
-                     f"detection builder, a name of the families {families} (e.g. 'rt_detr', "
-                     "'yolo11n.yaml'), or a saved detector (an export prefix, .safetensors, "
-                     ".json or .ckpt)")
+                     f"detection builder such as 'retinanet_resnet50_fpn_v2', a name of the "
+                     f"families {families} (e.g. 'rt_detr', 'yolo11n.yaml'), or a saved "
+                     "detector (an export prefix, .safetensors, .json or .ckpt)")
 
 
 def _required(num_classes: int | None, name: str) -> int:

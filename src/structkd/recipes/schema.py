@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,9 +46,10 @@ from ..distill import Distiller
 from ..engine.options import Balance, Loader, Optim, Schedule, TrainerOptions
 from ..methods import DEFAULT_METHOD, check_method
 from ..models import DetectorSpec
+from ..models.create import source_kind
 from ..models.load import close_names, torchvision_builders
 
-__all__ = ["RENAMED", "Config", "TeacherSource", "load_config"]
+__all__ = ["RENAMED", "Config", "TeacherSource", "load_config", "teacher_fields"]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -212,6 +213,29 @@ class TeacherSource:
                                  f"detection builder{close_names(self.torchvision, builders)}")
 
 
+def teacher_fields(name: str, weights: str | None = None, *, flag: str = "teacher"
+                   ) -> dict[str, Any]:
+    """The ``teacher`` keys that name one teacher: ``torchvision`` for a detection builder,
+    ``checkpoint`` for a saved structkd detector, ``family`` + ``name`` for a name a family
+    claims (what :func:`structkd.models.source_kind` says of it); ``weights`` goes with a
+    builder. ``flag`` names where ``name`` came from in the messages (e.g. ``--teacher``)."""
+    try:
+        kind = source_kind(name, saved_by_form=True)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    if kind == "build":
+        raise ValueError(f"{flag}: {name!r} is one of structkd's own untrained builds; a "
+                         "teacher is a trained detector: a structkd export or .ckpt, a "
+                         "torchvision builder with weights, an Ultralytics .pt or a "
+                         "transformers folder")
+    fields: dict[str, Any] = ({"torchvision": name} if kind == "torchvision" else
+                              {"checkpoint": name} if kind == "saved" else
+                              {"family": kind, "name": name})
+    if weights is not None:
+        fields["weights"] = weights
+    return fields
+
+
 DistillerSection = section_from_signature(
     Distiller.__init__, "DistillerSection", skip=("student", "teacher"), var_keyword="options",
     defaults={"method": None},
@@ -249,6 +273,20 @@ class Config:
     def loader(self) -> Loader:
         return part(self.data, Loader)
 
+    def trust_checkpoints(self) -> None:
+        """Let the builders of this run's detectors of other families run code from their
+        files (``options.trust_checkpoint``), as ``--trust-checkpoint`` asks; torchvision
+        weights and structkd's own files are read without code and need no trust."""
+        sections = [s for s in (self.model, self.teacher) if s.family not in (None,
+                                                                               "torchvision")]
+        if not sections:
+            raise ValueError("--trust-checkpoint applies to a model or teacher of another "
+                             "family (model.family / teacher.family with a name); torchvision "
+                             "weights and structkd's own files are read with weights_only=True "
+                             "or as safetensors and need no trust")
+        for section in sections:
+            section.options["trust_checkpoint"] = True
+
     def spec(self, num_classes: int) -> DetectorSpec | None:
         """The student's ``DetectorSpec``; None for a detector of another family."""
         if self.model.family != "torchvision":
@@ -271,10 +309,12 @@ RENAMED = {
 }
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+def load_config(path: str | os.PathLike | None = None,
+                overrides: Sequence[str | Mapping[str, Any]] = (), *,
                 base: dict[str, Any] | None = None) -> Config:
-    """A ``Config`` from the defaults, then ``base``, then the YAML file at ``path``, then
-    ``section.key=value`` overrides (later ones win). Errors name the key and the value."""
+    """A ``Config`` from the defaults, then ``base``, then the YAML file at ``path``, then the
+    overrides, later ones winning: ``section.key=value`` texts (the value read as YAML) or
+    nested mappings of values. Errors name the key and the value."""
     cfg = load(Config, Path(path) if path is not None else None, list(overrides), base=base,
                renamed=RENAMED)
     check_distill(cfg)
@@ -312,5 +352,9 @@ def check_distill(cfg: Config) -> None:
         named = next((k for k in options if message.startswith(f"{k}=")), None)
         if named is not None:  # a bad value of one option: name its key
             key = "distill.weight" if named == "weight" else f"distill.options.{named}"
-            raise ConfigError(f"{key}{message[len(named):]} (method {method!r})") from None
+            owner = "" if "(method " in message or "(distance " in message else \
+                f" (method {method!r})"
+            raise ConfigError(f"{key}{message[len(named):]}{owner}") from None
+        if message.startswith("option(s) ["):  # unknown names: the valid ones are listed
+            raise ConfigError(f"distill.options (method {method!r}): {message}") from None
         raise ConfigError(f"distill.method={method!r}: {message}") from None

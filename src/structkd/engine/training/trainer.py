@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..options import Optim, Schedule, TrainerOptions
@@ -32,18 +34,36 @@ def build_trainer(out_dir: Path, options: TrainerOptions, schedule: Schedule, op
                           save_on_train_epoch_end=True)
     csv_log = csv_logger(out_dir)
     loggers = [csv_log, TensorBoardLogger(out_dir, name="tb", version="")]
-    trainer = L.Trainer(
-        max_epochs=s.epochs, max_steps=s.max_steps or -1, accelerator=t.accelerator,
-        devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
-        gradient_clip_val=optim.grad_clip, deterministic=t.deterministic,
-        # val_every=0: no validation while fitting (the final one still runs).
-        check_val_every_n_epoch=t.val_every if t.val_every > 0 else s.epochs + 1,
-        log_every_n_steps=t.log_every,
-        enable_progress_bar=t.progress, use_distributed_sampler=False, default_root_dir=out_dir,
-        num_sanity_val_steps=0, enable_model_summary=False,
-        callbacks=[ckpt, DivergenceGuard(factor=t.divergence_factor), *callbacks],
-        logger=loggers,
-    )
+    try:
+        trainer = L.Trainer(
+            max_epochs=s.epochs, max_steps=s.max_steps or -1, accelerator=t.accelerator,
+            devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
+            gradient_clip_val=optim.grad_clip, deterministic=t.deterministic,
+            # val_every=0: no validation while fitting (the final one still runs).
+            check_val_every_n_epoch=t.val_every if t.val_every > 0 else s.epochs + 1,
+            log_every_n_steps=t.log_every,
+            enable_progress_bar=t.progress, use_distributed_sampler=False, default_root_dir=out_dir,
+            num_sanity_val_steps=0, enable_model_summary=False,
+            callbacks=[ckpt, DivergenceGuard(factor=t.divergence_factor), *callbacks],
+            logger=loggers,
+        )
+    except (MisconfigurationException, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(_refused(e, options)) from e
     if trainer.is_global_zero:
         open_csv_logger(csv_log, out_dir, resume_step=resume_step)
     return trainer
+
+
+def _refused(e: BaseException, options: TrainerOptions) -> str:
+    """Lightning's refusal of the accelerator settings, naming the ``trainer.*`` values (its
+    own message names none of our keys) and what would work."""
+    shown = [f"trainer.accelerator={options.accelerator!r}", f"trainer.devices={options.devices!r}"]
+    shown += [f"trainer.{k}={getattr(options, k)!r}" for k, default in
+              (("strategy", "auto"), ("precision", "32-true"), ("num_nodes", 1))
+              if getattr(options, k) not in (default, None)]
+    hint = "expected e.g. trainer.accelerator=auto|cpu|gpu, trainer.devices=auto|1|[0,1]"
+    if str(options.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        hint = ("no usable CUDA GPU on this machine, torch.cuda.is_available() is False: use "
+                "trainer.accelerator=cpu or auto")
+    return (f"Lightning cannot set up the trainer with {', '.join(shown)}: "
+            f"{' '.join(str(e).split())} ({hint})")
