@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from structkd.data import SyntheticPaths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,3 +161,12 @@ def assert_same_detections(ref: dict, got: dict, *, box_atol: float, score_atol:
                           f"{gb[j].round(3).tolist()}) has no match in the reference")
         i = np.flatnonzero(ok)[np.argmin(cost[ok])]
         free[i] = False
+
+
+def slow_except(values, *fast):
+    """The parameters of a test repeated over every method or model type: those in ``fast``
+    run in the fast suite, the others (the same check on another method) with the slow tests
+    (``pytest -m slow``, or the whole suite)."""
+    missing = [f for f in fast if f not in values]
+    assert not missing, f"{missing} are not among {values}"
+    return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]

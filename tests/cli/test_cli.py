@@ -229,6 +229,7 @@ def test_distill_a_torchvision_teacher_into_a_transformers_student(coco_data, te
     assert json.loads((back / "results.json").read_text())["mode"] == "distill"
 
 
+@pytest.mark.slow  # DDP: test_ddp_two_cpu_processes; a cache: tests/distill/test_teacher_cache.py
 def test_ddp_two_cpu_processes_from_a_teacher_cache(coco_data, teacher_run,
                                                     tmp_path: Path) -> None:
     """A teacher cache under DDP: each rank looks up its own images' levels; the run trains

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdtest import IMAGE_SIZE, NUM_CLASSES, cli_inprocess, cli_subprocess, tiny_overrides
+from kdtest import IMAGE_SIZE, NUM_CLASSES, cli_inprocess, tiny_overrides
 from structkd.data import SyntheticPaths
 from structkd.models import DetectorSpec, build_detector, export_student
 
@@ -320,7 +320,7 @@ def test_dataloader_worker_error_is_one_line(coco_data, tmp_path: Path) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     Image.fromarray(noise).save(path)
     path.write_bytes(path.read_bytes()[:4000])
-    proc = cli_subprocess(["train", *_sets(tiny_overrides(data, tmp_path / "run",
+    proc = cli_inprocess(["train", *_sets(tiny_overrides(data, tmp_path / "run",
                                                           "data.num_workers=1"))])
     line = _fails(proc, str(path), "is corrupt or not an image")
     assert "DataLoader worker" not in line

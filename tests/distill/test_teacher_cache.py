@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdtest import cli_inprocess, distill_config, tiny_overrides
+from kdtest import cli_inprocess, distill_config, slow_except, tiny_overrides
 from structkd.data import CocoDetection, build_transforms
 from structkd.data.collate import collate_fn as collate
 from structkd.distill import Distiller, TeacherCache, write_teacher_cache
@@ -69,7 +69,7 @@ def _live_and_cached_levels(cfg, cache):
     return run, live, want, got
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", slow_except(METHODS, "ssim", "mgd", "fgd"))
 def test_the_loss_from_the_cache_is_the_live_teachers(written, method: str) -> None:
     a, b = _live_and_cached_losses(*written, method)
     assert a.keys() == b.keys()
@@ -127,7 +127,7 @@ def test_int8_levels_are_within_half_a_step_of_the_teachers(written, written_int
         assert data[name] <= written_bytes <= data[name] + 8192 * len(c.manifest["shards"])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", slow_except(METHODS, "ssim", "fgd"))
 def test_the_loss_from_an_int8_cache_is_near_the_live_teachers(written_int8, method) -> None:
     a, b = _live_and_cached_losses(*written_int8, method)
     for k in a:

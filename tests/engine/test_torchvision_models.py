@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.models import detection as tvd
 
 import structkd
-from kdtest import distill
+from kdtest import distill, slow_except
 from structkd.distill import Distiller, FeatureTap, LevelInfo, measure_levels
 from structkd.models import torchvision_detector
 from structkd.models.weights import weights_file
@@ -255,7 +255,8 @@ def test_student_map_resized_to_the_teachers(teacher) -> None:
         assert ctx.student[k].shape[1] == d.pairs[0].student_channels * (1 if k == "s8" else 2)
 
 
-@pytest.mark.parametrize("method", ["ssim", "mse", "pkd", "cwd", "mgd", "fgd"])
+@pytest.mark.parametrize("method", slow_except(["ssim", "mse", "pkd", "cwd", "mgd", "fgd"],
+                                               "ssim", "fgd"))
 def test_every_method_on_a_torchvision_pair(method: str, teacher) -> None:
     """Faster R-CNN MobileNetV3-FPN student (s32, s64 shared) of the RetinaNet v2 teacher, at
     96 px so that the shared maps are 3x3 and 2x2 (both named: the Faster R-CNN presets of
