@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import structkd  # noqa: F401  (before torch, as a user's program: OpenMP's wait policy)
+
+# isort: split
 import pytest
 import torch
 

@@ -13,6 +13,7 @@ The public API, in the order of the data flow::
     compare(config, ["none", "ssim", "mgd:auto"], seeds=3)  does it help on my data? a verdict
 """
 
+from . import _openmp  # noqa: F401  (first: OpenMP reads its wait policy when torch loads)
 from ._version import __version__
 from .comparison import compare
 from .distill import Distiller, FeatureTap, calibrate_weight

@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..cpu import configure_threads
 from ..detectors import as_detector, class_count, protocol_of
 from ..distill import DetectorLosses, Distiller, TeacherCache, unwrap
 from ..methods import DEFAULT_METHOD, DistillMethod
@@ -261,8 +262,8 @@ def _run(setting: RunSetting, student: nn.Module, train: Dataset, val: Dataset |
          spec: DetectorSpec | None, info, callbacks: Sequence[L.Callback]) -> RunResult:
     start = time.perf_counter()
     t = setting.trainer
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    if not torch.cuda.is_available() or t.accelerator == "cpu":
+        configure_threads(t.threads)
     run_dir = claim_out_dir(t.out_dir, resume=t.resume is not None, overwrite=t.overwrite)
     try:
         return _run_in(run_dir.path, setting, student, train, val, teacher=teacher,
