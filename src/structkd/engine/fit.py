@@ -232,8 +232,17 @@ def fit(
         check_first_sample(val, "val")
     # Read before any seeding: a dataset's own transforms may draw random numbers.
     info = eval_info_for(val, class_names) if val is not None else None
-    return _run(setting, student, train, val, teacher=teacher if name != "none" else None,
-                class_names=class_names, spec=spec, info=info, callbacks=callbacks)
+    L.seed_everything(setting.trainer.seed, workers=True, verbose=False)
+    if name == "none" or teacher is None:
+        net: Distiller | DetectorLosses = DetectorLosses(student)
+    else:  # the method's options reach it here, checked by name and type where it is built
+        net = Distiller(student, teacher, chosen,
+                        **{k: v for k, v in setting.distill.items() if v is not None},
+                        **({} if isinstance(chosen, DistillMethod) else method_options))
+        logger.info("distillation: %s over levels %s", net.method_name,
+                    [p.name for p in net.pairs])
+    return _run(setting, net, train, val, class_names=class_names, spec=spec, info=info,
+                callbacks=callbacks)
 
 
 def _check_classes(student: nn.Module, train: Dataset) -> None:
@@ -250,42 +259,28 @@ def _check_classes(student: nn.Module, train: Dataset) -> None:
                          f"(num_classes={want}); build the student with num_classes={want}")
 
 
-def _distiller(setting: RunSetting, student: nn.Module, teacher: nn.Module) -> Distiller:
-    method = setting.method
-    kwargs = {k: v for k, v in setting.distill.items() if v is not None}
-    return Distiller(student, teacher, method, **kwargs,
-                     **({} if isinstance(method, DistillMethod) else setting.method_options))
-
-
-def _run(setting: RunSetting, student: nn.Module, train: Dataset, val: Dataset | None, *,
-         teacher: nn.Module | TeacherCache | None, class_names: Sequence[str] | None,
-         spec: DetectorSpec | None, info, callbacks: Sequence[L.Callback]) -> RunResult:
+def _run(setting: RunSetting, net: Distiller | DetectorLosses, train: Dataset,
+         val: Dataset | None, *, class_names: Sequence[str] | None, spec: DetectorSpec | None,
+         info, callbacks: Sequence[L.Callback]) -> RunResult:
     start = time.perf_counter()
     t = setting.trainer
     if not torch.cuda.is_available() or t.accelerator == "cpu":
         configure_threads(t.threads)
     run_dir = claim_out_dir(t.out_dir, resume=t.resume is not None, overwrite=t.overwrite)
     try:
-        return _run_in(run_dir.path, setting, student, train, val, teacher=teacher,
-                       class_names=class_names, spec=spec, info=info, callbacks=callbacks,
-                       start=start)
+        return _run_in(run_dir.path, setting, net, train, val, class_names=class_names,
+                       spec=spec, info=info, callbacks=callbacks, start=start)
     finally:
         run_dir.release()
 
 
-def _run_in(out_dir: Path, setting: RunSetting, student: nn.Module, train: Dataset,
-            val: Dataset | None, *, teacher: nn.Module | TeacherCache | None,
-            class_names: Sequence[str] | None, spec: DetectorSpec | None, info,
-            callbacks: Sequence[L.Callback], start: float) -> RunResult:
+def _run_in(out_dir: Path, setting: RunSetting, net: Distiller | DetectorLosses,
+            train: Dataset, val: Dataset | None, *, class_names: Sequence[str] | None,
+            spec: DetectorSpec | None, info, callbacks: Sequence[L.Callback],
+            start: float) -> RunResult:
     t = setting.trainer
+    student = net.student
     resume = resume_path(t.resume, out_dir)
-    L.seed_everything(t.seed, workers=True, verbose=False)
-    if teacher is not None:
-        net: Distiller | DetectorLosses = _distiller(setting, student, teacher)
-        logger.info("distillation: %s over levels %s", net.method_name,
-                    [p.name for p in net.pairs])
-    else:
-        net = DetectorLosses(student)
     options = {**run_options({"optim": setting.optim, "schedule": setting.schedule,
                               "data": setting.loader, "trainer": t}), **setting.identity}
     meta = run_meta(net, spec, info, setting.distill.get("teacher_dtype"), options,
