@@ -36,6 +36,7 @@ from ..models import DetectorSpec, count_parameters, export_student
 from .first_sample import check_first_sample
 from .monitor.distill_start import DistillStart
 from .monitor.distill_watch import DistillWatch
+from .monitor.neighbours import CpuNeighbours
 from .options import Balance, Loader, Optim, Schedule, TrainerOptions
 from .runs.results import RunResult, read_history
 from .runs.resume import check_resume, data_identity, resume_path, run_meta, run_options
@@ -259,12 +260,16 @@ def _check_classes(student: nn.Module, train: Dataset) -> None:
                          f"(num_classes={want}); build the student with num_classes={want}")
 
 
+def _on_cpu(t: TrainerOptions) -> bool:
+    return t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+
+
 def _run(setting: RunSetting, net: Distiller | DetectorLosses, train: Dataset,
          val: Dataset | None, *, class_names: Sequence[str] | None, spec: DetectorSpec | None,
          info, callbacks: Sequence[L.Callback]) -> RunResult:
     start = time.perf_counter()
     t = setting.trainer
-    if not torch.cuda.is_available() or t.accelerator == "cpu":
+    if _on_cpu(t):
         configure_threads(t.threads)
     run_dir = claim_out_dir(t.out_dir, resume=t.resume is not None, overwrite=t.overwrite)
     try:
@@ -300,6 +305,8 @@ def _run_in(out_dir: Path, setting: RunSetting, net: Distiller | DetectorLosses,
                              eval_info=info, run_meta=meta)
     checks, watch = DistillStart(balance), DistillWatch(balance)
     watchers = [checks, watch] if distilling else []
+    if _on_cpu(t):
+        watchers.append(CpuNeighbours(torch.get_num_threads()))
     data = DetectionDataModule(train, val, setting.loader, seed=t.seed,
                                class_names=class_names, num_classes=class_count(student))
     trainer = build_trainer(out_dir, t, setting.schedule, setting.optim,
