@@ -66,6 +66,28 @@ def test_demo_quick(quick_demo) -> None:
     assert not [ln for ln in log if "lightning" in ln]
 
 
+def _check_second_demo(proc, out: Path, cache: Path, first: bytes,
+                       steps: int | None = None) -> None:
+    """A second demo into ``out``: the cached teacher reused, the first demo's results kept
+    byte for byte, its own students in ``OUT-2`` with each row read from its run (of ``steps``
+    steps, where given)."""
+    _ok(proc)
+    assert "reusing the cached teacher" in proc.stderr
+    assert len(list((cache / "teachers").iterdir())) == 1
+    second = out.parent / "demo-2"
+    assert f"this one goes to {second}" in proc.stderr
+    assert (out / "results.json").read_bytes() == first
+    rows2 = json.loads((second / "results.json").read_text())
+    for r in rows2[1:]:
+        run = json.loads((second / r["method"] / "results.json").read_text())
+        assert r["AP"] == run["metrics"]["AP"] and r["params"] == run["params"]
+        assert run["out_dir"] == str(second / r["method"])
+        if steps is not None:
+            assert run["steps"] == steps
+    assert f"report: {second / 'report.md'}" in proc.stdout
+    assert not list(out.glob("*-2"))  # no run of the second demo went into the first
+
+
 def test_a_second_demo_reuses_the_teacher_and_keeps_the_first(quick_demo, tmp_path: Path,
                                                               monkeypatch) -> None:
     """The second demo of ``test_demo_quick_again`` (slow) with its students cut to 2 steps, in
@@ -84,20 +106,7 @@ def test_a_second_demo_reuses_the_teacher_and_keeps_the_first(quick_demo, tmp_pa
     first = (out / "results.json").read_bytes()
     proc = cli_inprocess(["demo", "--quick", "--out", str(out), "--cache", str(cache),
                           "--seed", "1"])
-    _ok(proc)
-    assert "reusing the cached teacher" in proc.stderr
-    assert len(list((cache / "teachers").iterdir())) == 1
-    second = tmp_path / "demo-2"
-    assert f"this one goes to {second}" in proc.stderr
-    assert (out / "results.json").read_bytes() == first
-    rows2 = json.loads((second / "results.json").read_text())
-    for r in rows2[1:]:
-        run = json.loads((second / r["method"] / "results.json").read_text())
-        assert r["AP"] == run["metrics"]["AP"] and r["params"] == run["params"]
-        assert run["out_dir"] == str(second / r["method"])
-        assert run["steps"] == 2
-    assert f"report: {second / 'report.md'}" in proc.stdout
-    assert not list(out.glob("*-2"))  # no run of the second demo went into the first
+    _check_second_demo(proc, out, cache, first, steps=2)
 
 
 @pytest.mark.slow  # test_a_second_demo_reuses_the_teacher_and_keeps_the_first in the fast suite
@@ -109,16 +118,4 @@ def test_demo_quick_again(quick_demo) -> None:
     first = (out / "results.json").read_bytes()
     proc = cli_subprocess(["demo", "--quick", "--out", str(out), "--cache", str(cache),
                            "--seed", "1"], timeout=900)
-    _ok(proc)
-    assert "reusing the cached teacher" in proc.stderr
-    assert len(list((cache / "teachers").iterdir())) == 1
-    second = out.parent / "demo-2"
-    assert f"this one goes to {second}" in proc.stderr
-    assert (out / "results.json").read_bytes() == first
-    rows2 = json.loads((second / "results.json").read_text())
-    for r in rows2[1:]:
-        run = json.loads((second / r["method"] / "results.json").read_text())
-        assert r["AP"] == run["metrics"]["AP"] and r["params"] == run["params"]
-        assert run["out_dir"] == str(second / r["method"])
-    assert f"report: {second / 'report.md'}" in proc.stdout
-    assert not list(out.glob("*-2"))  # no run of the second demo went into the first
+    _check_second_demo(proc, out, cache, first)

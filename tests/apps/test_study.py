@@ -62,21 +62,14 @@ def test_benchmark_quick_writes_results_and_resumes(quick_study) -> None:
     assert summary["rows"]["ssim"]["n"] == 2 and len(summary["rows"]["ssim"]["AP_runs"]) == 2
 
 
-def test_an_interrupted_student_run_is_resumed(quick_study) -> None:
-    """Interrupt one student run (as a kill would leave it): run again, the study reuses the
-    three finished runs and the cached teacher, resumes the student from its last checkpoint,
-    to the same numbers as the uninterrupted first invocation. (The teacher interrupted too:
-    ``test_an_interrupted_student_and_teacher_are_resumed``, slow, and
-    ``tests/apps/test_plan.py``.)"""
+def _check_resumed_study(again, quick_study, teacher_line: str) -> None:
+    """A second invocation after one interrupted student run: three finished runs reused, the
+    student resumed, the teacher as ``teacher_line`` says, the first invocation's numbers."""
     tmp_path, text, summary = quick_study
-    d = tmp_path / "study" / "seed1" / "ssim"
-    (d / "results.json").unlink()
-    (d / "student.safetensors").unlink()
-    again = _benchmark(_args(tmp_path))
     _ok(again)
     assert again.stderr.count("reusing the finished run") == 3
     assert "resuming the interrupted run in" in again.stderr
-    assert "reusing the cached teacher" in again.stderr
+    assert teacher_line in again.stderr
     assert "3 of the 4 student runs were reused" in (tmp_path / "RESULTS.md").read_text()
     assert "were reused" not in text  # the first invocation trained every run
     assert sorted(p.name for p in (tmp_path / "study" / "seed1").iterdir()) == ["none", "ssim"]
@@ -85,6 +78,20 @@ def test_an_interrupted_student_run_is_resumed(quick_study) -> None:
     for m in ("none", "ssim"):
         assert resumed["rows"][m]["AP_runs"] == summary["rows"][m]["AP_runs"]
     assert resumed["teacher"]["metrics"] == summary["teacher"]["metrics"]
+
+
+def test_an_interrupted_student_run_is_resumed(quick_study) -> None:
+    """Interrupt one student run (as a kill would leave it): run again, the study reuses the
+    three finished runs and the cached teacher, resumes the student from its last checkpoint,
+    to the same numbers as the uninterrupted first invocation. (The teacher interrupted too:
+    ``test_an_interrupted_student_and_teacher_are_resumed``, slow, and
+    ``tests/apps/test_plan.py``.)"""
+    tmp_path = quick_study[0]
+    d = tmp_path / "study" / "seed1" / "ssim"
+    (d / "results.json").unlink()
+    (d / "student.safetensors").unlink()
+    again = _benchmark(_args(tmp_path))
+    _check_resumed_study(again, quick_study, "reusing the cached teacher")
 
 
 @pytest.mark.slow  # test_an_interrupted_student_run_is_resumed and tests/apps/test_plan.py's
@@ -94,21 +101,10 @@ def test_an_interrupted_student_and_teacher_are_resumed(quick_study) -> None:
     again, the study reuses the three finished runs, resumes the student from its last
     checkpoint and trains the teacher again in place, to the same numbers as the
     uninterrupted first invocation. (Last in this file: it retrains the shared teacher.)"""
-    tmp_path, text, summary = quick_study
+    tmp_path = quick_study[0]
     args = _args(tmp_path)
     for d in (tmp_path / "study" / "seed1" / "ssim", *(tmp_path / "cache" / "teachers").iterdir()):
         (d / "results.json").unlink()
         (d / "student.safetensors").unlink()
     again = _benchmark(args)
-    _ok(again)
-    assert again.stderr.count("reusing the finished run") == 3
-    assert "resuming the interrupted run in" in again.stderr
-    assert "holds an interrupted training of this teacher" in again.stderr
-    assert "3 of the 4 student runs were reused" in (tmp_path / "RESULTS.md").read_text()
-    assert "were reused" not in text  # the first invocation trained every run
-    assert sorted(p.name for p in (tmp_path / "study" / "seed1").iterdir()) == ["none", "ssim"]
-    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
-    resumed = json.loads((tmp_path / "study" / "summary.json").read_text())
-    for m in ("none", "ssim"):
-        assert resumed["rows"][m]["AP_runs"] == summary["rows"][m]["AP_runs"]
-    assert resumed["teacher"]["metrics"] == summary["teacher"]["metrics"]
+    _check_resumed_study(again, quick_study, "holds an interrupted training of this teacher")
