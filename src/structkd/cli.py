@@ -58,8 +58,7 @@ def split_key_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, keys
 
 
-def _load(args: argparse.Namespace, command: Mapping[str, Any] | None = None, *,
-          show: bool = True):
+def _load(args: argparse.Namespace, *command: Mapping[str, Any], show: bool = True):
     """The run's config: the file, then the command's own flags (``--teacher``, ...), then
     ``--set`` texts, then the config-key flags, later ones winning."""
     from .config import parse_flags
@@ -67,25 +66,13 @@ def _load(args: argparse.Namespace, command: Mapping[str, Any] | None = None, *,
     from .recipes.schema import RENAMED, Config
 
     keys = parse_flags(Config, args.key_flags, renamed=RENAMED) if args.key_flags else {}
-    layers = [*([command] if command else []), *args.set, *([keys] if keys else [])]
+    layers = [*(c for c in command if c), *args.set, *([keys] if keys else [])]
     cfg = load_config(resolve_config_path(args.config), layers)
     if getattr(args, "trust_checkpoint", False):
         cfg.trust_checkpoints()
     if show:
         print("# resolved config\n" + cfg.to_yaml(), flush=True)
     return cfg
-
-
-def _merge(*parts: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested mappings of config keys, later ones winning."""
-    out: dict[str, Any] = {}
-    for part in parts:
-        for key, value in part.items():
-            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-                out[key] = _merge(out[key], value)
-            else:
-                out[key] = value
-    return out
 
 
 def _print_metrics(name: str, metrics: dict) -> None:
@@ -112,7 +99,7 @@ def _teacher_keys(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from .recipes import run_config
 
-    r = run_config(_load(args, _merge(_run_keys(args), {"distill": {"method": "none"}})))
+    r = run_config(_load(args, _run_keys(args), {"distill": {"method": "none"}}))
     _print_metrics(str(r.out_dir), r.metrics)
     print(f"student exported to {r.export_prefix}.safetensors")
     return 0
@@ -122,7 +109,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .recipes import run_config
 
     method = {"distill": {"method": args.method}} if args.method else {}
-    cfg = _load(args, _merge(_run_keys(args), _teacher_keys(args), method), show=False)
+    cfg = _load(args, _run_keys(args), _teacher_keys(args), method, show=False)
     if cfg.distill.method == "none":
         raise ValueError("structkd distill with distill.method=none trains no student from a "
                          "teacher; use structkd train, or name a method (--method)")
@@ -244,7 +231,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from .recipes import cache_teacher
 
     dtype = {"teacher": {"cache_dtype": args.dtype}} if args.dtype else {}
-    cfg = _load(args, _merge(_teacher_keys(args), dtype), show=False)
+    cfg = _load(args, _teacher_keys(args), dtype, show=False)
     cache = cache_teacher(cfg, args.out, batch_size=args.batch_size,
                           progress=cfg.trainer.progress)
     print(f"teacher cache written to {cache.root}: {len(cache.index)} images x "
