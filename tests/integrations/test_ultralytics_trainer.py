@@ -163,6 +163,23 @@ def test_yolo11_teacher_into_yolo26_student_mgd(yolo_data: Path, tmp_path: Path,
     assert [p.stride for p in model.trainer.distillation.pairs] == [8, 16, 32]
 
 
+def test_yolo11_teacher_into_yolo11_student_scoreweighted(yolo_data: Path, tmp_path: Path,
+                                                          one_thread: None) -> None:
+    """A head-level method inside Ultralytics' trainer: the teacher's head runs on its levels
+    and weights the projected features (Ultralytics' own loss, in structkd's code)."""
+    from structkd.detectors.ultralytics_build import yolo_detector
+
+    teacher = yolo_detector("yolo11n.yaml", NUM_CLASSES)
+    head_calls: list[int] = []
+    teacher.model.model[-1].register_forward_hook(lambda *_: head_calls.append(1))
+    record: dict[str, Any] = {}
+    trainer = _probe(distill_trainer(teacher, "scoreweighted"), record)
+    model = _train("yolo11n.yaml", trainer, yolo_data, tmp_path / "runs")
+    _check_run(model, record)
+    assert head_calls  # the teacher's head ran (its confidences weight the term)
+    assert set(model.trainer.distillation.method.projectors) == {"s8", "s16", "s32"}
+
+
 def test_torchvision_retinanet_teacher_into_yolov8_student_ssim(
         yolo_data: Path, tmp_path: Path, one_thread: None) -> None:
     from structkd.models import DetectorSpec, build_detector

@@ -63,7 +63,13 @@ ROWS: dict[str, dict[str, Any]] = {
     "fgd_matched": {"method": "fgd", "weight": "matched"},
     **{f"{m}_auto": {"method": m, "weight": "auto"} for m in ("mse", "ssim", "pkd", "cwd",
                                                                "mgd", "fgd")},
+    # head-level methods (FCOS heads: no box distributions, so no LD)
+    "scoreweighted": {"method": "scoreweighted"},
+    "bckd": {"method": "bckd"},
+    **{f"{m}_auto": {"method": m, "weight": "auto"} for m in ("scoreweighted", "bckd")},
 }
+# The head-level study: its rows beside the best feature method of the study above (MGD).
+HEAD_STUDY_METHODS = ("none", "mgd", "scoreweighted", "bckd", "scoreweighted_auto", "bckd_auto")
 STUDY_METHODS = ("none", "mse", "mse_matched", "mse_auto", "ssim", "ssim_auto", "pkd",
                  "pkd_matched", "pkd_auto", "cwd", "cwd_matched", "cwd_auto", "mgd",
                  "mgd_matched", "mgd_auto", "fgd", "fgd_matched", "fgd_auto")

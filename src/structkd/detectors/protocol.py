@@ -22,12 +22,30 @@ model is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Detector", "WrappedDetector", "remove_hooks", "unwrap"]
+from ..methods.context import HeadLevel
+
+__all__ = ["Detector", "HeadInfo", "WrappedDetector", "remove_hooks", "unwrap"]
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What a detector's head gives a head-level method: ``kind`` "dense" (per-location class
+    logits and boxes, :class:`~structkd.methods.HeadLevel`) or None (none that structkd
+    reads, ``why`` says so); ``bins``: the bins of its per-edge box distribution (DFL), 0
+    without one; ``anchors``: anchors per location; ``name``: how messages call the head."""
+
+    kind: str | None
+    bins: int = 0
+    anchors: int = 1
+    name: str = ""
+    why: str = ""
 
 
 class Detector:
@@ -49,11 +67,30 @@ class Detector:
     taps: str | list[str] = "backbone"
     batch_path: str | None = "transform"
     dynamic_export: bool = True
+    head_path: str | None = None
 
     @property
     def detector(self) -> nn.Module:
         """The module that trains (a wrapper itself; the model a view looks at)."""
         raise NotImplementedError
+
+    def head_info(self) -> HeadInfo:
+        """What the head gives (a family without head outputs says why not)."""
+        return HeadInfo(None, why=f"structkd reads no head outputs of {self.family} detectors "
+                                  f"({type(self.detector).__name__})")
+
+    def run_head(self, levels: Sequence[Tensor]) -> Any:
+        """The head's raw predictions on the default tapped levels (a teacher's head run on its
+        own levels)."""
+        if self.head_path is None:
+            raise ValueError(self.head_info().why)
+        return self.detector.get_submodule(self.head_path)(list(levels))
+
+    def head_levels(self, raw: Any, levels: Sequence[Tensor],
+                    batch_shape: tuple[int, int]) -> list[HeadLevel]:
+        """The head's raw predictions (``raw``, from ``levels`` of a batch of ``batch_shape``)
+        as one :class:`HeadLevel` per level, in the levels' order."""
+        raise ValueError(self.head_info().why)
 
     def batching(self) -> nn.Module | None:
         """The module at ``batch_path`` (None without one)."""

@@ -24,6 +24,7 @@ Nothing here imports ultralytics at import time (it is an optional, AGPL-3.0 dep
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,8 @@ from torchvision import ops
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from .protocol import WrappedDetector, remove_hooks
+from ..methods.context import HeadLevel
+from .protocol import HeadInfo, WrappedDetector, remove_hooks
 
 __all__ = ["INSTALL", "UltralyticsDetector", "import_ultralytics", "is_ultralytics_detector"]
 
@@ -97,6 +99,13 @@ def ensure_args(model: nn.Module) -> None:
     own = args if isinstance(args, dict) else dict(vars(args)) if args is not None else {}
     model.args = IterableSimpleNamespace(**{**DEFAULT_CFG_DICT, **own})
     model.criterion = None  # a criterion built earlier read the old args
+
+
+def _describe(model: nn.Module) -> str:
+    """The model's name in messages: its YAML's file name where known (``yolo26n.yaml``)."""
+    yaml = getattr(model, "yaml", None)
+    name = yaml.get("yaml_file") if isinstance(yaml, dict) else None
+    return Path(str(name)).stem if name else type(model).__name__
 
 
 def _criterion_device(criterion: Any) -> torch.device | None:
@@ -171,6 +180,8 @@ class UltralyticsDetector(WrappedDetector):
         sources = [head.f] if isinstance(head.f, int) else list(head.f)
         here = int(getattr(head, "i", len(model.model) - 1))  # -1: the layer before the head
         self.taps = [f"model.model.{i if i >= 0 else here + i}" for i in sources]
+        if not self.is_rtdetr:
+            self.head_path = f"model.model.{here}"
         self.num_labels = int(head.nc)
         self.conf_thresh = float(conf_thresh)
         self.iou_thresh = float(iou_thresh)
@@ -186,6 +197,51 @@ class UltralyticsDetector(WrappedDetector):
     @property
     def num_classes(self) -> int:
         return self.num_labels + 1
+
+    def head_info(self) -> HeadInfo:
+        head = self.model.model[-1]
+        name = _describe(self.model)
+        if self.is_rtdetr:
+            return HeadInfo(None, name=name, why=f"{name} is a DETR-family detector; its "
+                            "decoder's predictions per query are not dense head outputs")
+        bins = int(getattr(head, "reg_max", 1))
+        return HeadInfo("dense", bins=bins if bins > 1 else 0, anchors=1, name=name,
+                        why=f"{name}'s head has no box distributions (reg_max {bins})")
+
+    def head_levels(self, raw: Any, levels: Sequence[Tensor],
+                    batch_shape: tuple[int, int]) -> list[HeadLevel]:
+        """Ultralytics' raw predictions (training: a dict; eval: (decoded, dict); end-to-end
+        heads: ``one2many`` and ``one2one`` dicts) per level: edge distances from the DFL
+        expectation (bins of one stride) or the plain distances (reg_max 1), times the stride;
+        the one-to-one branch's class logits as ``aux_logits``."""
+        head = self.model.model[-1]
+        preds = raw[1] if isinstance(raw, tuple) else raw
+        aux = None
+        if "one2many" in preds:
+            preds, aux = preds["one2many"], preds["one2one"]
+        bins = int(getattr(head, "reg_max", 1))
+        sizes = [tuple(x.shape[-2:]) for x in levels]
+        counts = [h * w for h, w in sizes]
+        boxes = preds["boxes"].split(counts, dim=-1)
+        scores = preds["scores"].split(counts, dim=-1)
+        aux_scores = aux["scores"].split(counts, dim=-1) if aux is not None else None
+        strides = [int(s) for s in head.stride.tolist()]
+        out = []
+        for i, (h, w) in enumerate(sizes):
+            b = boxes[i].shape[0]
+            logits = scores[i].reshape(b, 1, -1, h, w)
+            stride = strides[i]
+            dist = None
+            if bins > 1:
+                dist = boxes[i].reshape(b, 1, 4, bins, h, w)
+                r = torch.arange(bins, device=dist.device, dtype=torch.float32)
+                ltrb = (dist.float().softmax(dim=3) * r.view(1, 1, 1, -1, 1, 1)).sum(3) * stride
+            else:
+                ltrb = boxes[i].reshape(b, 1, 4, h, w).float() * stride
+            out.append(HeadLevel(stride, logits, ltrb, offset=0.5, distribution=dist,
+                                 aux_logits=None if aux_scores is None
+                                 else aux_scores[i].reshape(b, 1, -1, h, w)))
+        return out
 
     def options(self) -> dict[str, Any]:
         return dict(self._options)

@@ -97,12 +97,15 @@ def as_levels(output: Any, prefix: str = "") -> OrderedDict[str, Tensor]:
 class _Hook:
     """A forward hook that hands a module's output (or its inputs) to its tap."""
 
-    def __init__(self, tap: FeatureTap, key: str, inputs: bool = False) -> None:
+    def __init__(self, tap: FeatureTap, key: str, inputs: bool | str = False) -> None:
         self.tap, self.key, self.inputs = tap, key, inputs
         self.id = -1  # the key of this hook in its module's hook dict, set on registration
 
     def __call__(self, module: nn.Module, args: tuple, output: Any = None) -> None:
-        self.tap._record(self.key, args if self.inputs else output)
+        if self.inputs == "both":
+            self.tap._record(self.key, (args, output))
+        else:
+            self.tap._record(self.key, args if self.inputs else output)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A module's hooks are keyed by ids from a per-process counter, which restarts at 0 in a
@@ -140,12 +143,15 @@ class FeatureTap:
     ``input_path`` names a module whose first positional input is recorded too (the batched
     image tensor), e.g. the tapped root for a model without a batching module;
     ``batch_path`` the module that batches the images (``Detector.batch_path``), whose output
-    (the batched images, their sizes and the resized targets) is recorded (see :meth:`batch`).
+    (the batched images, their sizes and the resized targets) is recorded (see :meth:`batch`);
+    ``head_path`` the module of the detector's head, whose input levels and raw predictions are
+    recorded (see :meth:`head`).
     :meth:`run_until_complete` runs a forward that stops after the last tapped module.
     """
 
     def __init__(self, model: nn.Module, paths: str | Sequence[str] = "backbone", *,
-                 input_path: str | None = None, batch_path: str | None = None) -> None:
+                 input_path: str | None = None, batch_path: str | None = None,
+                 head_path: str | None = None) -> None:
         self.model = unwrap(model)
         self.paths = [paths] if isinstance(paths, str) else list(paths)
         if not self.paths:
@@ -154,6 +160,7 @@ class FeatureTap:
         # Every path is resolved before anything is touched: a bad one leaves the model as it was.
         input_module = None if input_path is None else find_module(self.model, input_path)
         batch_module = None if batch_path is None else find_module(self.model, batch_path)
+        head_module = None if head_path is None else find_module(self.model, head_path)
         _remove_hooks(self.model, None)  # never stack: an older tap on this model is closed
         self._closed = False
         self._store: dict[str, Any] = {}
@@ -166,6 +173,9 @@ class FeatureTap:
         self.batch_path = batch_path
         if batch_module is not None:
             _register(batch_module, _Hook(self, "__batch__"))
+        self.head_path = head_path
+        if head_module is not None:
+            _register(head_module, _Hook(self, "__head__", inputs="both"))
         if _is_compiled(model):
             # Dynamo does not guard on hooks added to modules it traced without any
             # (torch._dynamo.config.skip_nnmodule_hook_guards): code compiled before this tap
@@ -205,6 +215,13 @@ class FeatureTap:
             raise RuntimeError(f"the module '{self.batch_path}' did not run in the last forward")
         images, targets = self._store["__batch__"]
         return images.tensors, [tuple(s) for s in images.image_sizes], targets
+
+    def head(self) -> tuple[list[Tensor], Any]:
+        """(the head's input levels, its raw predictions) recorded at ``head_path``."""
+        if "__head__" not in self._store:
+            raise RuntimeError(f"the head '{self.head_path}' did not run in the last forward")
+        args, output = self._store["__head__"]
+        return list(args[0]), output
 
     def levels(self) -> OrderedDict[str, Tensor]:
         """The recorded maps of the last forward, by level key; raises if nothing was recorded."""

@@ -9,6 +9,7 @@ would have left it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..detectors import protocol_of
+from ..methods import HeadLevel
 from .pairing import LevelInfo, measure_levels
 from .taps import FeatureTap, as_levels, find_module, unwrap
 
@@ -204,6 +206,26 @@ class FrozenTeacher:
         return OrderedDict((k, v.to(batch.dtype) if v.dtype != batch.dtype and
                             self.dtype is not None else v) for k, v in out.items())
 
+    @torch.no_grad()
+    def head(self, levels: OrderedDict[str, Tensor], batch_shape: tuple[int, int]
+             ) -> list[HeadLevel]:
+        """The teacher's head on its own levels (those :meth:`features` returned, which must
+        be its head's inputs: the family's default taps), decoded per level; float32, on the
+        levels' device. Same dtype rule as :meth:`features`."""
+        view = protocol_of(self.model)
+        maps = list(levels.values())
+        if self.device is not None:
+            maps = [m.to(self.device, non_blocking=True) for m in maps]
+        if self.dtype is None:
+            raw = view.run_head(maps)
+        else:
+            with torch.autocast(maps[0].device.type, dtype=self.dtype,
+                                enabled=self.dtype != torch.float32):
+                raw = view.run_head(maps)
+        out = view.head_levels(raw, maps, batch_shape)
+        target = next(iter(levels.values())).device
+        return [_float_on(h, target) for h in out]
+
     def _run(self, runner: nn.Module, x: Tensor) -> OrderedDict[str, Tensor]:
         if self.fused:
             return as_levels(runner(x))
@@ -211,3 +233,12 @@ class FrozenTeacher:
         self.tap.clear()
         self.tap.run_until_complete(runner, x)  # the rest of the teacher is not needed
         return self.tap.levels()
+
+
+def _float_on(level: HeadLevel, device: torch.device) -> HeadLevel:
+    """A head level's tensors as float32 on ``device`` (a bf16 or remote teacher's)."""
+    def f(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(device=device, dtype=torch.float32)
+    return dataclasses.replace(level, logits=f(level.logits), ltrb=f(level.ltrb),
+                               distribution=f(level.distribution), quality=f(level.quality),
+                               aux_logits=f(level.aux_logits))

@@ -11,6 +11,7 @@ same batch and gives both to the method.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..detectors import detector_family, family_defaults, protocol_of
-from ..methods import DEFAULT_METHOD, DistillMethod, build_method, resolve_method
+from ..methods import DEFAULT_METHOD, DistillMethod, HeadLevel, build_method, resolve_method
 from .pairing import LevelInfo, LevelPair, measure_levels, pair_levels, paired_maps
 from .taps import FeatureTap, find_module, unwrap
 from .teacher import FrozenTeacher, TeacherDtype
@@ -43,6 +44,10 @@ class TeacherSource(Protocol):
                  targets: Sequence[dict[str, Any]] | None = None) -> OrderedDict[str, Tensor]:
         """The levels on the student's batched input (a cache looks them up by the targets'
         ``image_id`` and ``hflip``)."""
+
+    def head(self, levels: OrderedDict[str, Tensor], batch_shape: tuple[int, int]
+             ) -> list[HeadLevel]:
+        """The teacher's head predictions on its ``levels`` of one batch (a live teacher)."""
 
     def fingerprint(self) -> str:
         """A hash of the teacher's weights (a cache records the one it was written from)."""
@@ -80,6 +85,11 @@ class CachedTeacher:
                                  "unknown: use structkd.data.build_transforms for training")
             keys.append((int(t["image_id"]), int(bool(t.get("hflip", False)))))
         return cache.features(keys, device=batch.device, dtype=batch.dtype)
+
+    def head(self, levels: OrderedDict[str, Tensor], batch_shape: tuple[int, int]
+             ) -> list[HeadLevel]:
+        raise ValueError(f"the teacher cache {self.cache.root} holds features only, no head "
+                         "predictions")
 
     def fingerprint(self) -> str:
         return self.cache.teacher_fingerprint
@@ -136,6 +146,35 @@ class Wiring:
     method: DistillMethod
     method_name: str
     options: dict[str, Any]
+    head_view: Any = None  # the student's protocol where the method reads head outputs
+
+    def heads(self, t_levels: dict[str, Tensor], batch_shape: tuple[int, int]
+              ) -> tuple[dict[str, HeadLevel], dict[str, HeadLevel]]:
+        """After a student forward: both heads' predictions by pair name (the student's from
+        its own forward, with gradient; the teacher's head run on ``t_levels``, its levels of
+        the same batch). Where one side has several anchors per location and the other one,
+        the former keeps its best-scoring anchor per location."""
+        inputs, raw = self.tap.head()
+        student = self.head_view.head_levels(raw, inputs, batch_shape)
+        teacher = self.teacher.head(t_levels, batch_shape)  # type: ignore[attr-defined]
+        # The heads' levels come in the order of their inputs, the tapped levels: each takes
+        # its level's measured stride (a tiny batch's coarse levels are 1 x 1 whatever it is).
+        s_by = dict(zip(self.tap.levels(), student, strict=True))
+        t_by = dict(zip(t_levels, teacher, strict=True))
+        s_out: dict[str, HeadLevel] = {}
+        t_out: dict[str, HeadLevel] = {}
+        for p in self.pairs:
+            if p.name not in self.method.levels:
+                continue
+            s, t = _at_stride(s_by[p.student], p.stride), _at_stride(t_by[p.teacher], p.stride)
+            if s.logits.shape[-2:] != t.logits.shape[-2:]:
+                raise ValueError(f"level {p.name}: the heads' grids differ (student "
+                                 f"{tuple(s.logits.shape[-2:])}, teacher "
+                                 f"{tuple(t.logits.shape[-2:])}) on one batch")
+            if s.anchors != t.anchors:
+                s, t = s.best_anchor(), t.best_anchor()
+            s_out[p.name], t_out[p.name] = s, t
+        return s_out, t_out
 
     def paired(self, student: dict[str, Tensor], teacher: dict[str, Tensor]
                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -151,13 +190,20 @@ class Wiring:
         old = self.tap
         old.close()
         self.tap = FeatureTap(student, self.student_layers, input_path=old.input_path,
-                              batch_path=old.batch_path)
+                              batch_path=old.batch_path, head_path=old.head_path)
         return self.tap
 
     def close(self) -> None:
         """Remove the student's and the teacher's hooks."""
         self.tap.close()
         self.teacher.close()
+
+
+def _at_stride(level: HeadLevel, stride: int) -> HeadLevel:
+    """``level`` with its measured ``stride`` (its centres kept where they were in pixels)."""
+    if level.stride == stride:
+        return level
+    return dataclasses.replace(level, stride=stride, offset=level.offset * level.stride / stride)
 
 
 def _same_model(a: nn.Module, b: nn.Module) -> bool:
@@ -207,9 +253,16 @@ def wire(student: nn.Module, teacher: nn.Module | TeacherCache,
         s_root = s_layers[0].split(".")[0]
     find_module(student, s_root, "student")
     batch_path = view.batch_path if record_batch else None
+    cls = method if isinstance(method, DistillMethod) else resolve_method(method)[0]
+    head_view = None
+    if cls.needs_head:
+        check_heads(cls, view, teacher, student_layers=student_layers,
+                    teacher_layers=teacher_layers, teacher_root=teacher_root)
+        head_view = view
     tap = FeatureTap(student, s_layers,
                      input_path=s_root if record_batch and batch_path is None else None,
-                     batch_path=batch_path)
+                     batch_path=batch_path,
+                     head_path=view.head_path if head_view is not None else None)
     source: TeacherSource | None = None
     try:
         if isinstance(teacher, TeacherCache):  # the cache's own levels; the names only label
@@ -253,5 +306,43 @@ def wire(student: nn.Module, teacher: nn.Module | TeacherCache,
         if source is not None:
             source.close()
         raise
-    return Wiring(tap, s_root, s_layers, source, pairs, unpaired, built, name, dict(options))
+    return Wiring(tap, s_root, s_layers, source, pairs, unpaired, built, name, dict(options),
+                  head_view)
+
+
+def check_heads(cls: type[DistillMethod] | DistillMethod, student_view: Any,
+                teacher: nn.Module | TeacherCache, *, student_layers: Any = None,
+                teacher_layers: Any = None, teacher_root: str | None = None) -> None:
+    """Refuse, in one line saying why, a pair whose heads a head-level method cannot read:
+    a teacher cache (it holds features only), a head of another kind than the method reads,
+    no box distributions where the method needs them, different class counts, or taps moved
+    off the head's inputs (the teacher's head runs on its tapped levels)."""
+    name = cls.name
+    if isinstance(teacher, TeacherCache):
+        raise ValueError(f"method {name!r} distils the teacher's head predictions; a teacher "
+                         f"cache ({teacher.root}) holds its features only: train with the live "
+                         "teacher (drop teacher.cache)")
+    moved = {k: v for k, v in (("student_layers", student_layers),
+                               ("teacher_layers", teacher_layers),
+                               ("teacher_root", teacher_root)) if v is not None}
+    if moved:
+        raise ValueError(f"method {name!r} reads the heads, which run on their families' "
+                         f"default levels; leave {sorted(moved)} unset")
+    t_view = protocol_of(teacher)
+    for role, v in (("student", student_view), ("teacher", t_view)):
+        info = v.head_info()
+        if info.kind != cls.needs_head:
+            raise ValueError(f"{name} needs {cls.needs_head} head outputs; the {role}'s "
+                             f"head gives none: {info.why}")
+        if cls.needs_distribution and not info.bins:
+            raise ValueError(f"{name} needs box distributions; the {role} {info.why}")
+    if cls.needs_distribution:
+        bins = (student_view.head_info().bins, t_view.head_info().bins)
+        if bins[0] != bins[1]:
+            raise ValueError(f"{name} compares box distributions bin by bin; the student's "
+                             f"head has {bins[0]} bins per edge, the teacher's {bins[1]}")
+    k = (student_view.num_classes, t_view.num_classes)
+    if cls.compares_classes and None not in k and k[0] != k[1]:
+        raise ValueError(f"{name} distils class scores class by class; the student has "
+                         f"{k[0] - 1} object classes, the teacher {k[1] - 1}")
 

@@ -7,14 +7,17 @@ your own. Every method receives a :class:`DistillContext` and returns named, wei
 # isort: off
 from . import imitation  # noqa: F401  (registered first: listed first)
 from . import cwd, fgd, mgd, pkd  # noqa: F401
+from . import bckd, ld, scoreweighted  # noqa: F401  (head-level methods after the feature ones)
 # isort: on
 from ..checks import check_choice, check_positive
 from .base import DistillMethod
+from .bckd import BCKD
 from .connectors import ADAPTERS, GcBlock, generator, make_adapter, make_adapters
-from .context import DistillContext, Group, Level
+from .context import DistillContext, Group, HeadLevel, Level
 from .cwd import CWD
 from .fgd import FGD
 from .imitation import FeatureImitation
+from .ld import LD
 from .mgd import MGD
 from .pkd import PKD
 from .registry import (
@@ -30,13 +33,16 @@ from .registry import (
     register_method,
     resolve_method,
 )
+from .scoreweighted import ScoreWeighted
 
 __all__ = [
     "ADAPTERS",
     "ALIASES",
+    "BCKD",
     "CWD",
     "DEFAULT_METHOD",
     "FGD",
+    "LD",
     "METHODS",
     "MGD",
     "PKD",
@@ -45,8 +51,10 @@ __all__ = [
     "FeatureImitation",
     "GcBlock",
     "Group",
+    "HeadLevel",
     "Level",
     "MethodInfo",
+    "ScoreWeighted",
     "build_method",
     "check_choice",
     "check_method",

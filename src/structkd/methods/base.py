@@ -37,6 +37,12 @@ class DistillMethod(nn.Module):
     identity-initialised where they match) or "identity" (none; widths must match).
 
     Class attributes: ``paper``; ``needs_boxes`` (the context must carry ground-truth boxes);
+    ``needs_head`` ("dense": the context carries both heads' predictions, ``student_head`` and
+    ``teacher_head``); ``needs_distribution`` (those carry box distributions);
+    ``compares_classes`` (the student's class scores are compared with the teacher's class by
+    class: the class counts must agree);
+    ``uses_features`` (False: a method of head outputs only, built without adapters, whose
+    ``level_loss`` gets the levels' features as they are);
     ``presets`` (option values per detector family, for a ``preset`` option) and
     ``preset_strides`` (the strides of the levels the authors distil per family, used when the
     caller does not choose levels).
@@ -45,6 +51,10 @@ class DistillMethod(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs_boxes: ClassVar[bool] = False
+    needs_head: ClassVar[str | None] = None
+    needs_distribution: ClassVar[bool] = False
+    compares_classes: ClassVar[bool] = False
+    uses_features: ClassVar[bool] = True
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     preset_strides: ClassVar[Mapping[str, tuple[int, ...]]] = {}
 
@@ -65,7 +75,7 @@ class DistillMethod(nn.Module):
         self.level_values: dict[str, Tensor] = {}
         self.adapters = make_adapters(
             {n: (lv.student_channels, lv.teacher_channels) for n, lv in self.levels.items()},
-            adapter)
+            adapter) if self.uses_features else nn.ModuleDict()
 
     def level_loss(self, name: str, student: Tensor, teacher: Tensor,
                    ctx: DistillContext) -> Tensor | dict[str, Tensor]:
@@ -85,8 +95,10 @@ class DistillMethod(nn.Module):
         ctx = dataclasses.replace(ctx, teacher={k: v.detach() for k, v in ctx.teacher.items()})
         totals: dict[str, Tensor] = {}
         for name in self.levels:
-            terms = self.level_loss(name, self.adapters[name](ctx.student[name]),
-                                    ctx.teacher[name], ctx)
+            student = ctx.student[name]
+            if name in self.adapters:
+                student = self.adapters[name](student)
+            terms = self.level_loss(name, student, ctx.teacher[name], ctx)
             if isinstance(terms, Tensor):
                 terms = {"": terms}
             values = list(terms.values())
@@ -109,6 +121,13 @@ class DistillMethod(nn.Module):
             )
         if self.needs_boxes and ctx.boxes is None:
             raise ValueError(f"method {self.name!r} needs ground-truth boxes in the context")
+        if self.needs_head:
+            heads = (ctx.student_head or {}, ctx.teacher_head or {})
+            lacking = [n for n in self.levels if n not in heads[0] or n not in heads[1]]
+            if lacking:
+                raise ValueError(f"method {self.name!r} needs both heads' predictions at "
+                                 f"levels {lacking}; the context has student "
+                                 f"{list(heads[0])}, teacher {list(heads[1])}")
 
     def extra_repr(self) -> str:
         return f"levels={list(self.levels)}, weight={self.weight:g}"

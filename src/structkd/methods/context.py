@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DistillContext", "Group", "Level"]
+__all__ = ["DistillContext", "Group", "HeadLevel", "Level"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,84 @@ class Level:
     stride: int  # pixels of the batched input per feature cell
     student_channels: int
     teacher_channels: int
+
+
+def _compute(x: Tensor) -> Tensor:
+    """``x`` in a compute dtype: float32, float64 kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+@dataclass(frozen=True)
+class HeadLevel:
+    """A dense head's predictions at one level, in one layout whatever the family.
+
+    ``logits``: (B, A, K, H, W) class logits of a sigmoid classifier (A anchors per location,
+    K object classes; a class's score is ``sigmoid(logit)``). ``ltrb``: (B, A, 4, H, W) the
+    distances, in pixels of the batched input, from the location's centre to the predicted
+    box's left, top, right and bottom edges; the centre of cell (i, j) is
+    ``((j + offset) * stride, (i + offset) * stride)``. ``distribution``: (B, A, 4, R, H, W)
+    logits over R bins per edge where the head predicts one (DFL / GFL: bin r is a distance of
+    ``r * stride`` pixels), else None. ``quality``: (B, A, 1, H, W) a quality logit that scales
+    the score (FCOS's centre-ness: score ``sqrt(sigmoid(cls) * sigmoid(quality))``), else None.
+    ``aux_logits``: a second classifier's logits of the same layout (YOLO26's one-to-one
+    branch), else None.
+    """
+
+    stride: int
+    logits: Tensor
+    ltrb: Tensor
+    offset: float = 0.0
+    distribution: Tensor | None = None
+    quality: Tensor | None = None
+    aux_logits: Tensor | None = None
+
+    @property
+    def anchors(self) -> int:
+        return int(self.logits.shape[1])
+
+    def scores(self) -> Tensor:
+        """(B, A, K, H, W) the detector's class scores (with the quality factor where any)."""
+        p = _compute(self.logits).sigmoid()
+        if self.quality is not None:
+            p = (p * _compute(self.quality).sigmoid()).sqrt()
+        return p
+
+    def centres(self) -> Tensor:
+        """(2, H, W) the x and y of every location's centre, in batch pixels."""
+        h, w = self.logits.shape[-2:]
+        dev = self.logits.device
+        dtype = _compute(self.ltrb).dtype
+        ys = (torch.arange(h, device=dev, dtype=dtype) + self.offset) * self.stride
+        xs = (torch.arange(w, device=dev, dtype=dtype) + self.offset) * self.stride
+        return torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])
+
+    def boxes(self) -> Tensor:
+        """(B, A, 4, H, W) the predicted boxes (x1, y1, x2, y2) in batch pixels."""
+        c = self.centres()
+        d = _compute(self.ltrb)
+        return torch.cat([c - d[:, :, :2], c + d[:, :, 2:]], dim=2)
+
+    def select(self, index: Tensor) -> HeadLevel:
+        """One anchor per location: ``index`` (B, 1, 1, H, W) picks it along A."""
+        def take(x: Tensor | None) -> Tensor | None:
+            if x is None:
+                return None
+            shape = list(x.shape)
+            shape[1] = 1
+            idx = index.view(index.shape[0], 1, *([1] * (x.dim() - 4)), *x.shape[-2:])
+            return x.gather(1, idx.expand(shape))
+        return HeadLevel(self.stride, take(self.logits), take(self.ltrb),  # type: ignore[arg-type]
+                         self.offset, take(self.distribution), take(self.quality),
+                         take(self.aux_logits))
+
+    def best_anchor(self, by: Tensor | None = None) -> HeadLevel:
+        """One anchor per location: the one with the highest class score (of ``by``'s scores
+        when given, another side's choice), as the detector would keep it."""
+        if self.anchors == 1:
+            return self
+        source = self.scores() if by is None else by
+        index = source.amax(dim=2, keepdim=True).argmax(dim=1, keepdim=True)
+        return self.select(index)
 
 
 @dataclass(frozen=True)
@@ -56,7 +134,9 @@ class DistillContext:
     ``image_sizes`` are the (height, width) of each image inside the padded batch of shape
     ``batch_shape``; None means every image fills the batch. ``boxes`` (x1, y1, x2, y2) and
     ``labels`` are the ground truth in the same (resized, padded) pixel coordinates; None when the
-    caller has none (methods that need them say so).
+    caller has none (methods that need them say so). ``student_head`` and ``teacher_head`` map
+    level names to the dense heads' predictions (:class:`HeadLevel`, one anchor layout on both
+    sides) when the method needs them; the student's with gradient, the teacher's detached.
     """
 
     student: Mapping[str, Tensor]
@@ -66,6 +146,8 @@ class DistillContext:
     image_sizes: Sequence[tuple[int, int]] | None = None
     boxes: Sequence[Tensor] | None = None
     labels: Sequence[Tensor] | None = None
+    student_head: Mapping[str, HeadLevel] | None = None
+    teacher_head: Mapping[str, HeadLevel] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,170 @@
+"""Float64 NumPy references of the head-level distillation methods, written from their papers
+(and, for ``scoreweighted``, from Ultralytics' description of its loss). Never imports structkd
+or torch: inputs are NumPy arrays in the layouts documented per function.
+
+Layouts: features (B, C, H, W); class logits (B, A, K, H, W); edge distances ltrb (B, A, 4, H, W)
+in pixels from each location's centre; distributions (B, A, 4, R, H, W) logits over R bins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def conv1x1(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B, Cin, H, W) -> (B, Cout, H, W) with weight (Cout, Cin) and bias (Cout,)."""
+    return np.einsum("oc,bchw->bohw", w, x) + b[None, :, None, None]
+
+
+def scoreweighted(student: dict, teacher: dict, t_logits: dict, projectors: dict,
+                  weight: float, t_aux: dict | None = None) -> float:
+    """Ultralytics' distill_model loss: per level, student -> conv1x1 -> ReLU -> conv1x1, then
+    sum(w (P(S) - T)^2) / (C sum(w) + 1e-9) with w = max over anchors and classes of
+    sigmoid(logits) (of the mean of both branches' logits when ``t_aux`` is given); the levels'
+    sum times ``weight``."""
+    total = 0.0
+    for name, s in student.items():
+        (w1, b1), (w2, b2) = projectors[name]
+        p = conv1x1(np.maximum(conv1x1(s, w1, b1), 0.0), w2, b2)
+        t = teacher[name]
+        logits = t_logits[name] if t_aux is None else (t_logits[name] + t_aux[name]) / 2
+        w = sigmoid(logits).max(axis=(1, 2))[:, None]
+        total += float(((p - t) ** 2 * w).sum() / (w.sum() * t.shape[1] + 1e-9))
+    return weight * total
+
+
+def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    """Numerically stable log-softmax along ``axis``."""
+    m = x.max(axis=axis, keepdims=True)
+    z = x - m
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def _bce_with_logits(s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """BCE(sigmoid(s); target y) = -(y log p + (1 - y) log(1 - p)), computed stably from the
+    logit as max(s, 0) - s y + log(1 + exp(-|s|))."""
+    return np.maximum(s, 0.0) - s * y + np.log1p(np.exp(-np.abs(s)))
+
+
+def _giou_from_ltrb(ls: np.ndarray, lt: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """GIoU of two boxes around the same centre, given as edge distances (..., 4) = (l, t, r, b);
+    each box is (x1, y1, x2, y2) = (-l, -t, r, b) (the common centre cancels).
+    GIoU = IoU - (|C| - |U|) / (|C| + eps) with IoU = inter / (|U| + eps), U the union and C the
+    smallest enclosing box. Returns the shape of ``ls[..., 0]``."""
+    sx1, sy1, sx2, sy2 = -ls[..., 0], -ls[..., 1], ls[..., 2], ls[..., 3]
+    tx1, ty1, tx2, ty2 = -lt[..., 0], -lt[..., 1], lt[..., 2], lt[..., 3]
+    area_s = (sx2 - sx1) * (sy2 - sy1)
+    area_t = (tx2 - tx1) * (ty2 - ty1)
+    iw = np.maximum(np.minimum(sx2, tx2) - np.maximum(sx1, tx1), 0.0)
+    ih = np.maximum(np.minimum(sy2, ty2) - np.maximum(sy1, ty1), 0.0)
+    inter = iw * ih
+    union = area_s + area_t - inter
+    iou = inter / (union + eps)
+    cw = np.maximum(sx2, tx2) - np.minimum(sx1, tx1)
+    ch = np.maximum(sy2, ty2) - np.minimum(sy1, ty1)
+    c_area = cw * ch
+    return iou - (c_area - union) / (c_area + eps)
+
+
+def _valid_or_ones(valid: dict | None, name: str, b: int, h: int, w: int) -> np.ndarray:
+    """The (B, H, W) validity mask of level ``name`` as bools (all True when not given)."""
+    if valid is None or valid.get(name) is None:
+        return np.ones((b, h, w), dtype=bool)
+    v = np.asarray(valid[name])
+    assert v.shape == (b, h, w), (v.shape, (b, h, w))
+    return v > 0.5
+
+
+def bckd(s_logits: dict, t_logits: dict, s_ltrb: dict, t_ltrb: dict, valid: dict | None = None,
+         cls_weight: float = 1.0, loc_weight: float = 4.0, beta: float = 1.0,
+         weight: float = 1.0) -> dict:
+    """Bridging Cross-task protocol inconsistency KD (BCKD, Yang et al., ICCV 2023).
+
+    Logits (B, A, K, H, W), ltrb (B, A, 4, H, W). Per location-anchor a and class c, with
+    p_s = sigmoid(s), p_t = sigmoid(t):
+      l_cls(a) = sum_c |p_t - p_s|^beta * BCE(p_s; target p_t),
+      u(a) = max_c |p_t - p_s|,  l_loc(a) = u(a) * (1 - GIoU(box_s, box_t)), boxes (-l, -t, r, b).
+    Only valid cells count (all anchors of a valid cell; ``valid[name]`` (B, H, W), None: all).
+    N = max(sum over valid cells, levels, images, anchors of max_c p_t, 1).
+    Returns {"cls": weight * cls_weight * sum l_cls / N, "loc": weight * loc_weight * sum l_loc / N}.
+    """
+    sum_cls = 0.0
+    sum_loc = 0.0
+    norm = 0.0
+    for name in s_logits:
+        s = np.asarray(s_logits[name], dtype=np.float64)
+        t = np.asarray(t_logits[name], dtype=np.float64)
+        sl = np.asarray(s_ltrb[name], dtype=np.float64)
+        tl = np.asarray(t_ltrb[name], dtype=np.float64)
+        nb, na, _, h, w = s.shape
+        v = _valid_or_ones(valid, name, nb, h, w)
+        p_s, p_t = sigmoid(s), sigmoid(t)
+        diff = np.abs(p_t - p_s)                                    # (B, A, K, H, W)
+        l_cls = (diff ** beta * _bce_with_logits(s, p_t)).sum(axis=2)  # (B, A, H, W)
+        u = diff.max(axis=2)                                        # (B, A, H, W)
+        giou = _giou_from_ltrb(np.moveaxis(sl, 2, -1), np.moveaxis(tl, 2, -1))  # (B, A, H, W)
+        l_loc = u * (1.0 - giou)
+        score_t = p_t.max(axis=2)                                   # (B, A, H, W)
+        for b in range(nb):
+            for i in range(h):
+                for j in range(w):
+                    if not v[b, i, j]:
+                        continue
+                    for a in range(na):
+                        sum_cls += float(l_cls[b, a, i, j])
+                        sum_loc += float(l_loc[b, a, i, j])
+                        norm += float(score_t[b, a, i, j])
+    n = max(norm, 1.0)
+    return {"cls": weight * cls_weight * sum_cls / n, "loc": weight * loc_weight * sum_loc / n}
+
+
+def ld(s_dist: dict, t_dist: dict, s_logits: dict, boxes: list, stride: dict, offset: float,
+       valid: dict | None = None, temperature: float = 10.0, weight: float = 0.25) -> float:
+    """Localization Distillation (Zheng et al., CVPR 2022), main distillation region only.
+
+    Distributions (B, A, 4, R, H, W), logits (B, A, K, H, W); ``boxes`` one (n_i, 4) array of
+    x1, y1, x2, y2 (pixels) per image; cell (i, j) of level ``name`` has centre
+    x = (j + offset) * stride[name], y = (i + offset) * stride[name].
+      M: valid cells whose centre lies strictly inside some box of its image
+         (x1 < x < x2 and y1 < y < y2); every anchor of such a cell.
+      ld(a, e) = T^2 * (1/R) * sum_k q_t[k] (log q_t[k] - log q_s[k]),
+         q = softmax over the R bins of dist / T (logs via log-softmax).
+      w(a) = max_c sigmoid(s_logits) (a pure weight).
+    Returns weight * sum_levels sum_{a in M} w(a) * (1/4) sum_e ld(a, e) / B.
+    """
+    T = float(temperature)
+    total = 0.0
+    nb = None
+    for name in s_dist:
+        sd = np.asarray(s_dist[name], dtype=np.float64)
+        td = np.asarray(t_dist[name], dtype=np.float64)
+        sc = np.asarray(s_logits[name], dtype=np.float64)
+        nb, na, ne, r, h, w = sd.shape
+        v = _valid_or_ones(valid, name, nb, h, w)
+        log_qs = _log_softmax(sd / T, axis=3)
+        log_qt = _log_softmax(td / T, axis=3)
+        q_t = np.exp(log_qt)
+        kl = T * T * (q_t * (log_qt - log_qs)).sum(axis=3) / r       # (B, A, 4, H, W)
+        score = sigmoid(sc).max(axis=2)                              # (B, A, H, W)
+        st = stride[name]
+        for b in range(nb):
+            bx = np.asarray(boxes[b], dtype=np.float64).reshape(-1, 4)
+            for i in range(h):
+                y = (i + offset) * st
+                for j in range(w):
+                    if not v[b, i, j]:
+                        continue
+                    x = (j + offset) * st
+                    inside = any(x1 < x < x2 and y1 < y < y2 for x1, y1, x2, y2 in bx)
+                    if not inside:
+                        continue
+                    for a in range(na):
+                        edge_sum = sum(float(kl[b, a, e, i, j]) for e in range(ne))
+                        total += float(score[b, a, i, j]) * edge_sum / 4.0
+    if nb is None:
+        return 0.0
+    return weight * total / nb
