@@ -61,3 +61,37 @@ def test_ultralytics_students_train_with_head_methods(coco_data, tmp_path, stude
     logged = _terms(result)
     assert logged and all(all(math.isfinite(x) for x in v) for v in logged.values())
     assert any(x > 0 for v in logged.values() for x in v)
+
+
+def test_a_feature_and_a_head_method_together_auto_weighted_and_resumed(
+        coco_data, teacher_run, tmp_path) -> None:
+    """``mgd+bckd`` at ``weight: auto``: each part's weight is measured as if it were alone
+    (its gradient pulls at the ratio times the detection's), the overall weight is 1, the
+    terms are logged per part; 2 epochs at once == 1 epoch, stop, resume (the part weights
+    travel in the checkpoint)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def cfg(out, *more):
+        return load_config(overrides=tiny_overrides(
+            coco_data, out, "model.arch=fcos", "distill.method=mgd+bckd", "distill.weight=auto",
+            f"teacher.checkpoint={teacher_run.export_prefix}", "schedule.max_steps=null",
+            "schedule.warmup_iters=1", *more))
+
+    whole = run_config(cfg(tmp_path / "whole", "schedule.epochs=2"))
+    assert whole.distill["weight"] == 1.0
+    parts = whole.distill["calibration"]["parts"]
+    assert set(parts) == {"mgd", "bckd"} and all(p["weight"] > 0 for p in parts.values())
+    ratio = whole.distill["calibration"]["ratio"]
+    for p in parts.values():  # weight = ratio * |g_det| / |g_part at weight 1|, on the
+        # parameters both reach (BCKD's reach the head, MGD's do not)
+        assert p["weight"] == pytest.approx(ratio * p["detection_norm"] / p["unit_distill_norm"],
+                                            rel=1e-6)
+    assert parts["mgd"]["detection_norm"] != parts["bckd"]["detection_norm"]
+    assert sorted(_terms(whole)) == ["distill/bckd/cls", "distill/bckd/loc", "distill/mgd"]
+    run_config(cfg(tmp_path / "part", "schedule.epochs=1"))
+    resumed = run_config(cfg(tmp_path / "part", "schedule.epochs=2", "trainer.resume=last"))
+    assert whole.steps == resumed.steps == 4
+    a = load_file(f"{whole.export_prefix}.safetensors")
+    b = load_file(f"{resumed.export_prefix}.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -90,7 +90,8 @@ def bckd(s_logits: dict, t_logits: dict, s_ltrb: dict, t_ltrb: dict, valid: dict
       u(a) = max_c |p_t - p_s|,  l_loc(a) = u(a) * (1 - GIoU(box_s, box_t)), boxes (-l, -t, r, b).
     Only valid cells count (all anchors of a valid cell; ``valid[name]`` (B, H, W), None: all).
     N = max(sum over valid cells, levels, images, anchors of max_c p_t, 1).
-    Returns {"cls": weight * cls_weight * sum l_cls / N, "loc": weight * loc_weight * sum l_loc / N}.
+    Returns {"cls": weight * cls_weight * sum l_cls / N,
+             "loc": weight * loc_weight * sum l_loc / N}.
     """
     sum_cls = 0.0
     sum_loc = 0.0

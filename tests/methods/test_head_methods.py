@@ -208,3 +208,45 @@ def test_ld_gradients_reach_the_student_distributions_only() -> None:
 def test_ld_needs_boxes_in_the_context() -> None:
     with pytest.raises(ValueError, match="needs ground-truth boxes"):
         build_method("ld", LEVELS).double()(context(bins=8))
+
+
+# ------------------------------------------------------------------ several methods at once
+
+
+def test_together_sums_its_parts_each_at_its_weight() -> None:
+    """``Together`` of MGD (a feature method with its own generators) and BCKD: its terms are
+    each part's own terms on the same context, times the part's weight and the overall one."""
+    from structkd.methods.together import Together
+
+    ctx = context()
+    torch.manual_seed(0)
+    mgd = build_method("mgd", LEVELS, weight=0.5, mask_ratio=0.0).double()
+    bckd = build_method("bckd", LEVELS, loc_weight=2.0).double()
+    expected_mgd = float(mgd(ctx)["distill"].detach())
+    expected_bckd = {k: float(v.detach()) for k, v in bckd(ctx).items()}
+    both = Together({"mgd": mgd, "bckd": bckd}, weight=3.0).double()
+    assert both.part_weight("mgd") == 0.5 and both.part_weight("bckd") == 1.0
+    out = {k: float(v.detach()) for k, v in both(ctx).items()}
+    assert set(out) == {"distill/mgd", "distill/bckd/cls", "distill/bckd/loc"}
+    assert out["distill/mgd"] == pytest.approx(3.0 * expected_mgd, rel=1e-12)
+    for k in ("cls", "loc"):
+        assert out[f"distill/bckd/{k}"] == pytest.approx(3.0 * expected_bckd[f"distill/{k}"],
+                                                         rel=1e-12)
+    assert set(both.level_values) == {f"{p}/{n}" for p in ("mgd", "bckd") for n in ("s8", "s16")}
+    # the part weights are a buffer: checkpoints carry them
+    assert "part_weights" in both.state_dict()
+    both.set_part_weight("bckd", 0.0)
+    assert set(both(ctx)) == {"distill/mgd"}
+
+
+@pytest.mark.parametrize(("name", "options", "message"), [
+    ("mgd+bckd", {"mask_ratio": 0.5}, "options of several methods are given per method"),
+    ("mgd+bckd", {"bckd": {"beta": "x"}}, "beta"),
+    ("mgd+", {}, "expected method names joined by '\\+'"),
+    ("mgd+nosuch", {}, "'nosuch' is unknown"),
+])
+def test_several_methods_check_their_options_per_method(name, options, message) -> None:
+    from structkd.methods import check_method
+
+    with pytest.raises(ValueError, match=message):
+        check_method(name, options)

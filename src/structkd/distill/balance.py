@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_positive
+from ..methods.together import Together
 
 if TYPE_CHECKING:
     from .distiller import Distiller
@@ -125,6 +126,7 @@ class Calibration:
     detection_norm: float  # mean over the batches
     unit_distill_norm: float  # mean over the batches, at weight 1
     per_batch: list[dict[str, float]] = field(default_factory=list)
+    parts: dict[str, dict[str, float]] = field(default_factory=dict)  # several methods: each
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +144,42 @@ def calibrate_weight(distiller: Distiller, batches: Iterable[tuple[Any, Any]], *
     every DDP rank sets the same weight (e.g. ``trainer.strategy.reduce(t, reduce_op="mean")``).
     """
     check_positive("ratio", ratio)
+    method = distiller.method
+    if isinstance(method, Together):  # each part as if alone, the overall weight then 1
+        before = method.part_weights.clone()
+        parts: dict[str, dict[str, Any]] = {}
+        batches = list(batches)
+        try:
+            for i, (name, _) in enumerate(method.members()):
+                with torch.no_grad():
+                    method.part_weights.zero_()
+                    method.part_weights[i] = 1.0
+                one = _measure(distiller, batches, ratio, reduce, f"part {name!r}: ")
+                parts[name] = {"weight": one.weight, "detection_norm": one.detection_norm,
+                               "unit_distill_norm": one.unit_distill_norm,
+                               "per_batch": one.per_batch}
+        finally:
+            with torch.no_grad():
+                method.part_weights.copy_(before)
+        for name, got in parts.items():
+            method.set_part_weight(name, got["weight"])
+        rows = next(iter(parts.values()))["per_batch"]
+        cal = Calibration(weight=1.0, ratio=ratio, batches=len(rows),
+                          detection_norm=statistics.fmean(r["detection"] for r in rows),
+                          unit_distill_norm=0.0,  # per part, in ``parts``
+                          parts={n: {k: v for k, v in p.items() if k != "per_batch"}
+                                 for n, p in parts.items()})
+    else:
+        cal = _measure(distiller, batches, ratio, reduce, "")
+    distiller.set_weight(cal.weight)
+    distiller.calibration = cal
+    return cal
+
+
+def _measure(distiller: Distiller, batches: Iterable[tuple[Any, Any]], ratio: float,
+             reduce: Callable[[Tensor], Tensor] | None, what: str) -> Calibration:
+    """The weight that sets the distillation gradient's norm to ``ratio`` times the
+    detection's (measured at weight 1); sets nothing."""
     params = [p for _, p in student_parameters(distiller)]
     rows: list[dict[str, float]] = []
     with preserved_state(distiller), distiller.probing(weight=1.0):
@@ -158,12 +196,9 @@ def calibrate_weight(distiller: Distiller, batches: Iterable[tuple[Any, Any]], *
                                                            device=params[0].device)))
     if not (0 < det < math.inf and 0 < dis < math.inf):
         raise ValueError(
-            f"cannot set the weight: on {len(rows)} batch(es) the detection gradient's norm is "
-            f"{det:.4g} and the distillation term's (weight 1) {dis:.4g} on the "
+            f"cannot set the weight: {what}on {len(rows)} batch(es) the detection gradient's "
+            f"norm is {det:.4g} and the distillation term's (weight 1) {dis:.4g} on the "
             f"{rows[0]['shared']:.0f} student parameter tensors both reach; expected two "
             "finite, non-zero norms")
-    cal = Calibration(weight=ratio * det / dis, ratio=ratio, batches=len(rows),
-                      detection_norm=det, unit_distill_norm=dis, per_batch=rows)
-    distiller.set_weight(cal.weight)
-    distiller.calibration = cal
-    return cal
+    return Calibration(weight=ratio * det / dis, ratio=ratio, batches=len(rows),
+                       detection_norm=det, unit_distill_norm=dis, per_batch=rows)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..detectors import detector_family, family_defaults, protocol_of
 from ..methods import DEFAULT_METHOD, DistillMethod, HeadLevel, build_method, resolve_method
+from ..methods.together import SEPARATOR, Together, split_names
 from .pairing import LevelInfo, LevelPair, measure_levels, pair_levels, paired_maps
 from .taps import FeatureTap, find_module, unwrap
 from .teacher import FrozenTeacher, TeacherDtype
@@ -199,6 +200,46 @@ class Wiring:
         self.teacher.close()
 
 
+def _build_one(name: str, student: nn.Module, pairs: list[LevelPair],
+               levels: list[str] | None, options: dict[str, Any]
+               ) -> tuple[DistillMethod, list[LevelPair]]:
+    """One method on the pairs its preset distils (``options`` gains the chosen preset)."""
+    cls, _ = resolve_method(name)
+    preset = options.get("preset")
+    if cls.presets and preset is None:
+        preset = options["preset"] = choose_preset(cls, student)
+    if levels is None and preset in cls.preset_strides:
+        pairs = [p for p in pairs if p.stride in cls.preset_strides[preset]] or pairs
+    return build_method(name, [p.level for p in pairs], **options), pairs
+
+
+def _build_together(names: list[str], student: nn.Module, pairs: list[LevelPair],
+                    levels: list[str] | None, options: dict[str, Any]
+                    ) -> tuple[DistillMethod, list[LevelPair]]:
+    """Several methods as one (``options``: ``weight``, the overall one, and one mapping of
+    options per part, keyed by its name)."""
+    keys = []
+    for n in names:  # a method twice: "mgd", "mgd_2"
+        keys.append(n if n not in keys else f"{n}_{sum(k.split('_')[0] == n for k in keys) + 1}")
+    unknown = sorted(set(options) - {"weight", *keys})
+    if unknown:
+        raise ValueError(f"options {unknown} of method {'+'.join(names)!r}: options of several "
+                         f"methods are given per method, e.g. {{{keys[0]!r}: {{...}}}}, under "
+                         f"the names {keys} (and 'weight', the overall weight)")
+    parts: dict[str, DistillMethod] = {}
+    used: dict[str, LevelPair] = {}
+    for key, n in zip(keys, names, strict=True):
+        own = options.get(key) or {}
+        if not isinstance(own, dict):
+            raise ValueError(f"options of {key!r}: {own!r}; expected a mapping of its options")
+        own = dict(own)
+        parts[key], mine = _build_one(n, student, pairs, levels, own)
+        options[key] = own  # with the chosen preset, as built
+        used.update({p.name: p for p in mine})
+    together = Together(parts, weight=options.get("weight", 1.0))
+    return together, [p for p in pairs if p.name in used]
+
+
 def _at_stride(level: HeadLevel, stride: int) -> HeadLevel:
     """``level`` with its measured ``stride`` (its centres kept where they were in pixels)."""
     if level.stride == stride:
@@ -253,12 +294,17 @@ def wire(student: nn.Module, teacher: nn.Module | TeacherCache,
         s_root = s_layers[0].split(".")[0]
     find_module(student, s_root, "student")
     batch_path = view.batch_path if record_batch else None
-    cls = method if isinstance(method, DistillMethod) else resolve_method(method)[0]
+    if isinstance(method, DistillMethod):
+        classes: list[Any] = [m for _, m in method.members()] if isinstance(
+            method, Together) else [method]
+    else:
+        classes = [resolve_method(n)[0] for n in split_names(method)]
     head_view = None
-    if cls.needs_head:
-        check_heads(cls, view, teacher, student_layers=student_layers,
-                    teacher_layers=teacher_layers, teacher_root=teacher_root)
-        head_view = view
+    for cls in classes:
+        if cls.needs_head:
+            check_heads(cls, view, teacher, student_layers=student_layers,
+                        teacher_layers=teacher_layers, teacher_root=teacher_root)
+            head_view = view
     tap = FeatureTap(student, s_layers,
                      input_path=s_root if record_batch and batch_path is None else None,
                      batch_path=batch_path,
@@ -288,19 +334,19 @@ def wire(student: nn.Module, teacher: nn.Module | TeacherCache,
             pairs = [p for p in pairs if p.name in method.levels]
             built, name = method, method.name
         else:
-            cls, _ = resolve_method(method)
-            preset = options.get("preset")
-            if cls.presets and preset is None:
-                preset = options["preset"] = choose_preset(cls, student)
-            if levels is None and preset in cls.preset_strides:
-                pairs = [p for p in pairs if p.stride in cls.preset_strides[preset]] or pairs
             device = next(iter(student.parameters()), torch.empty(0)).device
+            names = split_names(method)
             with contextlib.ExitStack() as stack:
                 if isolate_rng:
                     stack.enter_context(torch.random.fork_rng(
                         devices=[device] if device.type == "cuda" else []))
-                built = build_method(method, [p.level for p in pairs], **options).to(device)
-            name = method
+                if len(names) == 1:
+                    built, used = _build_one(names[0], student, pairs, levels, options)
+                    pairs = used
+                else:
+                    built, pairs = _build_together(names, student, pairs, levels, options)
+                built = built.to(device)
+            name = SEPARATOR.join(names)
     except BaseException:
         tap.close()
         if source is not None:

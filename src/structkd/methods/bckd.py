@@ -35,7 +35,7 @@ class BCKD(DistillMethod):
     """Binary classification KD + IoU-based localisation KD on the dense heads' outputs."""
 
     paper = ("Yang et al., Bridging Cross-task Protocol Inconsistency for Distillation in "
-             "Dense Object Detection, ICCV 2023")
+             "Dense Object Detection, ICCV 2023 (arXiv 2308.14286)")
     needs_head = "dense"
     compares_classes = True
     uses_features = False

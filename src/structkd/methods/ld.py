@@ -52,7 +52,8 @@ def inside_boxes(head: HeadLevel, boxes: Sequence[Tensor]) -> Tensor:
 class LD(DistillMethod):
     """Localization distillation: KL between the box-edge distributions, main region."""
 
-    paper = "Zheng et al., Localization Distillation for Dense Object Detection, CVPR 2022"
+    paper = ("Zheng et al., Localization Distillation for Dense Object Detection, CVPR 2022 "
+             "(arXiv 2102.12252)")
     needs_head = "dense"
     needs_distribution = True
     needs_boxes = True

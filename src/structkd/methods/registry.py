@@ -17,6 +17,7 @@ from ..checks import check_types
 from ..defaults import DEFAULT_METHOD
 from .base import DistillMethod
 from .context import Level
+from .together import split_names
 
 __all__ = [
     "ALIASES",
@@ -129,8 +130,22 @@ def check_method(name: str, options: Mapping[str, Any]) -> None:
     """Validate a method name and its options before any detector exists, by building the
     method on one small level: the same path, and the same messages, as the real build.
     The global random state is left as it was (the trial build initialises layers)."""
+    names = split_names(name)
     with torch.random.fork_rng(devices=[]):
-        build_method(name, [Level("s8", 8, 4, 4)], **options)
+        if len(names) == 1:
+            build_method(names[0], [Level("s8", 8, 4, 4)], **options)
+            return
+        keys = set(names) | {"weight"}
+        unknown = sorted(set(options) - keys)
+        if unknown:
+            raise ValueError(f"options {unknown} of method {name!r}: options of several methods "
+                             f"are given per method, e.g. {{{names[0]!r}: {{...}}}}, under the "
+                             f"names {names} (and 'weight', the overall weight)")
+        for n in names:
+            own = options.get(n) or {}
+            if not isinstance(own, Mapping):
+                raise ValueError(f"options of {n!r}: {own!r}; expected a mapping of its options")
+            build_method(n, [Level("s8", 8, 4, 4)], **own)
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,8 @@ class MethodInfo:
     options: dict[str, Any]
     aliases: dict[str, dict[str, Any]]
     needs_boxes: bool
+    needs_head: str | None = None
+    needs_distribution: bool = False
     extra_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     presets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     preset_strides: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
@@ -155,7 +172,8 @@ def method_info(name: str) -> MethodInfo:
     extra = cls.extra_options() if hasattr(cls, "extra_options") else {}
     return MethodInfo(
         name=cls.name, summary=doc.splitlines()[0] if doc else "", paper=cls.paper,
-        options=options, needs_boxes=cls.needs_boxes, extra_options=extra,
+        options=options, needs_boxes=cls.needs_boxes, needs_head=cls.needs_head,
+        needs_distribution=cls.needs_distribution, extra_options=extra,
         presets={k: dict(v) for k, v in cls.presets.items()},
         preset_strides={k: tuple(v) for k, v in cls.preset_strides.items()},
         aliases={a: p for a, (base, p) in ALIASES.items() if base == cls.name},
