@@ -53,7 +53,8 @@ def _bce_with_logits(s: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _giou_from_ltrb(ls: np.ndarray, lt: np.ndarray, eps: float = 1e-7) -> np.ndarray:
     """GIoU of two boxes around the same centre, given as edge distances (..., 4) = (l, t, r, b);
     each box is (x1, y1, x2, y2) = (-l, -t, r, b) (the common centre cancels).
-    GIoU = IoU - (|C| - |U|) / (|C| + eps) with IoU = inter / (|U| + eps), U the union and C the
+    GIoU = IoU - (|C| - |U|) / (|C| + eps) with IoU = (inter + eps) / (|U| + eps) (two equal
+    boxes of no area agree fully), U the union and C the
     smallest enclosing box. Returns the shape of ``ls[..., 0]``."""
     sx1, sy1, sx2, sy2 = -ls[..., 0], -ls[..., 1], ls[..., 2], ls[..., 3]
     tx1, ty1, tx2, ty2 = -lt[..., 0], -lt[..., 1], lt[..., 2], lt[..., 3]
@@ -63,7 +64,7 @@ def _giou_from_ltrb(ls: np.ndarray, lt: np.ndarray, eps: float = 1e-7) -> np.nda
     ih = np.maximum(np.minimum(sy2, ty2) - np.maximum(sy1, ty1), 0.0)
     inter = iw * ih
     union = area_s + area_t - inter
-    iou = inter / (union + eps)
+    iou = (inter + eps) / (union + eps)
     cw = np.maximum(sx2, tx2) - np.minimum(sx1, tx1)
     ch = np.maximum(sy2, ty2) - np.minimum(sy1, ty1)
     c_area = cw * ch
@@ -169,3 +170,39 @@ def ld(s_dist: dict, t_dist: dict, s_logits: dict, boxes: list, stride: dict, of
     if nb is None:
         return 0.0
     return weight * total / nb
+
+
+def crosskd(c_logits: dict, t_logits: dict, c_ltrb: dict, t_ltrb: dict,
+            valid: dict | None = None, cls_weight: float = 1.0, loc_weight: float = 1.0,
+            beta: float = 1.0, weight: float = 1.0) -> dict:
+    """CrossKD's terms on the cross-head predictions c (the teacher's head layers run on the
+    student's head features) against the teacher's t, per valid location-anchor a:
+      l_cls(a) = sum_k |p_t - p_c|^beta * BCE(p_c; p_t),
+      l_loc(a) = w(a) * (1 - GIoU(box_c, box_t)),  w(a) = max_k p_t,
+      N = max(1, sum over valid a of w(a));
+    returns {"cls": weight * cls_weight * sum l_cls / N,
+             "loc": weight * loc_weight * sum l_loc / N}.
+    """
+    sums = {"cls": 0.0, "loc": 0.0}
+    norm = 0.0
+    for name in c_logits:
+        c = np.asarray(c_logits[name], dtype=np.float64)
+        t = np.asarray(t_logits[name], dtype=np.float64)
+        nb, na, _, h, w = c.shape
+        v = _valid_or_ones(valid, name, nb, h, w)
+        for b in range(nb):
+            for a in range(na):
+                for i in range(h):
+                    for j in range(w):
+                        if not v[b, i, j]:
+                            continue
+                        pc, pt = sigmoid(c[b, a, :, i, j]), sigmoid(t[b, a, :, i, j])
+                        bce = _bce_with_logits(c[b, a, :, i, j], pt)
+                        sums["cls"] += float((np.abs(pt - pc) ** beta * bce).sum())
+                        g = _giou_from_ltrb(np.asarray(c_ltrb[name])[b, a, :, i, j],
+                                            np.asarray(t_ltrb[name])[b, a, :, i, j])
+                        sums["loc"] += float(pt.max() * (1.0 - g))
+                        norm += float(pt.max())
+    n = max(norm, 1.0)
+    return {"cls": weight * cls_weight * sums["cls"] / n,
+            "loc": weight * loc_weight * sums["loc"] / n}

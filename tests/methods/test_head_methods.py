@@ -250,3 +250,31 @@ def test_several_methods_check_their_options_per_method(name, options, message) 
 
     with pytest.raises(ValueError, match=message):
         check_method(name, options)
+
+
+# ------------------------------------------------------------------------------- CrossKD
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("options", [{}, {"beta": 2.0, "loc_weight": 3.0, "weight": 0.5}])
+def test_crosskd_equals_the_reference(padded: bool, options: dict) -> None:
+    """Its terms on given cross-head predictions (the context's ``cross_head``; how they are
+    made is checked in tests/distill/test_crosskd.py)."""
+    ctx = context(anchors=3)
+    cross = context(seed=1, anchors=3).student_head
+    ctx = dataclasses.replace(ctx, cross_head=cross)
+    if padded:
+        ctx = dataclasses.replace(ctx, image_sizes=[(48, 56), (20, 30)])
+    method = build_method("crosskd", [dataclasses.replace(lv, student_channels=6)
+                                      for lv in LEVELS], **options).double()
+    out = method(ctx)
+    ref = reference().crosskd({n: np_(h.logits) for n, h in cross.items()},
+                              {n: np_(h.logits) for n, h in ctx.teacher_head.items()},
+                              {n: np_(h.ltrb) for n, h in cross.items()},
+                              {n: np_(h.ltrb) for n, h in ctx.teacher_head.items()},
+                              valid=_valid(ctx), **options)
+    assert float(out["distill/cls"].detach()) == pytest.approx(ref["cls"], rel=1e-12)
+    assert float(out["distill/loc"].detach()) == pytest.approx(ref["loc"], rel=1e-12)
+    out["distill/cls"].backward(retain_graph=True)
+    assert all(h.logits.grad is not None for h in cross.values())
+    assert all(h.logits.grad is None for h in ctx.student_head.values())  # its own head: none

@@ -66,10 +66,16 @@ ROWS: dict[str, dict[str, Any]] = {
     # head-level methods (FCOS heads: no box distributions, so no LD)
     "scoreweighted": {"method": "scoreweighted"},
     "bckd": {"method": "bckd"},
-    **{f"{m}_auto": {"method": m, "weight": "auto"} for m in ("scoreweighted", "bckd")},
+    "crosskd": {"method": "crosskd"},
+    **{f"{m}_auto": {"method": m, "weight": "auto"} for m in ("scoreweighted", "bckd",
+                                                               "crosskd")},
+    # the best feature method of the study above with a head method, each at its own weight
+    "mgd+bckd": {"method": "mgd+bckd"},
 }
-# The head-level study: its rows beside the best feature method of the study above (MGD).
-HEAD_STUDY_METHODS = ("none", "mgd", "scoreweighted", "bckd", "scoreweighted_auto", "bckd_auto")
+# The head-level study (issue "Head-level distillation"): its rows beside the best feature
+# method of the study above (MGD), most important first.
+HEAD_STUDY_METHODS = ("none", "mgd", "scoreweighted", "bckd", "crosskd", "mgd+bckd",
+                      "scoreweighted_auto", "bckd_auto", "crosskd_auto")
 STUDY_METHODS = ("none", "mse", "mse_matched", "mse_auto", "ssim", "ssim_auto", "pkd",
                  "pkd_matched", "pkd_auto", "cwd", "cwd_matched", "cwd_auto", "mgd",
                  "mgd_matched", "mgd_auto", "fgd", "fgd_matched", "fgd_auto")

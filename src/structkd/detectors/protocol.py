@@ -92,6 +92,20 @@ class Detector:
         as one :class:`HeadLevel` per level, in the levels' order."""
         raise ValueError(self.head_info().why)
 
+    def cross_cuts(self, cut: int) -> dict[str, str | None]:
+        """For each branch of the head ("cls", "reg"), the module whose output is the branch's
+        feature after its first ``cut`` layers (None: the head's input levels): where CrossKD
+        reads a student's head features."""
+        raise ValueError(f"the head of {self.head_info().name or self.family} cannot be run "
+                         "from an inner layer (CrossKD reads torchvision's RetinaNet and FCOS "
+                         "heads)")
+
+    def run_head_from(self, cut: int, inputs: dict[str, list[Tensor]]) -> Any:
+        """The head's raw predictions with each branch run from its layer ``cut`` on
+        ``inputs`` (per branch, one map per level): CrossKD's teacher half."""
+        raise ValueError(f"the head of {self.head_info().name or self.family} cannot be run "
+                         "from an inner layer")
+
     def batching(self) -> nn.Module | None:
         """The module at ``batch_path`` (None without one)."""
         if self.batch_path is None:

@@ -61,6 +61,50 @@ class TorchvisionDetector(Detector):
         return HeadInfo("dense", bins=0, anchors=int(cells[0].shape[0]), name=name,
                         why=f"{name}'s head predicts box offsets, not distributions")
 
+    def _branches(self) -> dict[str, tuple[str, nn.Module, list[int]]]:
+        """Each head branch: its attribute, the module, the start of each of its layers (a
+        conv block) in the branch's ``conv`` sequence."""
+        head = self.model.head
+        out = {}
+        for key, attr in (("cls", "classification_head"), ("reg", "regression_head")):
+            branch = getattr(head, attr, None)
+            conv = getattr(branch, "conv", None)
+            if not isinstance(conv, nn.Sequential):
+                raise ValueError(f"{type(self.model).__name__}'s {attr} has no 'conv' sequence "
+                                 "of layers to cut (CrossKD)")
+            starts = [i for i, m in enumerate(conv) if isinstance(m, nn.Conv2d)
+                      or any(isinstance(c, nn.Conv2d) for c in m.children())]
+            out[key] = (attr, branch, starts)
+        return out
+
+    def cross_cuts(self, cut: int) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for key, (attr, branch, starts) in self._branches().items():
+            if not 0 <= cut <= len(starts):
+                raise ValueError(f"cut={cut}; {type(self.model).__name__}'s {attr} has "
+                                 f"{len(starts)} layers: expected 0..{len(starts)}")
+            end = starts[cut] if cut < len(starts) else len(branch.conv)
+            out[key] = None if end == 0 else f"head.{attr}.conv.{end - 1}"
+        return out
+
+    def run_head_from(self, cut: int, inputs: dict[str, list[Tensor]]) -> Any:
+        outputs = {}
+        for key, (_attr, branch, starts) in self._branches().items():
+            start = starts[cut] if cut < len(starts) else len(branch.conv)
+            whole = branch.conv
+            branch.conv = nn.Sequential(*list(whole)[start:])  # the same layers, from the cut
+            try:
+                outputs[key] = branch(inputs[key])
+            finally:
+                branch.conv = whole
+        reg = outputs["reg"]
+        raw = {"cls_logits": outputs["cls"]}
+        if isinstance(reg, tuple):  # FCOS: (boxes, centre-ness)
+            raw["bbox_regression"], raw["bbox_ctrness"] = reg
+        else:
+            raw["bbox_regression"] = reg
+        return raw
+
     def head_levels(self, raw: Any, levels: Sequence[Tensor],
                     batch_shape: tuple[int, int]) -> list[HeadLevel]:
         model = self.model

@@ -102,7 +102,9 @@ class _Hook:
         self.id = -1  # the key of this hook in its module's hook dict, set on registration
 
     def __call__(self, module: nn.Module, args: tuple, output: Any = None) -> None:
-        if self.inputs == "both":
+        if self.inputs == "append":  # a module called once per level: every call's output
+            self.tap._store.setdefault(self.key, []).append(output)
+        elif self.inputs == "both":
             self.tap._record(self.key, (args, output))
         else:
             self.tap._record(self.key, args if self.inputs else output)
@@ -151,7 +153,8 @@ class FeatureTap:
 
     def __init__(self, model: nn.Module, paths: str | Sequence[str] = "backbone", *,
                  input_path: str | None = None, batch_path: str | None = None,
-                 head_path: str | None = None) -> None:
+                 head_path: str | None = None,
+                 cross_paths: dict[str, str | None] | None = None) -> None:
         self.model = unwrap(model)
         self.paths = [paths] if isinstance(paths, str) else list(paths)
         if not self.paths:
@@ -161,6 +164,9 @@ class FeatureTap:
         input_module = None if input_path is None else find_module(self.model, input_path)
         batch_module = None if batch_path is None else find_module(self.model, batch_path)
         head_module = None if head_path is None else find_module(self.model, head_path)
+        self.cross_paths = dict(cross_paths or {})
+        cross_modules = {k: find_module(self.model, p) for k, p in self.cross_paths.items()
+                         if p is not None}
         _remove_hooks(self.model, None)  # never stack: an older tap on this model is closed
         self._closed = False
         self._store: dict[str, Any] = {}
@@ -176,6 +182,8 @@ class FeatureTap:
         self.head_path = head_path
         if head_module is not None:
             _register(head_module, _Hook(self, "__head__", inputs="both"))
+        for k, m in cross_modules.items():
+            _register(m, _Hook(self, f"__cross__{k}", inputs="append"))
         if _is_compiled(model):
             # Dynamo does not guard on hooks added to modules it traced without any
             # (torch._dynamo.config.skip_nnmodule_hook_guards): code compiled before this tap
@@ -222,6 +230,16 @@ class FeatureTap:
             raise RuntimeError(f"the head '{self.head_path}' did not run in the last forward")
         args, output = self._store["__head__"]
         return list(args[0]), output
+
+    def cross(self) -> dict[str, list[Tensor]]:
+        """Per head branch, its feature at the cut, one map per level (``cross_paths``; a
+        branch cut at 0 reads the head's input levels)."""
+        out = {}
+        for k, p in self.cross_paths.items():
+            out[k] = self.head()[0] if p is None else list(self._store.get(f"__cross__{k}", []))
+            if not out[k]:
+                raise RuntimeError(f"the head layer '{p}' did not run in the last forward")
+        return out
 
     def levels(self) -> OrderedDict[str, Tensor]:
         """The recorded maps of the last forward, by level key; raises if nothing was recorded."""

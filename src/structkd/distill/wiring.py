@@ -148,6 +148,20 @@ class Wiring:
     method_name: str
     options: dict[str, Any]
     head_view: Any = None  # the student's protocol where the method reads head outputs
+    cross: Any = None  # CrossKD: (the method or part that adapts, the teacher's protocol)
+
+    def cross_heads(self, t_levels: dict[str, Tensor], batch_shape: tuple[int, int]
+                    ) -> dict[str, HeadLevel]:
+        """The teacher's head run from the cut on the student's head features (adapted by the
+        method), decoded, by pair name; with gradient to the student."""
+        method, t_view = self.cross
+        feats = self.tap.cross()
+        adapted = {k: [method.adapt(k, x) for x in xs] for k, xs in feats.items()}
+        raw = t_view.run_head_from(method.cross_cut, adapted)
+        levels = t_view.head_levels(raw, list(t_levels.values()), batch_shape)
+        by = dict(zip(t_levels, levels, strict=True))
+        return {p.name: _at_stride(by[p.teacher], p.stride) for p in self.pairs
+                if p.name in self.method.levels}
 
     def heads(self, t_levels: dict[str, Tensor], batch_shape: tuple[int, int]
               ) -> tuple[dict[str, HeadLevel], dict[str, HeadLevel]]:
@@ -191,7 +205,8 @@ class Wiring:
         old = self.tap
         old.close()
         self.tap = FeatureTap(student, self.student_layers, input_path=old.input_path,
-                              batch_path=old.batch_path, head_path=old.head_path)
+                              batch_path=old.batch_path, head_path=old.head_path,
+                              cross_paths=old.cross_paths)
         return self.tap
 
     def close(self) -> None:
@@ -238,6 +253,16 @@ def _build_together(names: list[str], student: nn.Module, pairs: list[LevelPair]
         used.update({p.name: p for p in mine})
     together = Together(parts, weight=options.get("weight", 1.0))
     return together, [p for p in pairs if p.name in used]
+
+
+def _crossing(method: DistillMethod) -> DistillMethod | None:
+    """The method (or part of several) that runs the teacher's head on the student's head
+    features (CrossKD), if any."""
+    members = [m for _, m in method.members()] if isinstance(method, Together) else [method]
+    found = [m for m in members if m.cross_cut is not None]
+    if len(found) > 1:
+        raise ValueError("two cross-head methods in one distillation; combine one at most")
+    return found[0] if found else None
 
 
 def _at_stride(level: HeadLevel, stride: int) -> HeadLevel:
@@ -347,13 +372,27 @@ def wire(student: nn.Module, teacher: nn.Module | TeacherCache,
                     built, pairs = _build_together(names, student, pairs, levels, options)
                 built = built.to(device)
             name = SEPARATOR.join(names)
+        cross = _crossing(built)
+        if cross is not None:  # the tap also reads the student's head features at the cut
+            t_view = protocol_of(teacher)  # type: ignore[arg-type]
+            kinds = (view.head_info().name, t_view.head_info().name)
+            if kinds[0] != kinds[1]:
+                raise ValueError(f"{cross.name} runs the student's head features through the "
+                                 f"teacher's head: the heads must be of one design; the "
+                                 f"student's is {kinds[0]}'s, the teacher's {kinds[1]}'s")
+            t_view.cross_cuts(cross.cross_cut)  # the teacher's head can be cut there
+            tap.close()
+            tap = FeatureTap(student, s_layers, input_path=tap.input_path,
+                             batch_path=tap.batch_path, head_path=tap.head_path,
+                             cross_paths=view.cross_cuts(cross.cross_cut))
+            cross = (cross, t_view)
     except BaseException:
         tap.close()
         if source is not None:
             source.close()
         raise
     return Wiring(tap, s_root, s_layers, source, pairs, unpaired, built, name, dict(options),
-                  head_view)
+                  head_view, cross)
 
 
 def check_heads(cls: type[DistillMethod] | DistillMethod, student_view: Any,

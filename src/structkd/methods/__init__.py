@@ -7,13 +7,14 @@ your own. Every method receives a :class:`DistillContext` and returns named, wei
 # isort: off
 from . import imitation  # noqa: F401  (registered first: listed first)
 from . import cwd, fgd, mgd, pkd  # noqa: F401
-from . import bckd, ld, scoreweighted  # noqa: F401  (head-level methods after the feature ones)
+from . import bckd, crosskd, ld, scoreweighted  # noqa: F401  (head-level methods after the feature ones)
 # isort: on
 from ..checks import check_choice, check_positive
 from .base import DistillMethod
 from .bckd import BCKD
 from .connectors import ADAPTERS, GcBlock, generator, make_adapter, make_adapters
 from .context import DistillContext, Group, HeadLevel, Level
+from .crosskd import CrossKD
 from .cwd import CWD
 from .fgd import FGD
 from .imitation import FeatureImitation
@@ -46,6 +47,7 @@ __all__ = [
     "METHODS",
     "MGD",
     "PKD",
+    "CrossKD",
     "DistillContext",
     "DistillMethod",
     "FeatureImitation",

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .context import DistillContext
 
-EPS = 1e-7  # in the denominators of IoU and GIoU
+EPS = 1e-7  # IoU = (inter + EPS) / (union + EPS); GIoU's enclosing area + EPS
 
 
 def valid_cells(ctx: DistillContext, name: str, like: Tensor) -> Tensor:
@@ -20,7 +20,10 @@ def valid_cells(ctx: DistillContext, name: str, like: Tensor) -> Tensor:
 
 def giou_ltrb(a: Tensor, b: Tensor, dim: int = 2) -> Tensor:
     """Generalised IoU of boxes given as distances (left, top, right, bottom) from one common
-    centre (the same location's), along ``dim``: the centre cancels out."""
+    centre (the same location's), along ``dim``: the centre cancels out. The IoU is
+    ``(inter + eps) / (union + eps)``, so that two equal boxes of no area (a ReLU'd FCOS head
+    predicts many) agree fully (GIoU 1), as boxes of any size do; at pixel areas the eps is
+    negligible."""
     al, at, ar, ab = a.unbind(dim)
     bl, bt, br, bb = b.unbind(dim)
     area_a = (al + ar) * (at + ab)
@@ -28,7 +31,7 @@ def giou_ltrb(a: Tensor, b: Tensor, dim: int = 2) -> Tensor:
     inter = (torch.minimum(al, bl) + torch.minimum(ar, br)).clamp(min=0) * (
         torch.minimum(at, bt) + torch.minimum(ab, bb)).clamp(min=0)
     union = area_a + area_b - inter
-    iou = inter / (union + EPS)
+    iou = (inter + EPS) / (union + EPS)
     enclose = (torch.maximum(al, bl) + torch.maximum(ar, br)) * (
         torch.maximum(at, bt) + torch.maximum(ab, bb))
     return iou - (enclose - union) / (enclose + EPS)

@@ -40,8 +40,10 @@ class DistillMethod(nn.Module):
     ``needs_head`` ("dense": the context carries both heads' predictions, ``student_head`` and
     ``teacher_head``); ``needs_distribution`` (those carry box distributions);
     ``compares_classes`` (the student's class scores are compared with the teacher's class by
-    class: the class counts must agree);
-    ``uses_features`` (False: a method of head outputs only, built without adapters, whose
+    class: the class counts must agree); ``cross_cut`` (an instance's: the context carries
+    ``cross_head``, the teacher's head run from that layer on the student's head features,
+    each first passed through the method's ``adapt(branch, x)``); ``uses_features``
+    (False: a method of head outputs only, built without adapters, whose
     ``level_loss`` gets the levels' features as they are);
     ``presets`` (option values per detector family, for a ``preset`` option) and
     ``preset_strides`` (the strides of the levels the authors distil per family, used when the
@@ -54,6 +56,7 @@ class DistillMethod(nn.Module):
     needs_head: ClassVar[str | None] = None
     needs_distribution: ClassVar[bool] = False
     compares_classes: ClassVar[bool] = False
+    cross_cut: int | None = None  # CrossKD: the head layer after which the student's is read
     uses_features: ClassVar[bool] = True
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     preset_strides: ClassVar[Mapping[str, tuple[int, ...]]] = {}

@@ -137,6 +137,8 @@ class DistillContext:
     caller has none (methods that need them say so). ``student_head`` and ``teacher_head`` map
     level names to the dense heads' predictions (:class:`HeadLevel`, one anchor layout on both
     sides) when the method needs them; the student's with gradient, the teacher's detached.
+    ``cross_head``: the teacher's head layers run on the student's head features (CrossKD),
+    with gradient to the student.
     """
 
     student: Mapping[str, Tensor]
@@ -148,6 +150,7 @@ class DistillContext:
     labels: Sequence[Tensor] | None = None
     student_head: Mapping[str, HeadLevel] | None = None
     teacher_head: Mapping[str, HeadLevel] | None = None
+    cross_head: Mapping[str, HeadLevel] | None = None
 
     @property
     def batch_size(self) -> int:
