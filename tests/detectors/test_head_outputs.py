@@ -118,6 +118,34 @@ def test_a_teacher_cache_a_head_of_no_kind_and_moved_taps_are_refused(tmp_path) 
         Distiller(student, teacher, "scoreweighted", student_layers="backbone.body")
     rcnn = build_detector(arch="fasterrcnn", backbone="resnet18", num_classes=4,
                           fpn_channels=16, min_size=128, max_size=128)
-    with pytest.raises(ValueError, match="needs dense head outputs; the teacher's head gives "
-                                         "none: FasterRCNN has no dense head"):
+    with pytest.raises(ValueError, match=r"needs a dense head's predictions per location "
+                                         r".*; the teacher's head gives none: FasterRCNN has "
+                                         r"no dense head"):
         Distiller(student, rcnn, "scoreweighted")
+
+
+def test_transformers_decoder_layers_leave_the_denoising_queries_out() -> None:
+    pytest.importorskip("transformers")
+    from structkd.detectors.transformers_build import transformers_detector
+
+    torch.manual_seed(0)
+    det = transformers_detector("rt_detr", 4, num_queries=20, min_size=128, max_size=128)
+    view = protocol_of(det)
+    assert view.head_info().kind == "detr"
+    outputs: list = []
+    det.model.register_forward_hook(lambda m, a, o: outputs.append(o))
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
+                "image_id": torch.tensor(i)} for i in range(2)]
+    det.train()(images, targets)
+    layers = view.query_layers(outputs[-1])
+    assert outputs[-1].intermediate_logits.shape[2] > 20  # denoising queries in training
+    assert len(layers) == det.model.config.decoder_layers
+    assert all(q.logits.shape == (2, 20, 3) and q.boxes.shape == (2, 20, 4) for q in layers)
+    det.eval()
+    batch, sizes = view.batch_images(images)
+    with torch.no_grad():
+        raw = view.run_queries(batch, sizes)
+    last = view.query_layers(raw)[-1]
+    torch.testing.assert_close(last.logits, raw.logits, rtol=0, atol=0)
+    torch.testing.assert_close(last.boxes, raw.pred_boxes, rtol=0, atol=0)

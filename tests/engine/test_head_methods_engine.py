@@ -95,3 +95,22 @@ def test_a_feature_and_a_head_method_together_auto_weighted_and_resumed(
     a = load_file(f"{whole.export_prefix}.safetensors")
     b = load_file(f"{resumed.export_prefix}.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_rtdetr_student_trains_with_detr_kd(coco_data, tmp_path) -> None:
+    """transformers RT-DETR -> RT-DETR: the teacher runs whole on the student's batch; the
+    terms per decoder layer are logged; the term moves the student."""
+    pytest.importorskip("transformers")
+    family = ["model.family=transformers", "model.name=rt_detr",
+              "model.options={num_queries: 50}"]
+    teacher = _run(coco_data, tmp_path / "teacher", *family, "distill.method=none")
+    result = _run(coco_data, tmp_path / "student", *family, "distill.method=detr_kd",
+                  f"teacher.checkpoint={teacher.export_prefix}")
+    assert result.steps == 2
+    logged = _terms(result)
+    assert sorted(logged) == ["distill/cls", "distill/giou", "distill/l1"]
+    assert all(all(math.isfinite(x) and x > 0 for x in v) for v in logged.values())
+    check = result.distill["start_check"]
+    assert check["term"] > 0 and check["grad_norm"] > 0
+    layers = [k for k in result.history if k.startswith("train/level/layer")]
+    assert len(layers) >= 2

@@ -206,3 +206,70 @@ def crosskd(c_logits: dict, t_logits: dict, c_ltrb: dict, t_ltrb: dict,
     n = max(norm, 1.0)
     return {"cls": weight * cls_weight * sums["cls"] / n,
             "loc": weight * loc_weight * sums["loc"] / n}
+
+
+def _corners(b: np.ndarray) -> np.ndarray:
+    cx, cy, w, h = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+
+
+def _giou_corners(a: np.ndarray, b: np.ndarray, eps: float = 1e-7) -> float:
+    """GIoU of two corner boxes; IoU = (inter + eps) / (union + eps)."""
+    area_a = max(a[2] - a[0], 0.0) * max(a[3] - a[1], 0.0)
+    area_b = max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = iw * ih
+    union = area_a + area_b - inter
+    cw = max(max(a[2], b[2]) - min(a[0], b[0]), 0.0)
+    ch = max(max(a[3], b[3]) - min(a[1], b[1]), 0.0)
+    return (inter + eps) / (union + eps) - (cw * ch - union) / (cw * ch + eps)
+
+
+def detr_kd(s_layers: list, t_layers: list, cls_weight: float = 1.0, l1_weight: float = 5.0,
+            giou_weight: float = 2.0, weight: float = 1.0) -> dict:
+    """DETRDistill's Hungarian-matching logits distillation. ``s_layers`` / ``t_layers``: per
+    decoder layer (logits (B, Q, K), boxes (B, Q, 4) cx, cy, w, h). Student layer i pairs with
+    teacher layer round((i + 1) * Lt / Ls) - 1. Per image, the matching minimises, by brute
+    force over every assignment of the teacher's queries to distinct student queries,
+    sum of cost_ij = cls_weight * sum_k BCE(s_ik; sigmoid(t_jk)) + l1_weight * |b_i - b_j|_1
+    - giou_weight * GIoU(corners). Per layer, N = matched pairs in the batch:
+    cls = cls_weight * sum over all student queries and classes of BCE(s; y) / N (y: the
+    matched teacher scores, 0 for unmatched), l1 = l1_weight * sum |b_i - b_j|_1 / N,
+    giou = giou_weight * sum (1 - GIoU) / N; summed over layers, times weight."""
+    from itertools import permutations
+
+    out = {"cls": 0.0, "l1": 0.0, "giou": 0.0}
+    ls, lt = len(s_layers), len(t_layers)
+    for i in range(ls):
+        j = max(0, round((i + 1) * lt / ls) - 1)
+        s_logits, s_boxes = (np.asarray(x, dtype=np.float64) for x in s_layers[i])
+        t_logits, t_boxes = (np.asarray(x, dtype=np.float64) for x in t_layers[j])
+        y_all = sigmoid(t_logits)
+        nb, qs, _ = s_logits.shape
+        qt = t_logits.shape[1]
+        sums = {"cls": 0.0, "l1": 0.0, "giou": 0.0}
+        matched = 0
+        for b in range(nb):
+            table = np.zeros((qs, qt))
+            for si in range(qs):
+                for tj in range(qt):
+                    bce = _bce_with_logits(s_logits[b, si], y_all[b, tj]).sum()
+                    l1 = np.abs(s_boxes[b, si] - t_boxes[b, tj]).sum()
+                    g = _giou_corners(_corners(s_boxes[b, si]), _corners(t_boxes[b, tj]))
+                    table[si, tj] = cls_weight * bce + l1_weight * l1 - giou_weight * g
+            best = min(permutations(range(qs), qt),
+                       key=lambda p: sum(table[p[tj], tj] for tj in range(qt)))
+            target = np.zeros_like(s_logits[b])
+            for tj, si in enumerate(best):
+                target[si] = y_all[b, tj]
+                sums["l1"] += float(np.abs(s_boxes[b, si] - t_boxes[b, tj]).sum())
+                sums["giou"] += 1.0 - _giou_corners(_corners(s_boxes[b, si]),
+                                                    _corners(t_boxes[b, tj]))
+                matched += 1
+            sums["cls"] += float(_bce_with_logits(s_logits[b], target).sum())
+        n = max(matched, 1)
+        out["cls"] += weight * cls_weight * sums["cls"] / n
+        out["l1"] += weight * l1_weight * sums["l1"] / n
+        out["giou"] += weight * giou_weight * sums["giou"] / n
+    return out

@@ -278,3 +278,55 @@ def test_crosskd_equals_the_reference(padded: bool, options: dict) -> None:
     out["distill/cls"].backward(retain_graph=True)
     assert all(h.logits.grad is not None for h in cross.values())
     assert all(h.logits.grad is None for h in ctx.student_head.values())  # its own head: none
+
+
+# ------------------------------------------------------------------------------- detr_kd
+
+
+def _queries(gen, layers: int, queries: int, grad: bool = False):
+    from structkd.methods import QueryLayer
+
+    out = []
+    for _ in range(layers):
+        logits = (torch.randn(2, queries, 3, generator=gen, dtype=torch.float64) * 2)
+        centre = torch.rand(2, queries, 2, generator=gen, dtype=torch.float64) * 0.6 + 0.2
+        size = torch.rand(2, queries, 2, generator=gen, dtype=torch.float64) * 0.4 + 0.05
+        boxes = torch.cat([centre, size], dim=-1)
+        out.append(QueryLayer(logits.requires_grad_(grad), boxes.requires_grad_(grad)))
+    return out
+
+
+@pytest.mark.parametrize(("layers", "queries", "options"), [
+    ((3, 3), (4, 4), {}),
+    ((2, 4), (5, 4), {"l1_weight": 1.0, "weight": 2.0}),  # a student query left unmatched
+    ((3, 2), (4, 4), {"giou_weight": 0.5}),
+])
+def test_detr_kd_equals_the_brute_force_reference(layers, queries, options) -> None:
+    gen = torch.Generator().manual_seed(0)
+    s = _queries(gen, layers[0], queries[0], grad=True)
+    t = _queries(gen, layers[1], queries[1])
+    ctx = dataclasses.replace(context(), student_queries=s, teacher_queries=t)
+    method = build_method("detr_kd", LEVELS, **options).double()
+    out = method(ctx)
+    assert set(out) == {"distill/cls", "distill/l1", "distill/giou"}
+    ref = reference().detr_kd([(np_(q.logits), np_(q.boxes)) for q in s],
+                              [(np_(q.logits), np_(q.boxes)) for q in t], **options)
+    for k in ("cls", "l1", "giou"):
+        assert float(out[f"distill/{k}"].detach()) == pytest.approx(ref[k], rel=1e-10), k
+    sum(out.values()).backward()
+    assert all(q.logits.grad is not None and q.boxes.grad is not None for q in s)
+    assert set(method.level_values) == {f"layer{i}" for i in range(layers[0])}
+
+
+def test_detr_kd_of_a_student_equal_to_its_teacher_leaves_only_the_entropy() -> None:
+    """Matched to itself: no box loss, and the class term is the teacher scores' own entropy
+    (the minimum of the BCE against soft targets)."""
+    gen = torch.Generator().manual_seed(1)
+    t = _queries(gen, 2, 4)
+    ctx = dataclasses.replace(context(), student_queries=t, teacher_queries=t)
+    out = build_method("detr_kd", LEVELS).double()(ctx)
+    assert float(out["distill/l1"]) == pytest.approx(0.0, abs=1e-12)
+    assert float(out["distill/giou"]) == pytest.approx(0.0, abs=1e-6)
+    p = torch.stack([q.logits for q in t]).sigmoid()
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log()).sum() / (2 * 4)  # N = 8 pairs a layer
+    assert float(out["distill/cls"]) == pytest.approx(float(entropy), rel=1e-9)

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..methods.context import HeadLevel
+from ..methods.context import HeadLevel, QueryLayer
 
 __all__ = ["Detector", "HeadInfo", "WrappedDetector", "remove_hooks", "unwrap"]
 
@@ -37,8 +37,9 @@ __all__ = ["Detector", "HeadInfo", "WrappedDetector", "remove_hooks", "unwrap"]
 @dataclass(frozen=True)
 class HeadInfo:
     """What a detector's head gives a head-level method: ``kind`` "dense" (per-location class
-    logits and boxes, :class:`~structkd.methods.HeadLevel`) or None (none that structkd
-    reads, ``why`` says so); ``bins``: the bins of its per-edge box distribution (DFL), 0
+    logits and boxes, :class:`~structkd.methods.HeadLevel`), "detr" (per decoder layer, class
+    logits and boxes per query, :class:`~structkd.methods.QueryLayer`) or None (none that
+    structkd reads, ``why`` says so); ``bins``: the bins of its per-edge box distribution (DFL), 0
     without one; ``anchors``: anchors per location; ``name``: how messages call the head."""
 
     kind: str | None
@@ -90,6 +91,16 @@ class Detector:
                     batch_shape: tuple[int, int]) -> list[HeadLevel]:
         """The head's raw predictions (``raw``, from ``levels`` of a batch of ``batch_shape``)
         as one :class:`HeadLevel` per level, in the levels' order."""
+        raise ValueError(self.head_info().why)
+
+    def query_layers(self, raw: Any) -> list[QueryLayer]:
+        """A DETR-family detector's raw output (its model's, recorded at ``head_path``) as its
+        predictions per decoder layer, first to last, denoising queries left out."""
+        raise ValueError(self.head_info().why)
+
+    def run_queries(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]] | None) -> Any:
+        """The raw output of a DETR-family detector (eval mode) on a batched input: what
+        :meth:`query_layers` reads (a teacher's decoder run on the student's batch)."""
         raise ValueError(self.head_info().why)
 
     def cross_cuts(self, cut: int) -> dict[str, str | None]:

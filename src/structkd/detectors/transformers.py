@@ -24,6 +24,7 @@ the whole model (the teacher stops as soon as its tapped levels are computed).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from .protocol import WrappedDetector
+from ..methods.context import QueryLayer
+from .protocol import HeadInfo, WrappedDetector
 
 __all__ = ["TransformersDetector", "is_transformers_detector"]
 
@@ -108,10 +110,46 @@ class TransformersDetector(WrappedDetector):
         self.detections_per_img = int(detections_per_img)
         self.score_thresh = float(score_thresh)
         self._mask = "pixel_mask" in inspect.signature(model.forward).parameters
+        if self._sigmoid_decoder():
+            self.head_path = "model"  # its output holds every decoder layer's predictions
 
     @property
     def num_classes(self) -> int:
         return self.num_labels + 1
+
+    def _sigmoid_decoder(self) -> bool:
+        """Whether the model reports every decoder layer's sigmoid logits and boxes (RT-DETR,
+        RT-DETRv2, D-FINE, DEIMv2: ``intermediate_logits``)."""
+        return self.model.config.model_type in _ENCODER_TAPPED
+
+    def head_info(self) -> HeadInfo:
+        kind = self.model.config.model_type
+        if not self._sigmoid_decoder():
+            return HeadInfo(None, name=kind, why=f"structkd reads the decoder layers of "
+                            f"{list(_ENCODER_TAPPED)} models (sigmoid classifiers), not {kind}'s")
+        return HeadInfo("detr", name=kind, why=f"{kind} is a DETR-family detector: its "
+                        "predictions are per query, not per location")
+
+    def _kwargs(self, x: Tensor, sizes: Sequence[tuple[int, int]] | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self._mask:
+            mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.long, device=x.device)
+            for i, (h, w) in enumerate(sizes or [tuple(x.shape[-2:])] * x.shape[0]):
+                mask[i, :h, :w] = 1
+            kwargs["pixel_mask"] = mask
+        return kwargs
+
+    def query_layers(self, raw: Any) -> list[QueryLayer]:
+        logits, boxes = raw.intermediate_logits, raw.intermediate_reference_points
+        meta = getattr(raw, "denoising_meta_values", None)
+        if meta is not None:  # training: the denoising queries come first
+            dn = int(meta["dn_num_split"][0])
+            logits, boxes = logits[:, :, dn:], boxes[:, :, dn:]
+        return [QueryLayer(logits[:, i], boxes[:, i]) for i in range(logits.shape[1])]
+
+    def run_queries(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]] | None) -> Any:
+        self._check_queries(*batch.shape[-2:])
+        return self.model(pixel_values=batch, **self._kwargs(batch, image_sizes))
 
     def options(self) -> dict[str, Any]:
         return dict(self._options)

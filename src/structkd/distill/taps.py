@@ -229,7 +229,7 @@ class FeatureTap:
         if "__head__" not in self._store:
             raise RuntimeError(f"the head '{self.head_path}' did not run in the last forward")
         args, output = self._store["__head__"]
-        return list(args[0]), output
+        return (list(args[0]) if args else []), output  # a model called by keywords: none
 
     def cross(self) -> dict[str, list[Tensor]]:
         """Per head branch, its feature at the cut, one map per level (``cross_paths``; a

@@ -8,6 +8,7 @@ would have left it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..detectors import protocol_of
-from ..methods import HeadLevel
+from ..methods import HeadLevel, QueryLayer
 from .pairing import LevelInfo, measure_levels
 from .taps import FeatureTap, as_levels, find_module, unwrap
 
@@ -186,14 +187,7 @@ class FrozenTeacher:
 
     def _features(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]] | None
                   ) -> OrderedDict[str, Tensor]:
-        x = batch
-        if self.renormalise:
-            assert self.scale is not None and self.shift is not None
-            x = x * self.scale.to(x) + self.shift.to(x)
-            if image_sizes is not None:  # the teacher's own transform pads with zeros
-                for i, (h, w) in enumerate(image_sizes):
-                    x[i, :, h:, :] = 0
-                    x[i, :, :h, w:] = 0
+        x = self._normalised(batch, image_sizes)
         if self.fused:
             x = x.contiguous(memory_format=torch.channels_last)
         runner = self.runner
@@ -225,6 +219,35 @@ class FrozenTeacher:
         out = view.head_levels(raw, maps, batch_shape)
         target = next(iter(levels.values())).device
         return [_float_on(h, target) for h in out]
+
+    @torch.no_grad()
+    def queries(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]] | None
+                ) -> list[QueryLayer]:
+        """A DETR-family teacher run whole on the student's batch: its predictions per decoder
+        layer (float32, on the batch's device)."""
+        view = protocol_of(self.model)
+        x = batch if self.device is None else batch.to(self.device, non_blocking=True)
+        x = self._normalised(x, image_sizes)
+        with contextlib.ExitStack() as stack:
+            if self.dtype is not None:
+                stack.enter_context(torch.autocast(x.device.type, dtype=self.dtype,
+                                                   enabled=self.dtype != torch.float32))
+            layers = view.query_layers(view.run_queries(x, image_sizes))
+        return [QueryLayer(q.logits.to(batch.device, torch.float32),
+                           q.boxes.to(batch.device, torch.float32)) for q in layers]
+
+    def _normalised(self, x: Tensor, image_sizes: Sequence[tuple[int, int]] | None) -> Tensor:
+        """The student's batch in the teacher's normalisation, padding zero as the teacher's
+        own transform leaves it."""
+        if not self.renormalise:
+            return x
+        assert self.scale is not None and self.shift is not None
+        x = x * self.scale.to(x) + self.shift.to(x)
+        if image_sizes is not None:
+            for i, (h, w) in enumerate(image_sizes):
+                x[i, :, h:, :] = 0
+                x[i, :, :h, w:] = 0
+        return x
 
     def _run(self, runner: nn.Module, x: Tensor) -> OrderedDict[str, Tensor]:
         if self.fused:

@@ -22,7 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from ..detectors import detector_family, family_defaults, protocol_of
-from ..methods import DEFAULT_METHOD, DistillMethod, HeadLevel, build_method, resolve_method
+from ..methods import (
+    DEFAULT_METHOD,
+    DistillMethod,
+    HeadLevel,
+    QueryLayer,
+    build_method,
+    resolve_method,
+)
 from ..methods.together import SEPARATOR, Together, split_names
 from .pairing import LevelInfo, LevelPair, measure_levels, pair_levels, paired_maps
 from .taps import FeatureTap, find_module, unwrap
@@ -92,6 +99,10 @@ class CachedTeacher:
         raise ValueError(f"the teacher cache {self.cache.root} holds features only, no head "
                          "predictions")
 
+    def queries(self, batch: Tensor, image_sizes: Any) -> list[QueryLayer]:
+        raise ValueError(f"the teacher cache {self.cache.root} holds features only, no "
+                         "decoder predictions")
+
     def fingerprint(self) -> str:
         return self.cache.teacher_fingerprint
 
@@ -149,6 +160,15 @@ class Wiring:
     options: dict[str, Any]
     head_view: Any = None  # the student's protocol where the method reads head outputs
     cross: Any = None  # CrossKD: (the method or part that adapts, the teacher's protocol)
+
+    def queries(self, batch: Tensor, image_sizes: Any
+                ) -> tuple[list[QueryLayer], list[QueryLayer]]:
+        """After a student forward: both DETR-family detectors' predictions per decoder layer
+        (the student's from its own forward, with gradient; the teacher run whole on the
+        same batch)."""
+        student = self.head_view.query_layers(self.tap.head()[1])
+        teacher = self.teacher.queries(batch, image_sizes)  # type: ignore[attr-defined]
+        return student, teacher
 
     def cross_heads(self, t_levels: dict[str, Tensor], batch_shape: tuple[int, int]
                     ) -> dict[str, HeadLevel]:
@@ -395,6 +415,10 @@ def wire(student: nn.Module, teacher: nn.Module | TeacherCache,
                   head_view, cross)
 
 
+_KINDS = {"dense": "a dense head's predictions per location (RetinaNet, FCOS, YOLO)",
+          "detr": "a DETR decoder's predictions per query (RT-DETR, D-FINE)"}
+
+
 def check_heads(cls: type[DistillMethod] | DistillMethod, student_view: Any,
                 teacher: nn.Module | TeacherCache, *, student_layers: Any = None,
                 teacher_layers: Any = None, teacher_root: str | None = None) -> None:
@@ -416,9 +440,12 @@ def check_heads(cls: type[DistillMethod] | DistillMethod, student_view: Any,
     t_view = protocol_of(teacher)
     for role, v in (("student", student_view), ("teacher", t_view)):
         info = v.head_info()
+        if info.kind is None:
+            raise ValueError(f"{name} needs {_KINDS[cls.needs_head]}; the {role}'s head gives "
+                             f"none: {info.why}")
         if info.kind != cls.needs_head:
-            raise ValueError(f"{name} needs {cls.needs_head} head outputs; the {role}'s "
-                             f"head gives none: {info.why}")
+            raise ValueError(f"{name} needs {_KINDS[cls.needs_head]}; the {role} {info.name} "
+                             f"gives {_KINDS[info.kind]}")
         if cls.needs_distribution and not info.bins:
             raise ValueError(f"{name} needs box distributions; the {role} {info.why}")
     if cls.needs_distribution:

@@ -7,15 +7,16 @@ your own. Every method receives a :class:`DistillContext` and returns named, wei
 # isort: off
 from . import imitation  # noqa: F401  (registered first: listed first)
 from . import cwd, fgd, mgd, pkd  # noqa: F401
-from . import bckd, crosskd, ld, scoreweighted  # noqa: F401  (head-level methods after the feature ones)
+from . import bckd, crosskd, detr_kd, ld, scoreweighted  # noqa: F401  (head-level methods after the feature ones)
 # isort: on
 from ..checks import check_choice, check_positive
 from .base import DistillMethod
 from .bckd import BCKD
 from .connectors import ADAPTERS, GcBlock, generator, make_adapter, make_adapters
-from .context import DistillContext, Group, HeadLevel, Level
+from .context import DistillContext, Group, HeadLevel, Level, QueryLayer
 from .crosskd import CrossKD
 from .cwd import CWD
+from .detr_kd import DetrKD
 from .fgd import FGD
 from .imitation import FeatureImitation
 from .ld import LD
@@ -48,6 +49,7 @@ __all__ = [
     "MGD",
     "PKD",
     "CrossKD",
+    "DetrKD",
     "DistillContext",
     "DistillMethod",
     "FeatureImitation",
@@ -56,6 +58,7 @@ __all__ = [
     "HeadLevel",
     "Level",
     "MethodInfo",
+    "QueryLayer",
     "ScoreWeighted",
     "build_method",
     "check_choice",

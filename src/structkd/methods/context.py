@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DistillContext", "Group", "HeadLevel", "Level"]
+__all__ = ["DistillContext", "Group", "HeadLevel", "Level", "QueryLayer"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,16 @@ class HeadLevel:
 
 
 @dataclass(frozen=True)
+class QueryLayer:
+    """One decoder layer's predictions of a DETR-family detector (denoising queries left out):
+    ``logits`` (B, Q, K) of a sigmoid classifier over the K object classes, ``boxes`` (B, Q, 4)
+    as (cx, cy, w, h) normalised by the batched input's width and height."""
+
+    logits: Tensor
+    boxes: Tensor
+
+
+@dataclass(frozen=True)
 class Group:
     """Images of a batch whose valid regions at one level have the same size."""
 
@@ -138,7 +148,8 @@ class DistillContext:
     level names to the dense heads' predictions (:class:`HeadLevel`, one anchor layout on both
     sides) when the method needs them; the student's with gradient, the teacher's detached.
     ``cross_head``: the teacher's head layers run on the student's head features (CrossKD),
-    with gradient to the student.
+    with gradient to the student. ``student_queries`` / ``teacher_queries``: a DETR-family
+    detector's predictions per decoder layer (:class:`QueryLayer`), for methods that read them.
     """
 
     student: Mapping[str, Tensor]
@@ -151,6 +162,8 @@ class DistillContext:
     student_head: Mapping[str, HeadLevel] | None = None
     teacher_head: Mapping[str, HeadLevel] | None = None
     cross_head: Mapping[str, HeadLevel] | None = None
+    student_queries: Sequence[QueryLayer] | None = None
+    teacher_queries: Sequence[QueryLayer] | None = None
 
     @property
     def batch_size(self) -> int:
