@@ -30,11 +30,8 @@ def methods_text() -> str:
                                                      for a, p in info.aliases.items()))
         if info.needs_boxes:
             lines.append("    needs the ground-truth boxes")
-        if info.needs_distribution:
-            lines.append("    reads both heads' box distributions: DFL heads (YOLOv8, YOLO11)")
-        elif info.needs_head:
-            lines.append("    reads both dense heads' predictions: RetinaNet, FCOS (torchvision), "
-                         "YOLOv8 / YOLO11 / YOLO26 (Ultralytics)")
+        if info.needs_head:
+            lines.append(f"    reads both detectors' heads: {info.supports}")
     lines.append("several at once: join names with '+' (distill.method=mgd+bckd), options per "
                  "method (distill.options={bckd: {loc_weight: 2.0}})")
     return "\n".join(lines)

@@ -58,6 +58,7 @@ class DistillMethod(nn.Module):
     compares_classes: ClassVar[bool] = False
     cross_cut: int | None = None  # CrossKD: the head layer after which the student's is read
     uses_features: ClassVar[bool] = True
+    supports: ClassVar[str] = "every family"  # the detectors it reads, in words
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     preset_strides: ClassVar[Mapping[str, tuple[int, ...]]] = {}
 

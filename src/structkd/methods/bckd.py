@@ -39,6 +39,7 @@ class BCKD(DistillMethod):
     needs_head = "dense"
     compares_classes = True
     uses_features = False
+    supports = "dense heads: RetinaNet, FCOS (torchvision), YOLOv8 / YOLO11 / YOLO26"
 
     def __init__(self, levels: Sequence[Level] | Mapping[str, Level], *, weight: float = 1.0,
                  cls_weight: float = 1.0, loc_weight: float = 4.0, beta: float = 1.0) -> None:

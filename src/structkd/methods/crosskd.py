@@ -46,6 +46,7 @@ class CrossKD(DistillMethod):
     needs_head = "dense"
     compares_classes = True
     uses_features = False
+    supports = "torchvision RetinaNet and FCOS heads, student and teacher of one design"
 
     def __init__(self, levels: Sequence[Level] | Mapping[str, Level], *, weight: float = 1.0,
                  cut: int = 3, cls_weight: float = 1.0, loc_weight: float = 1.0,

@@ -58,6 +58,7 @@ class LD(DistillMethod):
     needs_distribution = True
     needs_boxes = True
     uses_features = False
+    supports = "heads with box distributions (DFL): YOLOv8, YOLO11"
 
     def __init__(self, levels: Sequence[Level] | Mapping[str, Level], *, weight: float = 0.25,
                  temperature: float = 10.0) -> None:

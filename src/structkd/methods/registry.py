@@ -160,6 +160,7 @@ class MethodInfo:
     needs_boxes: bool
     needs_head: str | None = None
     needs_distribution: bool = False
+    supports: str = "every family"
     extra_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     presets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     preset_strides: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
@@ -173,7 +174,8 @@ def method_info(name: str) -> MethodInfo:
     return MethodInfo(
         name=cls.name, summary=doc.splitlines()[0] if doc else "", paper=cls.paper,
         options=options, needs_boxes=cls.needs_boxes, needs_head=cls.needs_head,
-        needs_distribution=cls.needs_distribution, extra_options=extra,
+        needs_distribution=cls.needs_distribution, supports=cls.supports,
+        extra_options=extra,
         presets={k: dict(v) for k, v in cls.presets.items()},
         preset_strides={k: tuple(v) for k, v in cls.preset_strides.items()},
         aliases={a: p for a, (base, p) in ALIASES.items() if base == cls.name},

@@ -62,6 +62,7 @@ class ScoreWeighted(DistillMethod):
              "on the Detect head's inputs")
     needs_head = "dense"
     uses_features = False  # its own projectors, not the base's adapters
+    supports = "dense heads: RetinaNet, FCOS (torchvision), YOLOv8 / YOLO11 / YOLO26"
 
     def __init__(self, levels: Sequence[Level] | Mapping[str, Level], *,
                  weight: float = 6.0) -> None:
