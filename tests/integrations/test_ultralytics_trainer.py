@@ -180,6 +180,24 @@ def test_yolo11_teacher_into_yolo11_student_scoreweighted(yolo_data: Path, tmp_p
     assert set(model.trainer.distillation.method.projectors) == {"s8", "s16", "s32"}
 
 
+def test_a_feature_and_a_head_method_together_in_ultralytics_trainer(
+        yolo_data: Path, tmp_path: Path, one_thread: None) -> None:
+    """``scoreweighted+bckd`` inside Ultralytics' trainer: one wiring, both parts trained and
+    summed (the projectors of the first get gradients)."""
+    from structkd.detectors.ultralytics_build import yolo_detector
+    from structkd.methods.together import Together
+
+    teacher = yolo_detector("yolo11n.yaml", NUM_CLASSES)
+    record: dict[str, Any] = {}
+    trainer = _probe(distill_trainer(teacher, "scoreweighted+bckd",
+                                            bckd={"loc_weight": 2.0}), record)
+    model = _train("yolo26n.yaml", trainer, yolo_data, tmp_path / "runs")
+    _check_run(model, record)
+    method = model.trainer.distillation.method
+    assert isinstance(method, Together) and list(method.parts) == ["scoreweighted", "bckd"]
+    assert method.parts["bckd"].loc_weight == 2.0
+
+
 def test_torchvision_retinanet_teacher_into_yolov8_student_ssim(
         yolo_data: Path, tmp_path: Path, one_thread: None) -> None:
     from structkd.models import DetectorSpec, build_detector

@@ -351,3 +351,19 @@ def test_a_teacher_with_random_weights_is_refused_unless_allowed(coco_data) -> N
                                      "teacher.allow_untrained=true"])
         model, _ = load_teacher(cfg, 7)
         assert isinstance(model, nn.Module) and len(list(model.parameters())) > 0
+
+
+def test_several_methods_as_a_yaml_list_or_a_joined_name(tmp_path: Path) -> None:
+    """``method: [mgd, bckd]`` in YAML is ``mgd+bckd`` (what runs and tables show); options go
+    per method, checked per method before any detector exists."""
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  method: [mgd, bckd]\n  weight: auto\n"
+                    "  options:\n    bckd: {loc_weight: 2.0}\n")
+    cfg = load_config(path)
+    assert cfg.distill.method == "mgd+bckd"
+    assert cfg.distill.options == {"bckd": {"loc_weight": 2.0}}
+    assert load_config(overrides=["distill.method=mgd+bckd"]).distill.method == "mgd+bckd"
+    with pytest.raises(ConfigError, match=r"options of several methods are given per method"):
+        load_config(overrides=["distill.method=[mgd, bckd]", "distill.options={beta: 2.0}"])
+    with pytest.raises(ConfigError, match=r"'nosuch' is unknown"):
+        load_config(overrides=["distill.method=[mgd, nosuch]"])

@@ -45,7 +45,10 @@ class Distiller(nn.Module):
             written once by ``structkd cache-teacher``, looked up by each target's
             ``image_id`` and ``hflip`` (the teacher is then not needed at all).
         method: a registered method name or alias (``structkd methods`` lists them:
-            "ssim", "l1", "mse", "pkd", "cwd", "mgd", "fgd", ...) or a built ``DistillMethod``.
+            "ssim", "l1", "mse", "pkd", "cwd", "mgd", "fgd", "scoreweighted", "bckd", "ld",
+            "crosskd", "detr_kd", ...), several (``["mgd", "bckd"]`` or ``"mgd+bckd"``: their
+            options then go per method, ``bckd={"loc_weight": 2.0}``), or a built
+            ``DistillMethod``.
         weight: the method's overall weight (None: the method's default or its preset's;
             "auto": measured before training by :func:`~structkd.distill.calibrate_weight`,
             which ``fit`` calls on the first batches; the Distiller refuses to train until then).
@@ -77,7 +80,7 @@ class Distiller(nn.Module):
 
     def __init__(
         self, student: nn.Module, teacher: nn.Module | TeacherCache,
-        method: str | DistillMethod = DEFAULT_METHOD, *,
+        method: str | list[str] | DistillMethod = DEFAULT_METHOD, *,
         weight: float | Literal["auto"] | None = None, levels: list[str] | None = None,
         student_layers: str | list[str] | None = None,
         teacher_layers: str | list[str] | None = None, teacher_root: str | None = None,

@@ -301,7 +301,8 @@ def _same_model(a: nn.Module, b: nn.Module) -> bool:
 
 
 def wire(student: nn.Module, teacher: nn.Module | TeacherCache,
-         method: str | DistillMethod = DEFAULT_METHOD, *, levels: list[str] | None = None,
+         method: str | list[str] | DistillMethod = DEFAULT_METHOD, *,
+         levels: list[str] | None = None,
          student_layers: str | list[str] | None = None,
          teacher_layers: str | list[str] | None = None, teacher_root: str | None = None,
          teacher_dtype: TeacherDtype | torch.dtype | None = None,

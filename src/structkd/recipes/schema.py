@@ -45,6 +45,7 @@ from ..detectors import DetectorFamily
 from ..distill import Distiller
 from ..engine.options import Balance, Loader, Optim, Schedule, TrainerOptions
 from ..methods import DEFAULT_METHOD, check_method
+from ..methods.together import SEPARATOR, split_names
 from ..models import DetectorSpec
 from ..models.create import source_kind
 from ..models.load import close_names, torchvision_builders
@@ -339,6 +340,11 @@ def check_distill(cfg: Config) -> None:
                               ) from None
     if "weight" in d.options:
         raise ConfigError("distill.options.weight: set distill.weight instead")
+    if isinstance(d.method, list):  # several methods: one name, as runs and tables show it
+        try:
+            d.method = SEPARATOR.join(split_names(d.method))
+        except ValueError as e:
+            raise ConfigError(f"distill.method={d.method!r}: {e}") from None
     if d.method == "none":
         return
     method = d.method or DEFAULT_METHOD  # null: the default when there is a teacher
