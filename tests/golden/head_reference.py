@@ -172,6 +172,130 @@ def ld(s_dist: dict, t_dist: dict, s_logits: dict, boxes: list, stride: dict, of
     return weight * total / nb
 
 
+def _iou_corners_plain(a, b) -> float:
+    """Plain IoU of two corner boxes (x1, y1, x2, y2); 0 when the union is 0."""
+    area_a = max(a[2] - a[0], 0.0) * max(a[3] - a[1], 0.0)
+    area_b = max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = iw * ih
+    union = area_a + area_b - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _diou_corners(a, b) -> float:
+    """DIoU = IoU - rho^2 / c^2: rho the distance between the boxes' centres, c the diagonal of
+    the smallest box enclosing both (the penalty is 0 when c is 0)."""
+    rho2 = (((a[0] + a[2]) / 2 - (b[0] + b[2]) / 2) ** 2
+            + ((a[1] + a[3]) / 2 - (b[1] + b[3]) / 2) ** 2)
+    c2 = (max(a[2], b[2]) - min(a[0], b[0])) ** 2 + (max(a[3], b[3]) - min(a[1], b[1])) ** 2
+    return _iou_corners_plain(a, b) - (rho2 / c2 if c2 > 0 else 0.0)
+
+
+def ld_vlr(s_dist: dict, t_dist: dict, boxes: list, stride: dict, offset: float,
+           valid: dict | None = None, temperature: float = 10.0, weight: float = 0.25,
+           gamma: float = 0.25, anchor_scale: float = 8.0, topk: int = 9) -> float:
+    """Localization Distillation (Zheng et al., CVPR 2022), valuable localization region (VLR).
+
+    Distributions (B, A, 4, R, H, W) logits over R bins per edge; ``boxes`` one (n_i, 4) array of
+    x1, y1, x2, y2 (pixels) per image (may have zero rows); cell (i, j) of level ``name`` (the
+    dict's keys, in order) has centre x = (j + offset) * stride[name], y = (i + offset) *
+    stride[name]; ``valid[name]`` optional (B, H, W), valid where > 0.5 (None / missing: all).
+      Anchor: every location has a virtual square anchor of side anchor_scale * stride[name]
+         centred at its centre (shared by the A anchors of the location).
+      t_g (per image, per box g): candidates = on each level the ``topk`` cells (all cells when
+         the level has fewer; valid or not) whose centres are nearest g's centre
+         ((x1 + x2) / 2, (y1 + y2) / 2) by Euclidean distance, ties to the lower flat index
+         i * W + j; t_g = mean + std (ddof=1) of IoU(anchor, g) over all candidates of all
+         levels (std taken as 0 when there is a single candidate).
+      IoU plain (0 when the union is 0); DIoU = IoU - rho^2 / c^2 (rho: distance between the
+         centres; c: diagonal of the smallest enclosing box).
+      M: cells whose centre lies strictly inside some box of its image (x1 < x < x2, y1 < y < y2).
+      VLR: valid cells not in M with gamma * t_g <= DIoU(anchor, g) < t_g for some g of the
+         image; v(a) = IoU(anchor, g*), g* the qualifying box of largest IoU (= the largest IoU
+         over qualifying boxes). Every other cell has weight 0.
+      ld(a, e) = T^2 * (1/R) * sum_r q_t[r] (log q_t[r] - log q_s[r]),
+         q = softmax over the R bins of dist / T (logs via log-softmax), T = temperature.
+    Returns weight * sum_levels sum_b sum_{a in VLR} sum_anchors v(a) * (1/16) sum_e ld(a, e) / B.
+    """
+    T = float(temperature)
+    names = list(s_dist)
+    if not names:
+        return 0.0
+    shapes = {}
+    for name in names:
+        nb, na, ne, r, h, w = np.asarray(s_dist[name]).shape
+        shapes[name] = (h, w)
+    nb = np.asarray(s_dist[names[0]]).shape[0]
+
+    def centre(name: str, i: int, j: int) -> tuple:
+        st = stride[name]
+        return (j + offset) * st, (i + offset) * st
+
+    def anchor(name: str, i: int, j: int) -> tuple:
+        x, y = centre(name, i, j)
+        half = anchor_scale * stride[name] / 2.0
+        return (x - half, y - half, x + half, y + half)
+
+    # Thresholds t_g per image and box.
+    thresholds = []
+    for b in range(nb):
+        bx = np.asarray(boxes[b], dtype=np.float64).reshape(-1, 4)
+        t_img = []
+        for g in bx:
+            gx, gy = (g[0] + g[2]) / 2.0, (g[1] + g[3]) / 2.0
+            ious = []
+            for name in names:
+                h, w = shapes[name]
+                cells = []
+                for i in range(h):
+                    for j in range(w):
+                        x, y = centre(name, i, j)
+                        d = float(np.sqrt((x - gx) ** 2 + (y - gy) ** 2))
+                        cells.append((d, i * w + j, i, j))
+                cells.sort(key=lambda c: (c[0], c[1]))
+                for _, _, i, j in cells[:topk]:
+                    ious.append(_iou_corners_plain(anchor(name, i, j), g))
+            ious = np.asarray(ious, dtype=np.float64)
+            std = float(ious.std(ddof=1)) if len(ious) > 1 else 0.0
+            t_img.append(float(ious.mean()) + std if len(ious) else float("inf"))
+        thresholds.append(t_img)
+
+    total = 0.0
+    for name in names:
+        sd = np.asarray(s_dist[name], dtype=np.float64)
+        td = np.asarray(t_dist[name], dtype=np.float64)
+        _, na, ne, r, h, w = sd.shape
+        v = _valid_or_ones(valid, name, nb, h, w)
+        log_qs = _log_softmax(sd / T, axis=3)
+        log_qt = _log_softmax(td / T, axis=3)
+        q_t = np.exp(log_qt)
+        kl = T * T * (q_t * (log_qt - log_qs)).sum(axis=3) / r       # (B, A, 4, H, W)
+        for b in range(nb):
+            bx = np.asarray(boxes[b], dtype=np.float64).reshape(-1, 4)
+            for i in range(h):
+                for j in range(w):
+                    if not v[b, i, j]:
+                        continue
+                    x, y = centre(name, i, j)
+                    if any(x1 < x < x2 and y1 < y < y2 for x1, y1, x2, y2 in bx):
+                        continue
+                    an = anchor(name, i, j)
+                    best = None
+                    for k, g in enumerate(bx):
+                        t_g = thresholds[b][k]
+                        if gamma * t_g <= _diou_corners(an, g) < t_g:
+                            iou = _iou_corners_plain(an, g)
+                            if best is None or iou > best:
+                                best = iou
+                    if best is None:
+                        continue
+                    for a in range(na):
+                        edge_sum = sum(float(kl[b, a, e, i, j]) for e in range(ne))
+                        total += best * edge_sum / 16.0
+    return weight * total / nb
+
+
 def crosskd(c_logits: dict, t_logits: dict, c_ltrb: dict, t_ltrb: dict,
             valid: dict | None = None, cls_weight: float = 1.0, loc_weight: float = 1.0,
             beta: float = 1.0, weight: float = 1.0) -> dict:

@@ -187,7 +187,7 @@ def test_ld_equals_the_reference(options: dict, padded: bool) -> None:
                          {n: h.stride for n, h in s_head.items()}, 0.5, valid=_valid(ctx),
                          **options)
     assert ref > 0
-    assert float(out["distill"].detach()) == pytest.approx(ref, rel=1e-12)
+    assert float(out["distill/main"].detach()) == pytest.approx(ref, rel=1e-12)
 
 
 def test_ld_gradients_reach_the_student_distributions_only() -> None:
@@ -198,7 +198,8 @@ def test_ld_gradients_reach_the_student_distributions_only() -> None:
     def f(*xs):
         s_head = {n: dataclasses.replace(ctx.student_head[n], distribution=x)
                   for n, x in zip(names, xs, strict=True)}
-        return method(dataclasses.replace(ctx, student_head=s_head))["distill"]
+        out = method(dataclasses.replace(ctx, student_head=s_head))
+        return out["distill/main"] + out["distill/vlr"]
 
     xs = [ctx.student_head[n].distribution.detach().clone().requires_grad_(True)
           for n in names]
@@ -330,3 +331,30 @@ def test_detr_kd_of_a_student_equal_to_its_teacher_leaves_only_the_entropy() -> 
     p = torch.stack([q.logits for q in t]).sigmoid()
     entropy = -(p * p.log() + (1 - p) * (1 - p).log()).sum() / (2 * 4)  # N = 8 pairs a layer
     assert float(out["distill/cls"]) == pytest.approx(float(entropy), rel=1e-9)
+
+
+@pytest.mark.parametrize("options", [{}, {"gamma": 0.0, "topk": 4, "vlr_weight": 2.0},
+                                     {"anchor_scale": 4.0}])
+@pytest.mark.parametrize("padded", [False, True])
+def test_ld_valuable_localization_region_equals_the_reference(options: dict,
+                                                              padded: bool) -> None:
+    ctx = dataclasses.replace(context(bins=8), boxes=_boxes())
+    if padded:
+        ctx = dataclasses.replace(ctx, image_sizes=[(30, 40), (48, 56)])
+    method = build_method("ld", LEVELS, **options).double()
+    out = method(ctx)
+    s_head, t_head = ctx.student_head, ctx.teacher_head
+    ref = reference().ld_vlr({n: np_(h.distribution) for n, h in s_head.items()},
+                             {n: np_(h.distribution) for n, h in t_head.items()},
+                             [b.numpy() for b in ctx.boxes],
+                             {n: h.stride for n, h in s_head.items()}, 0.5, valid=_valid(ctx),
+                             weight=0.25 * options.get("vlr_weight", 1.0),
+                             **{k: v for k, v in options.items() if k != "vlr_weight"})
+    assert ref > 0
+    assert float(out["distill/vlr"].detach()) == pytest.approx(ref, rel=1e-10)
+
+
+def test_ld_without_the_valuable_region_has_the_main_term_only() -> None:
+    ctx = dataclasses.replace(context(bins=8), boxes=_boxes())
+    out = build_method("ld", LEVELS, vlr_weight=0.0).double()(ctx)
+    assert set(out) == {"distill/main"}
