@@ -112,7 +112,7 @@ def test_best_anchor_keeps_the_highest_scoring_anchor() -> None:
                 assert torch.equal(one.ltrb[b, 0, :, y, x], ltrb[b, a, :, y, x])
 
 
-def test_a_teacher_cache_a_head_of_no_kind_and_moved_taps_are_refused(tmp_path) -> None:
+def test_a_head_of_no_kind_and_moved_taps_are_refused() -> None:
     student, teacher = _tv("fcos", width=8), _tv("fcos", width=16)
     with pytest.raises(ValueError, match="leave \\['student_layers'\\] unset"):
         Distiller(student, teacher, "scoreweighted", student_layers="backbone.body")

@@ -261,3 +261,15 @@ def test_a_run_from_the_cache_resumes_exactly(written, coco_data, tmp_path) -> N
     a = load_file(f"{whole.export_prefix}.safetensors")
     b = load_file(f"{resumed.export_prefix}.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["bckd", "mgd+scoreweighted"])
+def test_a_head_method_from_a_cache_is_refused_naming_it(written, method) -> None:
+    """A cache holds the teacher's features only: a method that reads its head is refused
+    before training, with the method's name and what to do."""
+    cfg, cache = written
+    run = build_run(cfg)
+    with pytest.raises(ValueError, match=r"method '(bckd|scoreweighted)' distils the teacher's "
+                                         r"head predictions; a teacher cache .* holds its "
+                                         r"features only: train with the live teacher"):
+        Distiller(copy.deepcopy(run.student).train(), cache, method)
