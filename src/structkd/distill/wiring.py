@@ -253,9 +253,8 @@ def _build_together(names: list[str], student: nn.Module, pairs: list[LevelPair]
                     ) -> tuple[DistillMethod, list[LevelPair]]:
     """Several methods as one (``options``: ``weight``, the overall one, and one mapping of
     options per part, keyed by its name)."""
-    keys = []
-    for n in names:  # a method twice: "mgd", "mgd_2"
-        keys.append(n if n not in keys else f"{n}_{sum(k.split('_')[0] == n for k in keys) + 1}")
+    keys = [n if names[:i].count(n) == 0 else f"{n}_{names[:i].count(n) + 1}"
+            for i, n in enumerate(names)]  # a method twice: "mgd", "mgd_2"
     unknown = sorted(set(options) - {"weight", *keys})
     if unknown:
         raise ValueError(f"options {unknown} of method {'+'.join(names)!r}: options of several "
