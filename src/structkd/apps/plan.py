@@ -72,10 +72,7 @@ ROWS: dict[str, dict[str, Any]] = {
     # the best feature method of the study above with a head method, each at its own weight
     "mgd+bckd": {"method": "mgd+bckd"},
 }
-# The head-level study (issue "Head-level distillation"): its rows beside the best feature
-# method of the study above (MGD), most important first.
-HEAD_STUDY_METHODS = ("none", "mgd", "scoreweighted", "bckd", "crosskd", "mgd+bckd",
-                      "scoreweighted_auto", "bckd_auto", "crosskd_auto")
+
 STUDY_METHODS = ("none", "mse", "mse_matched", "mse_auto", "ssim", "ssim_auto", "pkd",
                  "pkd_matched", "pkd_auto", "cwd", "cwd_matched", "cwd_auto", "mgd",
                  "mgd_matched", "mgd_auto", "fgd", "fgd_matched", "fgd_auto")

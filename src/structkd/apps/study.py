@@ -237,8 +237,8 @@ def _results_markdown(s: dict[str, Any], seeds: int, quick: bool, plan: Plan) ->
         "", "Mean ± sample std over seeds; the paired difference is per seed (same seed, same "
         "initial weights, same data order) against the no-distillation student. 'gap closed': "
         "the mean paired gain as a share of the teacher's AP minus the plain student's. "
-        "'weight': the method's overall weight ('paper': its published default preset for "
-        "RetinaNet).", "",
+        "'weight': the method's overall weight ('paper': its default, `structkd methods`: the "
+        "published preset for RetinaNet where it has presets).", "",
     ]
     if cal:
         lines += ["Matched weights (`*_matched` rows): the weight at which the method's loss "
