@@ -47,6 +47,20 @@ def test_torchvision_students_train_with_head_methods(coco_data, teacher_run, tm
         assert result.distill["weight"] == calibration["weight"] > 0
 
 
+def test_crosskd_trains_a_retinanet_student_through_its_teachers_head(coco_data, teacher_run,
+                                                                     tmp_path) -> None:
+    """RetinaNet (FPN 16) -> RetinaNet (FPN 32): the student's head features at the cut go
+    through the teacher's head (1x1 adapters to its width), which trains the student's first
+    head layers, not its predictors."""
+    result = _run(coco_data, tmp_path / "crosskd", "distill.method=crosskd",
+                  f"teacher.checkpoint={teacher_run.export_prefix}")
+    assert result.steps == 2
+    logged = _terms(result)
+    assert sorted(logged) == ["distill/cls", "distill/loc"]
+    assert all(all(math.isfinite(x) and x > 0 for x in v) for v in logged.values())
+    assert "head.classification_head" in result.distill["start_check"]["reached_groups"]
+
+
 @pytest.mark.parametrize(("student", "method"), [("yolo11n.yaml", "ld"),
                                                  ("yolo26n.yaml", "bckd")])
 def test_ultralytics_students_train_with_head_methods(coco_data, tmp_path, student,

@@ -358,3 +358,34 @@ def test_ld_without_the_valuable_region_has_the_main_term_only() -> None:
     ctx = dataclasses.replace(context(bins=8), boxes=_boxes())
     out = build_method("ld", LEVELS, vlr_weight=0.0).double()(ctx)
     assert set(out) == {"distill/main"}
+
+
+def test_crosskd_and_detr_kd_gradients_match_finite_differences() -> None:
+    ctx = dataclasses.replace(context(), cross_head=context(seed=1).student_head)
+    crosskd = build_method("crosskd", [dataclasses.replace(lv, student_channels=6)
+                                       for lv in LEVELS]).double()
+    names = list(ctx.teacher)
+
+    def cross(*xs):
+        heads = {n: dataclasses.replace(ctx.cross_head[n], logits=xs[2 * i],
+                                        ltrb=xs[2 * i + 1]) for i, n in enumerate(names)}
+        out = crosskd(dataclasses.replace(ctx, cross_head=heads))
+        return out["distill/cls"] + out["distill/loc"]
+
+    xs = [t.detach().clone().requires_grad_(True) for n in names
+          for t in (ctx.cross_head[n].logits, ctx.cross_head[n].ltrb)]
+    assert torch.autograd.gradcheck(cross, xs)
+
+    from structkd.methods import QueryLayer
+
+    gen = torch.Generator().manual_seed(3)
+    s, t = _queries(gen, 2, 4), _queries(gen, 2, 4)
+    detr = build_method("detr_kd", LEVELS).double()
+
+    def queries(*xs):
+        layers = [QueryLayer(xs[2 * i], xs[2 * i + 1]) for i in range(2)]
+        out = detr(dataclasses.replace(ctx, student_queries=layers, teacher_queries=t))
+        return sum(out.values())
+
+    xs = [x.detach().clone().requires_grad_(True) for q in s for x in (q.logits, q.boxes)]
+    assert torch.autograd.gradcheck(queries, xs)  # the matching is fixed near these points
