@@ -124,12 +124,13 @@ def test_a_head_of_no_kind_and_moved_taps_are_refused() -> None:
         Distiller(student, rcnn, "scoreweighted")
 
 
-def test_transformers_decoder_layers_leave_the_denoising_queries_out() -> None:
+@pytest.mark.parametrize("name", ["rt_detr", "rt_detr_v2", "d_fine"])
+def test_transformers_decoder_layers_leave_the_denoising_queries_out(name: str) -> None:
     pytest.importorskip("transformers")
     from structkd.detectors.transformers_build import transformers_detector
 
     torch.manual_seed(0)
-    det = transformers_detector("rt_detr", 4, num_queries=20, min_size=128, max_size=128)
+    det = transformers_detector(name, 4, num_queries=20, min_size=128, max_size=128)
     view = protocol_of(det)
     assert view.head_info().kind == "detr"
     outputs: list = []
@@ -140,7 +141,9 @@ def test_transformers_decoder_layers_leave_the_denoising_queries_out() -> None:
     det.train()(images, targets)
     layers = view.query_layers(outputs[-1])
     assert outputs[-1].intermediate_logits.shape[2] > 20  # denoising queries in training
-    assert len(layers) == det.model.config.decoder_layers
+    # D-FINE reports one more layer in training than its decoder has (an early prediction);
+    # detr_kd pairs layers by relative depth, so the last always meets the teacher's last
+    assert len(layers) >= det.model.config.decoder_layers
     assert all(q.logits.shape == (2, 20, 3) and q.boxes.shape == (2, 20, 4) for q in layers)
     det.eval()
     batch, sizes = view.batch_images(images)

@@ -78,7 +78,8 @@ class DetrKD(DistillMethod):
     needs_head = "detr"
     compares_classes = True
     uses_features = False
-    supports = "DETR decoders with sigmoid classifiers: RT-DETR, RT-DETRv2, D-FINE, DEIMv2"
+    supports = ("DETR decoders with sigmoid classifiers: RT-DETR, RT-DETRv2, D-FINE "
+                "(transformers; DEIMv2 untested)")
 
     def __init__(self, levels: Sequence[Level] | Mapping[str, Level], *, weight: float = 1.0,
                  cls_weight: float = 1.0, l1_weight: float = 5.0,
