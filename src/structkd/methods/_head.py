@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .context import DistillContext
+from ..precision import fp32
+from .context import DistillContext, HeadLevel
 
 EPS = 1e-7  # IoU = (inter + EPS) / (union + EPS); GIoU's enclosing area + EPS
 
@@ -40,3 +41,25 @@ def giou_ltrb(a: Tensor, b: Tensor, dim: int = 2) -> Tensor:
 def soft_bce(logits: Tensor, target: Tensor) -> Tensor:
     """Element-wise BCE of sigmoid(``logits``) against soft targets in [0, 1] (stable form)."""
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+
+
+def soft_positives(ctx: DistillContext, heads: dict[str, HeadLevel]) -> Tensor:
+    """The teacher's soft count of positives, ``max(1, sum over valid locations and anchors
+    of max_k sigmoid(logit))`` over the levels of ``heads`` (detached): the normaliser that
+    stands in for a family's number of assigned positives."""
+    count = None
+    for name, head in heads.items():
+        p_t = fp32(head.logits).detach().sigmoid()
+        w = (p_t.amax(dim=2, keepdim=True) * valid_cells(ctx, name, p_t)).sum()
+        count = w if count is None else count + w
+    assert count is not None, "no levels"
+    return count.clamp(min=1.0)
+
+
+def gap_weighted_bce(logits: Tensor, p_t: Tensor, mask: Tensor, beta: float
+                     ) -> tuple[Tensor, Tensor]:
+    """``sum |p_t - p_s|^beta * BCE(p_s; p_t) * mask`` (the factor keeps its gradient, as in
+    BCKD and CrossKD) and the gap |p_t - p_s| itself."""
+    gap = (p_t - logits.sigmoid()).abs()
+    factor = gap.pow(beta) if beta != 1.0 else gap
+    return (factor * soft_bce(logits, p_t) * mask).sum(), gap

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..checks import check_positive
 from ..precision import fp32, no_autocast
-from ._head import giou_ltrb, soft_bce, valid_cells
+from ._head import gap_weighted_bce, giou_ltrb, soft_positives, valid_cells
 from .base import DistillMethod
 from .context import DistillContext, Level
 from .registry import register_method
@@ -53,13 +53,7 @@ class BCKD(DistillMethod):
         self.check_context(ctx)
         assert ctx.teacher_head is not None
         with no_autocast(next(iter(ctx.teacher.values()))):
-            total = None
-            for name in self.levels:
-                p_t = fp32(ctx.teacher_head[name].logits).sigmoid()
-                count = (p_t.amax(dim=2, keepdim=True) * valid_cells(ctx, name, p_t)).sum()
-                total = count if total is None else total + count
-            assert total is not None
-            self._norm = total.detach().clamp(min=1.0)
+            self._norm = soft_positives(ctx, {n: ctx.teacher_head[n] for n in self.levels})
             try:
                 return super().forward(ctx)
             finally:
@@ -72,10 +66,8 @@ class BCKD(DistillMethod):
         s, t = ctx.student_head[name], ctx.teacher_head[name]
         s_logits = fp32(s.logits)
         p_t = fp32(t.logits).detach().sigmoid().to(s_logits.dtype)
-        gap = (p_t - s_logits.sigmoid()).abs()
         mask = valid_cells(ctx, name, s_logits)
-        factor = gap.pow(self.beta) if self.beta != 1.0 else gap
-        cls = (factor * soft_bce(s_logits, p_t) * mask).sum()
+        cls, gap = gap_weighted_bce(s_logits, p_t, mask, self.beta)
         u = gap.detach().amax(dim=2)  # (B, A, H, W)
         giou = giou_ltrb(fp32(s.ltrb), fp32(t.ltrb).detach().to(s_logits.dtype))
         loc = (u * (1 - giou) * mask[:, :, 0]).sum()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..checks import check_positive
 from ..precision import fp32, no_autocast
-from ._head import giou_ltrb, soft_bce, valid_cells
+from ._head import gap_weighted_bce, giou_ltrb, soft_positives, valid_cells
 from .base import DistillMethod
 from .connectors import make_adapter
 from .context import DistillContext, Level
@@ -79,13 +79,7 @@ class CrossKD(DistillMethod):
                              "(cross_head): build it through structkd's Distiller or wiring")
         assert ctx.teacher_head is not None
         with no_autocast(next(iter(ctx.teacher.values()))):
-            count = None
-            for name in self.levels:
-                p_t = fp32(ctx.teacher_head[name].logits).detach().sigmoid()
-                w = (p_t.amax(dim=2) * valid_cells(ctx, name, p_t)[:, :, 0]).sum()
-                count = w if count is None else count + w
-            assert count is not None
-            self._norm = count.clamp(min=1.0)
+            self._norm = soft_positives(ctx, {n: ctx.teacher_head[n] for n in self.levels})
             try:
                 return super().forward(ctx)
             finally:
@@ -98,10 +92,8 @@ class CrossKD(DistillMethod):
         c, t = ctx.cross_head[name], ctx.teacher_head[name]
         logits = fp32(c.logits)
         p_t = fp32(t.logits).detach().sigmoid().to(logits.dtype)
-        gap = (p_t - logits.sigmoid()).abs()
         mask = valid_cells(ctx, name, logits)
-        factor = gap.pow(self.beta) if self.beta != 1.0 else gap
-        cls = (factor * soft_bce(logits, p_t) * mask).sum()
+        cls, _ = gap_weighted_bce(logits, p_t, mask, self.beta)
         w = p_t.amax(dim=2) * mask[:, :, 0]
         giou = giou_ltrb(fp32(c.ltrb), fp32(t.ltrb).detach().to(logits.dtype))
         loc = (w * (1 - giou)).sum()
