@@ -124,6 +124,14 @@ def bckd(s_logits: dict, t_logits: dict, s_ltrb: dict, t_ltrb: dict, valid: dict
     return {"cls": weight * cls_weight * sum_cls / n, "loc": weight * loc_weight * sum_loc / n}
 
 
+def _edge_kl(sd: np.ndarray, td: np.ndarray, T: float) -> np.ndarray:
+    """T^2 * (1/R) * KL(softmax(td / T) || softmax(sd / T)) over the R bins (axis 3) of
+    (B, A, 4, R, H, W) logits: (B, A, 4, H, W)."""
+    log_qs = _log_softmax(sd / T, axis=3)
+    log_qt = _log_softmax(td / T, axis=3)
+    return T * T * (np.exp(log_qt) * (log_qt - log_qs)).sum(axis=3) / sd.shape[3]
+
+
 def ld(s_dist: dict, t_dist: dict, s_logits: dict, boxes: list, stride: dict, offset: float,
        valid: dict | None = None, temperature: float = 10.0, weight: float = 0.25) -> float:
     """Localization Distillation (Zheng et al., CVPR 2022), main distillation region only.
@@ -145,12 +153,9 @@ def ld(s_dist: dict, t_dist: dict, s_logits: dict, boxes: list, stride: dict, of
         sd = np.asarray(s_dist[name], dtype=np.float64)
         td = np.asarray(t_dist[name], dtype=np.float64)
         sc = np.asarray(s_logits[name], dtype=np.float64)
-        nb, na, ne, r, h, w = sd.shape
+        nb, na, ne, _, h, w = sd.shape
         v = _valid_or_ones(valid, name, nb, h, w)
-        log_qs = _log_softmax(sd / T, axis=3)
-        log_qt = _log_softmax(td / T, axis=3)
-        q_t = np.exp(log_qt)
-        kl = T * T * (q_t * (log_qt - log_qs)).sum(axis=3) / r       # (B, A, 4, H, W)
+        kl = _edge_kl(sd, td, T)                                     # (B, A, 4, H, W)
         score = sigmoid(sc).max(axis=2)                              # (B, A, H, W)
         st = stride[name]
         for b in range(nb):
@@ -224,7 +229,7 @@ def ld_vlr(s_dist: dict, t_dist: dict, boxes: list, stride: dict, offset: float,
         return 0.0
     shapes = {}
     for name in names:
-        nb, na, ne, r, h, w = np.asarray(s_dist[name]).shape
+        nb, na, ne, _, h, w = np.asarray(s_dist[name]).shape
         shapes[name] = (h, w)
     nb = np.asarray(s_dist[names[0]]).shape[0]
 
@@ -265,12 +270,9 @@ def ld_vlr(s_dist: dict, t_dist: dict, boxes: list, stride: dict, offset: float,
     for name in names:
         sd = np.asarray(s_dist[name], dtype=np.float64)
         td = np.asarray(t_dist[name], dtype=np.float64)
-        _, na, ne, r, h, w = sd.shape
+        _, na, ne, _, h, w = sd.shape
         v = _valid_or_ones(valid, name, nb, h, w)
-        log_qs = _log_softmax(sd / T, axis=3)
-        log_qt = _log_softmax(td / T, axis=3)
-        q_t = np.exp(log_qt)
-        kl = T * T * (q_t * (log_qt - log_qs)).sum(axis=3) / r       # (B, A, 4, H, W)
+        kl = _edge_kl(sd, td, T)                                     # (B, A, 4, H, W)
         for b in range(nb):
             bx = np.asarray(boxes[b], dtype=np.float64).reshape(-1, 4)
             for i in range(h):

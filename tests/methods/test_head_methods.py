@@ -171,14 +171,19 @@ def _boxes():
             torch.zeros(0, 4, dtype=torch.float64)]
 
 
-@pytest.mark.parametrize("options", [{}, {"temperature": 2.0, "weight": 1.0}])
-@pytest.mark.parametrize("padded", [False, True])
-def test_ld_equals_the_reference(options: dict, padded: bool) -> None:
+def _ld_case(padded: bool, options: dict):
+    """LD's context (two boxes on image 0, none on image 1; padded: image 0 smaller) and its
+    terms with ``options``."""
     ctx = dataclasses.replace(context(bins=8), boxes=_boxes())
     if padded:
         ctx = dataclasses.replace(ctx, image_sizes=[(30, 40), (48, 56)])
-    method = build_method("ld", LEVELS, **options).double()
-    out = method(ctx)
+    return ctx, build_method("ld", LEVELS, **options).double()(ctx)
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 2.0, "weight": 1.0}])
+@pytest.mark.parametrize("padded", [False, True])
+def test_ld_equals_the_reference(options: dict, padded: bool) -> None:
+    ctx, out = _ld_case(padded, options)
     s_head, t_head = ctx.student_head, ctx.teacher_head
     ref = reference().ld({n: np_(h.distribution) for n, h in s_head.items()},
                          {n: np_(h.distribution) for n, h in t_head.items()},
@@ -338,11 +343,7 @@ def test_detr_kd_of_a_student_equal_to_its_teacher_leaves_only_the_entropy() -> 
 @pytest.mark.parametrize("padded", [False, True])
 def test_ld_valuable_localization_region_equals_the_reference(options: dict,
                                                               padded: bool) -> None:
-    ctx = dataclasses.replace(context(bins=8), boxes=_boxes())
-    if padded:
-        ctx = dataclasses.replace(ctx, image_sizes=[(30, 40), (48, 56)])
-    method = build_method("ld", LEVELS, **options).double()
-    out = method(ctx)
+    ctx, out = _ld_case(padded, options)
     s_head, t_head = ctx.student_head, ctx.teacher_head
     ref = reference().ld_vlr({n: np_(h.distribution) for n, h in s_head.items()},
                              {n: np_(h.distribution) for n, h in t_head.items()},
