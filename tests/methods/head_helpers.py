@@ -4,17 +4,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
+from method_helpers import _load
 from torch import Tensor
 
 from structkd.methods import DistillContext, HeadLevel, Level
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
 F64 = torch.float64
 LEVELS = [Level("s8", 8, 4, 6), Level("s16", 16, 4, 6)]
 SHAPES = {"s8": (6, 7), "s16": (3, 4)}
@@ -22,13 +18,8 @@ B, K, BINS = 2, 3, 8
 
 
 def reference():
-    name = "head_reference"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, GOLDEN_DIR / "head_reference.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """The NumPy references (loaded by path, as the other golden modules are)."""
+    return _load("structkd_tests_head_reference", "head_reference.py")
 
 
 def head(stride: int, shape: tuple[int, int], gen: torch.Generator, *, anchors: int = 1,
