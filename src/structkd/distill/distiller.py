@@ -229,18 +229,10 @@ class Distiller(nn.Module):
         if self._probing:
             self.last_teacher = {k: v.detach() for k, v in teacher.items()}
             self.last_student_trainable = {k: v.requires_grad for k, v in student.items()}
-        s_head = t_head = cross = s_queries = t_queries = None
-        if self.wiring.head_view is not None and self.method.needs_head == "detr":
-            s_queries, t_queries = self.wiring.queries(batch, sizes)
-        elif self.wiring.head_view is not None:
-            s_head, t_head = self.wiring.heads(t_levels, tuple(batch.shape[-2:]))
-        if self.wiring.cross is not None:
-            cross = self.wiring.cross_heads(t_levels, tuple(batch.shape[-2:]))
+        heads = self.wiring.head_outputs(t_levels, batch, sizes)
         ctx = DistillContext(student, teacher, self.method.levels,
                              batch_shape=tuple(batch.shape[-2:]), image_sizes=sizes,
-                             boxes=boxes, labels=labels, student_head=s_head,
-                             teacher_head=t_head, cross_head=cross,
-                             student_queries=s_queries, teacher_queries=t_queries)
+                             boxes=boxes, labels=labels, **heads)
         terms = self.method(ctx)
         clash = set(terms) & set(det_losses)
         if clash:

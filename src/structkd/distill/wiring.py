@@ -161,6 +161,20 @@ class Wiring:
     head_view: Any = None  # the student's protocol where the method reads head outputs
     cross: Any = None  # CrossKD: (the method or part that adapts, the teacher's protocol)
 
+    def head_outputs(self, t_levels: dict[str, Tensor], batch: Tensor, image_sizes: Any
+                     ) -> dict[str, Any]:
+        """After a student forward (its tap still holding the step): the context's head
+        fields the method reads (none for a feature method), for every driver alike."""
+        out: dict[str, Any] = {}
+        shape = (int(batch.shape[-2]), int(batch.shape[-1]))
+        if self.head_view is not None and self.method.needs_head == "detr":
+            out["student_queries"], out["teacher_queries"] = self.queries(batch, image_sizes)
+        elif self.head_view is not None:
+            out["student_head"], out["teacher_head"] = self.heads(t_levels, shape)
+        if self.cross is not None:
+            out["cross_head"] = self.cross_heads(t_levels, shape)
+        return out
+
     def queries(self, batch: Tensor, image_sizes: Any
                 ) -> tuple[list[QueryLayer], list[QueryLayer]]:
         """After a student forward: both DETR-family detectors' predictions per decoder layer

@@ -285,21 +285,16 @@ class UltralyticsDistillation:
         assert self.tap is not None, "attach() first"
         x: Tensor = batch["img"]
         shape = (int(x.shape[-2]), int(x.shape[-1]))
-        s_head = t_head = cross = None
         try:
             s_levels = self.tap.levels()
             t_levels = self.wiring.teacher.features(x)
-            if self.wiring.head_view is not None:  # a head-level method: both heads' outputs
-                s_head, t_head = self.wiring.heads(t_levels, shape)
-            if self.wiring.cross is not None:
-                cross = self.wiring.cross_heads(t_levels, shape)
+            heads = self.wiring.head_outputs(t_levels, x, None)  # before the tap is cleared
         finally:
             self.tap.clear()
         student, teacher = self.wiring.paired(s_levels, t_levels)
         boxes, labels = ground_truth(batch)
         ctx = DistillContext(student, teacher, self.method.levels, batch_shape=shape,
-                             image_sizes=None, boxes=boxes, labels=labels,
-                             student_head=s_head, teacher_head=t_head, cross_head=cross)
+                             image_sizes=None, boxes=boxes, labels=labels, **heads)
         terms = self.method(ctx)
         total = x.new_zeros(())
         for value in terms.values():
